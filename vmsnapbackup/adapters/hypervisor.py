@@ -65,6 +65,7 @@ __all__ = [
     "SkippedDisk",
     "SnapshotResult",
     "CommitResult",
+    "OverlayFor",
     "Hypervisor",
     "connect",
     "is_our_overlay",
@@ -409,8 +410,16 @@ class Hypervisor:
             self._waiters[key] = waiter
         started = time.monotonic()
         try:
-            with _libvirt_errors(f"commit of disk '{target}' of domain '{name}'"):
+            try:
                 dom.blockCommit(target, None, None, 0, _COMMIT_FLAGS)
+            except libvirt.libvirtError as err:
+                message = _libvirt_message(err)
+                hint = ""
+                if "lock" in message:
+                    hint = " (is an export still holding the frozen image? stop it first)"
+                raise HypervisorError(
+                    f"commit of disk '{target}' of domain '{name}': {message}{hint}"
+                ) from err
             self._wait_ready(dom, name, target, waiter, timeout, overlay_path)
             ready_seconds = time.monotonic() - started
             self._pivot(dom, name, target, pivot_timeout)
@@ -482,6 +491,7 @@ class Hypervisor:
                         f"commit of disk '{target}' of domain '{name}' {state}; "
                         f"it still runs on overlay {overlay}: run repair"
                     )
+                log.debug("commit of disk '%s': READY event", target)
                 return True
             with _libvirt_errors(f"commit job of disk '{target}' of domain '{name}'"):
                 info = dom.blockJobInfo(target, 0)
@@ -492,7 +502,10 @@ class Hypervisor:
                 )
             # libvirt reports cur == end only once the job can pivot; a
             # premature guess is caught by the pivot's own retry.
-            return bool(info.get("cur") == info.get("end"))
+            polled_ready = info.get("cur") == info.get("end")
+            if polled_ready:
+                log.debug("commit of disk '%s': job info says ready (%s)", target, info)
+            return bool(polled_ready)
 
         retrying = Retrying(
             retry=retry_if_result(lambda is_ready: not is_ready),
