@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from domains import DiskSpec, DomainFactory, TestDomain, sweep_stale_domains  # noqa: E402
 
-LIBVIRT_URI = "qemu:///system"
+# Overridable so the "no libvirtd" path can be tried without stopping the daemon.
+LIBVIRT_URI = os.environ.get("VMSNAPBACKUP_TEST_LIBVIRT_URI", "qemu:///system")
 
 
 def require_integration() -> bool:
