@@ -324,6 +324,25 @@ def test_image_in_use_is_refused_clearly(tmp_path: Path, run_base: str,
         qemu_io(exp.uri, "read -P 0xaa 0 64k", read_only=True)
 
 
+def test_frozen_image_exports_without_force_share(tmp_path: Path, run_base: str) -> None:
+    """After an external snapshot QEMU holds the frozen image read-only, as a backing file."""
+    frozen = tmp_path / "vda.qcow2"
+    pattern_image(frozen, "qcow2", 2 * MiB, ["write -P 0xaa 0 1M"])
+    overlay = tmp_path / "vda.vmsnapbackup-1.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", frozen.name, "-F", "qcow2", str(overlay))
+    guest = QemuIo(str(overlay), "qcow2")  # stands for the domain's QEMU writing the overlay
+    try:
+        guest.command("write -P 0xee 0 64k", "wrote 65536/65536")
+        with StorageDaemon(run_base, tag="frozen") as d:
+            exp = d.export_image(str(frozen), "qcow2", name="vda")
+            qemu_io(exp.uri, "read -P 0xaa 0 1M", "read -P 0 1M 1M", read_only=True)
+            with pytest.raises(errors.ExportError, match="image lock"):
+                d.export_image(str(overlay), "qcow2")  # the active image stays refused
+    finally:
+        guest.close()
+    assert_cleaned(d)
+
+
 def test_missing_image_is_not_found(tmp_path: Path, run_base: str) -> None:
     with StorageDaemon(run_base, tag="nf") as d:
         with pytest.raises(errors.NotFoundError):

@@ -467,6 +467,8 @@ class StorageDaemon:
     def _shutdown_daemon(self) -> None:
         if self._qmp is not None:
             alive = self._proc is not None and self._proc.poll() is None
+            # a hung daemon must not hold up an interrupted backup for long
+            self._qmp.settimeout(self._stop_timeout)
             for exp in list(reversed(self._exports)):
                 if not alive:
                     break
@@ -576,7 +578,8 @@ class StorageDaemon:
     def _wait_export_deleted(self, export_id: str) -> None:
         """Wait for BLOCK_EXPORT_DELETED: deletion finishes only once clients are gone."""
         assert self._qmp is not None
-        deadline = time.monotonic() + self._command_timeout
+        timeout = self._stop_timeout if self._closing else self._command_timeout
+        deadline = time.monotonic() + timeout
         while export_id not in self._deleted_export_ids:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -598,7 +601,7 @@ class StorageDaemon:
         remaining_ids = [e.get("id") for e in self._cmd("query-block-exports")]
         if export_id in remaining_ids:
             raise errors.ExportError(
-                f"export {export_id} was not deleted within {self._command_timeout:g} s "
+                f"export {export_id} was not deleted within {timeout:g} s "
                 "(an NBD client still connected?)"
             )
 
