@@ -1,0 +1,80 @@
+"""Where the pool lives: a directory, or a libvirt ``dir``/``netfs`` storage pool.
+
+Letting ``--pool`` name a libvirt storage pool means an admin who already
+manages backup storage in libvirt does not have to repeat its path, and after
+a backup the libvirt pool is refreshed so ``virsh vol-list`` sees what we wrote.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Optional, Tuple
+
+from ..errors import HypervisorError, NotFoundError, UnsupportedDiskError, UsageError
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_POOL_TYPES = ("dir", "netfs", "fs")
+
+
+def looks_like_path(spec: str) -> bool:
+    """A spec with a slash (or starting with ``.``/``~``) is a path, anything else a pool name."""
+    return "/" in spec or spec.startswith((".", "~"))
+
+
+def resolve_pool(spec: str, uri: str) -> Tuple[Path, Optional[str]]:
+    """Return ``(directory, libvirt pool name or None)`` for a ``--pool`` value."""
+    if not spec:
+        raise UsageError("the pool is empty: give --pool PATH or set VMSNAPBACKUP_POOL")
+    if looks_like_path(spec):
+        return Path(os.path.expanduser(spec)).absolute(), None
+    import libvirt  # only needed for a pool name
+
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        raise HypervisorError(f"cannot connect to {uri}: {exc.get_error_message()}") from exc
+    try:
+        try:
+            sp = conn.storagePoolLookupByName(spec)
+        except libvirt.libvirtError as exc:
+            raise NotFoundError(
+                f"no libvirt storage pool named '{spec}' on {uri} "
+                "(give a directory path with a '/' to use a plain directory)"
+            ) from exc
+        root = ET.fromstring(sp.XMLDesc(0))
+        kind = root.get("type", "")
+        if kind not in SUPPORTED_POOL_TYPES:
+            raise UnsupportedDiskError(
+                f"libvirt storage pool '{spec}' is of type '{kind}'; only "
+                f"{', '.join(SUPPORTED_POOL_TYPES)} pools hold a directory we can use"
+            )
+        path = root.findtext("target/path")
+        if not path:
+            raise HypervisorError(f"libvirt storage pool '{spec}' has no target path")
+        if not sp.isActive():
+            raise HypervisorError(
+                f"libvirt storage pool '{spec}' is not active (virsh pool-start {spec})"
+            )
+        return Path(path), spec
+    finally:
+        conn.close()
+
+
+def refresh_pool(name: Optional[str], uri: str) -> None:
+    """Ask libvirt to rescan the storage pool; a failure is only worth a warning."""
+    if not name:
+        return
+    import libvirt
+
+    try:
+        conn = libvirt.open(uri)
+        try:
+            conn.storagePoolLookupByName(name).refresh(0)
+        finally:
+            conn.close()
+    except libvirt.libvirtError as exc:
+        log.warning("could not refresh libvirt storage pool %s: %s", name,
+                    exc.get_error_message())
