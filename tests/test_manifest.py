@@ -1,0 +1,339 @@
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any, Dict
+
+import pytest
+import xxhash
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vmsnapbackup.core import manifest as mf
+from vmsnapbackup.errors import CorruptFileError, IncompatibleFormatError
+
+UUID = "3f2a4b6c-1d2e-4f30-8a9b-0c1d2e3f4a5b"
+PATH = "/pool/domains/x/points/000003.json"
+D1 = "11" * 16
+D2 = "22" * 16
+D3 = "33" * 16
+
+
+def spec_checksum(obj: Dict[str, Any]) -> str:
+    """The §7 rule, written out independently of the code under test."""
+    body = {k: v for k, v in obj.items() if k != "checksum"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return xxhash.xxh3_128_digest(text.encode()).hex()
+
+
+def spec_manifest(point: int = 3, first: bool = False) -> Dict[str, Any]:
+    """A manifest written by hand after FORMAT.md §7 (not produced by the code)."""
+    vol = ("generations/000001/vda/base.qcow2" if first
+           else f"generations/000001/vda/point-{point:06d}.qcow2")
+    obj: Dict[str, Any] = {
+        "format": "vmsnapbackup-point", "version": 1,
+        "point": point, "generation": 1, "status": "complete",
+        "domain": {"name": "web1", "uuid": UUID, "xml": "<domain type='kvm'>web1</domain>"},
+        "started": "2026-11-25T13:00:00.123Z", "snapshot_at": "2026-11-25T13:00:00.200Z",
+        "finished": "2026-11-25T13:00:02.500Z",
+        "consistency": "crash-consistent",
+        "disks": [{
+            "target": "vda", "source": "/var/lib/libvirt/images/web1.qcow2", "format": "qcow2",
+            "virtual_size": 68719476736, "block_size": 65536,
+            "volume": vol, "volume_format": "qcow2",
+            "base": "generations/000001/vda/base.qcow2", "base_format": "qcow2",
+            "table": "generations/000001/vda/table-000001.vsbt", "table1_digest": D1,
+            "difference": None if first else f"generations/000001/vda/diff-{point:06d}.vsbd",
+            "difference_digest": None if first else D2,
+            "table_digest": D3,
+            "blocks": {"total": 1048576, "read": 40000, "holes": 1008576, "changed": 812,
+                       "zero": 3},
+            "bytes_written": 53215232, "seconds": {"read": 1.9, "commit": 0.4},
+        }],
+    }
+    obj["checksum"] = spec_checksum(obj)
+    return obj
+
+
+def dump(obj: Dict[str, Any]) -> bytes:
+    return json.dumps(obj, indent=1).encode()
+
+
+def resealed(obj: Dict[str, Any]) -> bytes:
+    obj = copy.deepcopy(obj)
+    obj["checksum"] = spec_checksum(obj)
+    return dump(obj)
+
+
+# --- the good path ------------------------------------------------------------------------
+
+def test_hand_written_manifest_reads() -> None:
+    m = mf.from_json(dump(spec_manifest()), PATH)
+    assert m.point == 3 and m.generation == 1
+    assert m.domain.uuid == UUID
+    d = m.disk("vda")
+    assert d.difference == "generations/000001/vda/diff-000003.vsbd"
+    assert d.blocks == mf.BlockCounts(1048576, 40000, 1008576, 812, 3)
+    assert d.seconds == {"read": 1.9, "commit": 0.4}
+    assert not m.is_generation_start
+
+
+def test_first_point_of_generation_reads() -> None:
+    m = mf.from_json(dump(spec_manifest(point=1, first=True)), PATH)
+    assert m.is_generation_start
+    assert m.disks[0].volume == m.disks[0].base and m.disks[0].difference_digest is None
+
+
+def test_written_manifest_has_spec_checksum_and_round_trips() -> None:
+    m = mf.from_json(dump(spec_manifest()), PATH)
+    data = mf.to_json(m)
+    obj = json.loads(data)
+    assert obj["checksum"] == spec_checksum(obj)
+    assert obj == spec_manifest()
+    assert mf.from_json(data, PATH) == m
+
+
+def test_to_json_refuses_an_invalid_manifest() -> None:
+    import dataclasses
+    m = mf.from_json(dump(spec_manifest()), PATH)
+    bad = dataclasses.replace(m, consistency="whatever")
+    with pytest.raises(CorruptFileError, match="consistency"):
+        mf.to_json(bad)
+
+
+# --- corruption ---------------------------------------------------------------------------
+
+def test_truncated_manifest_is_corrupt_and_named() -> None:
+    data = dump(spec_manifest())
+    for n in (0, 1, len(data) // 2, len(data) - 2):
+        with pytest.raises(CorruptFileError) as ei:
+            mf.from_json(data[:n], PATH)
+        assert ei.value.path == PATH and PATH in str(ei.value)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_any_flipped_bit_is_caught_or_harmless(data: st.DataObject) -> None:
+    raw = bytearray(dump(spec_manifest()))
+    i = data.draw(st.integers(0, len(raw) - 1))
+    bit = data.draw(st.integers(0, 7))
+    raw[i] ^= 1 << bit
+    original = mf.from_json(dump(spec_manifest()), PATH)
+    try:
+        got = mf.from_json(bytes(raw), PATH)
+    except CorruptFileError as err:
+        assert err.path == PATH
+    except IncompatibleFormatError as err:  # the flip landed in "version"
+        assert "newer" in str(err)
+    else:
+        assert got == original  # only a flip that changes nothing may pass
+
+
+def test_wrong_checksum() -> None:
+    obj = spec_manifest()
+    obj["disks"][0]["blocks"]["changed"] = 813  # not resealed
+    with pytest.raises(CorruptFileError, match="checksum"):
+        mf.from_json(dump(obj), PATH)
+
+
+@pytest.mark.parametrize("foreign", [b"[]", b'"x"', b"{}", b'{"format": "other", "version": 1}',
+                                     b"\xff\xfe", b"not json", b'{"a": NaN}',
+                                     b'{"format": "vmsnapbackup-point", "format": "x"}'])
+def test_foreign_json_is_corrupt(foreign: bytes) -> None:
+    with pytest.raises(CorruptFileError) as ei:
+        mf.from_json(foreign, PATH)
+    assert ei.value.path == PATH
+
+
+def test_other_record_kind_is_foreign() -> None:
+    rec = mf.DomainRecord(UUID, "web1", 3).to_json()
+    with pytest.raises(CorruptFileError, match="not a vmsnapbackup-point file"):
+        mf.from_json(rec, PATH)
+
+
+def test_newer_version_is_incompatible() -> None:
+    obj = spec_manifest()
+    obj["version"] = 2
+    obj["newfield"] = {"whatever": 1}
+    with pytest.raises(IncompatibleFormatError, match=r"version 2 is newer than this "
+                       r"vmsnapbackup \(1\); upgrade"):
+        mf.from_json(resealed(obj), PATH)
+
+
+@pytest.mark.parametrize("version", [0, -1, "1", 1.0, True, None])
+def test_bad_version_is_corrupt(version: Any) -> None:
+    obj = spec_manifest()
+    obj["version"] = version
+    with pytest.raises(CorruptFileError, match="version"):
+        mf.from_json(resealed(obj), PATH)
+
+
+def _all_keys(obj: Any, prefix: tuple = ()) -> list:
+    out = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.append(prefix + (k,))
+            out.extend(_all_keys(v, prefix + (k,)))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out.extend(_all_keys(v, prefix + (i,)))
+    return out
+
+
+REQUIRED = [k for k in _all_keys(spec_manifest())
+            if not (len(k) >= 3 and k[-2] == "seconds")]  # seconds' keys are free-form
+
+
+@pytest.mark.parametrize("key", REQUIRED, ids=lambda k: ".".join(map(str, k)))
+def test_missing_field_is_corrupt_naming_it(key: tuple) -> None:
+    obj = spec_manifest()
+    parent = obj
+    for k in key[:-1]:
+        parent = parent[k]
+    del parent[key[-1]]
+    data = dump(obj) if key == ("checksum",) else resealed(obj)
+    with pytest.raises(CorruptFileError) as ei:
+        mf.from_json(data, PATH)
+    assert str(key[-1]) in ei.value.reason
+    assert ei.value.path == PATH
+
+
+WRONG_TYPES = [
+    (("point",), "3"), (("point",), 0), (("point",), True), (("generation",), 1.5),
+    (("domain",), "web1"), (("domain", "uuid"), "not-a-uuid"),
+    (("domain", "uuid"), UUID.upper()), (("started",), "yesterday"), (("finished",), None),
+    (("consistency",), "perfect"), (("disks",), {}), (("disks",), []),
+    (("disks", 0, "target"), "../vda"), (("disks", 0, "virtual_size"), -1),
+    (("disks", 0, "block_size"), 65535), (("disks", 0, "block_size"), 1 << 23),
+    (("disks", 0, "volume"), "/etc/passwd"), (("disks", 0, "volume"), "../../x"),
+    (("disks", 0, "base"), "generations//base.qcow2"), (("disks", 0, "volume_format"), "vmdk"),
+    (("disks", 0, "table1_digest"), "AB" * 16), (("disks", 0, "table_digest"), "ab"),
+    (("disks", 0, "difference"), None), (("disks", 0, "blocks", "zero"), -3),
+    (("disks", 0, "blocks"), [1, 2]), (("disks", 0, "seconds", "read"), "1.9"),
+    (("disks", 0, "bytes_written"), 1e9),
+]
+
+
+@pytest.mark.parametrize("key,value", WRONG_TYPES, ids=lambda x: str(x))
+def test_wrong_value_is_corrupt(key: tuple, value: Any) -> None:
+    obj = spec_manifest()
+    parent = obj
+    for k in key[:-1]:
+        parent = parent[k]
+    parent[key[-1]] = value
+    with pytest.raises(CorruptFileError) as ei:
+        mf.from_json(resealed(obj), PATH)
+    assert ei.value.path == PATH
+
+
+@pytest.mark.parametrize("status", ["running", "failed", ""])
+def test_status_not_complete_is_corrupt(status: str) -> None:
+    obj = spec_manifest()
+    obj["status"] = status
+    with pytest.raises(CorruptFileError, match="status"):
+        mf.from_json(resealed(obj), PATH)
+
+
+def test_first_point_rules() -> None:
+    obj = spec_manifest(point=1, first=True)
+    obj["disks"][0]["volume"] = "generations/000001/vda/point-000001.qcow2"
+    with pytest.raises(CorruptFileError, match="base volume"):
+        mf.from_json(resealed(obj), PATH)
+    obj = spec_manifest()
+    obj["disks"][0]["difference_digest"] = None
+    with pytest.raises(CorruptFileError, match="both"):
+        mf.from_json(resealed(obj), PATH)
+
+
+def test_duplicate_targets_are_corrupt() -> None:
+    obj = spec_manifest()
+    obj["disks"].append(copy.deepcopy(obj["disks"][0]))
+    with pytest.raises(CorruptFileError, match="twice"):
+        mf.from_json(resealed(obj), PATH)
+
+
+def test_offline_point_may_lack_snapshot_time() -> None:
+    obj = spec_manifest()
+    obj["consistency"] = "offline"
+    obj["snapshot_at"] = None
+    assert mf.from_json(resealed(obj), PATH).snapshot_at is None
+
+
+# --- pool header, domain.json, generation.json --------------------------------------------
+
+def spec_generation() -> Dict[str, Any]:
+    return {"format": "vmsnapbackup-generation", "version": 1, "generation": 2,
+            "first_point": 5, "created": "2026-11-25T13:00:00Z", "block_size": 65536,
+            "algorithm": "xxh3-128",
+            "disks": {"vda": {"virtual_size": 68719476736, "base_format": "qcow2",
+                              "base": "base.qcow2", "table": "table-000005.vsbt",
+                              "table_digest": D1}}}
+
+
+RECORDS = [
+    (mf.PoolHeader, {"format": "vmsnapbackup-pool", "version": 1,
+                     "created": "2026-11-25T13:00:00Z"}, "pool"),
+    (mf.DomainRecord, {"format": "vmsnapbackup-domain", "version": 1, "uuid": UUID,
+                       "name": "web1", "last_point": 3}, "domain record"),
+    (mf.GenerationRecord, spec_generation(), "generation"),
+]
+
+
+@pytest.mark.parametrize("cls,obj,kind", RECORDS, ids=lambda x: getattr(x, "__name__", ""))
+def test_record_round_trip(cls: Any, obj: Dict[str, Any], kind: str) -> None:
+    rec = cls.from_json(json.dumps(obj).encode(), "/p/f.json")
+    assert json.loads(rec.to_json()) == obj
+    assert cls.from_json(rec.to_json(), "/p/f.json") == rec
+
+
+@pytest.mark.parametrize("cls,obj,kind", RECORDS, ids=lambda x: getattr(x, "__name__", ""))
+def test_record_corruption(cls: Any, obj: Dict[str, Any], kind: str) -> None:
+    path = "/p/f.json"
+    data = json.dumps(obj).encode()
+    for bad in (data[: len(data) // 2], b"", data.replace(b"{", b"[", 1),
+                data.replace(b'"', b"'", 1), b'{"format": "elsewhere", "version": 1}', b"[1]"):
+        with pytest.raises(CorruptFileError) as ei:
+            cls.from_json(bad, path)
+        assert ei.value.path == path
+    for key in obj:
+        partial = {k: v for k, v in obj.items() if k != key}
+        with pytest.raises(CorruptFileError) as ei:
+            cls.from_json(json.dumps(partial), path)
+        assert key in ei.value.reason
+    newer = dict(obj, version=7)
+    with pytest.raises(IncompatibleFormatError) as ie:
+        cls.from_json(json.dumps(newer), path)
+    assert f"{kind} format version 7 is newer than this vmsnapbackup (1); upgrade" in str(ie.value)
+
+
+@pytest.mark.parametrize("change", [
+    {"block_size": 1000}, {"algorithm": "sha256"}, {"generation": 0}, {"disks": {}},
+    {"disks": {"../x": spec_generation()["disks"]["vda"]}},
+    {"disks": {"vda": dict(spec_generation()["disks"]["vda"], base="../base.qcow2")}},
+    {"disks": {"vda": dict(spec_generation()["disks"]["vda"], base_format="vdi")}},
+])
+def test_generation_bad_values(change: Dict[str, Any]) -> None:
+    obj = dict(spec_generation(), **change)
+    with pytest.raises(CorruptFileError):
+        mf.GenerationRecord.from_json(json.dumps(obj), "/g.json")
+
+
+def test_domain_record_rejects_bad_values() -> None:
+    base = dict(RECORDS[1][1])
+    for change in ({"last_point": -1}, {"last_point": "3"}, {"uuid": "../../etc"},
+                   {"name": ""}, {"name": 5}):
+        with pytest.raises(CorruptFileError):
+            mf.DomainRecord.from_json(json.dumps(dict(base, **change)), "/d.json")
+
+
+def test_timestamps() -> None:
+    now = mf.utc_now()
+    assert now.endswith("Z") and mf.parse_timestamp(now).utcoffset().total_seconds() == 0
+    assert mf.parse_timestamp("2026-11-25T13:00:00.123456789+02:00").hour == 13
+    with pytest.raises(ValueError):
+        mf.parse_timestamp("2026-11-25 13:00")
+
+
+def test_canonical_uuid() -> None:
+    assert mf.canonical_uuid(UUID.upper()) == UUID
+    assert mf.canonical_uuid("web1") is None
