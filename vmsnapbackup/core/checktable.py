@@ -172,6 +172,7 @@ class CheckTable:
         return cls(disk_size, block_size, array.reshape(count, VALUE_SIZE).copy())
 
     def copy(self) -> "CheckTable":
+        """An independent table: rebuilding table N must never alter table 1."""
         return CheckTable(self.disk_size, self.block_size, self._values.copy())
 
     # -- access ------------------------------------------------------------
@@ -195,10 +196,12 @@ class CheckTable:
         return min(self.block_size, self.disk_size - index * self.block_size)
 
     def value(self, index: int) -> bytes:
+        """Entry ``index`` as bytes (a copy, so it stays valid if the table changes)."""
         self._check_index(index)
         return bytes(self._flat[index * VALUE_SIZE:(index + 1) * VALUE_SIZE])
 
     def set(self, index: int, value: bytes) -> None:
+        """Put one value in (e.g. a single re-read block); bulk work uses hash_into."""
         self._check_index(index)
         if len(value) != VALUE_SIZE:
             raise UsageError(f"a check value has {VALUE_SIZE} bytes, got {len(value)}")
@@ -295,11 +298,13 @@ class CheckTableBuilder:
         self._covered = np.zeros(count, dtype=np.bool_)
 
     def hash_into(self, offset: int, buffer: Buffer) -> HashedBlocks:
+        """As :meth:`CheckTable.hash_into`, and mark the blocks covered."""
         hashed = self.table.hash_into(offset, buffer)
         self._covered[hashed.first:hashed.first + len(hashed.values)] = True
         return hashed
 
     def fill_zero(self, offset: int, length: int) -> range:
+        """As :meth:`CheckTable.fill_zero`, and mark the blocks covered."""
         span = self.table.fill_zero(offset, length)
         self._covered[span.start:span.stop] = True
         return span
@@ -310,6 +315,7 @@ class CheckTableBuilder:
         return int(missing[0]) if missing.size else None
 
     def finish(self) -> CheckTable:
+        """The table, once every block is covered; IntegrityError names the first gap."""
         missing = self.first_missing()
         if missing is not None:
             left = int(np.count_nonzero(~self._covered))
