@@ -19,13 +19,9 @@ export VMSNAPBACKUP_REQUIRE_INTEGRATION="${VMSNAPBACKUP_REQUIRE_INTEGRATION:-1}"
 junit="$(mktemp --tmpdir vmsnapbackup-junit.XXXXXX.xml)"
 trap 'rm -f "$junit"' EXIT
 
-# --import-mode=importlib: tests/ and integration/ have no __init__.py and may
-# hold test modules of the same basename (test_storagedaemon.py in both), which
-# the default "prepend" mode refuses to collect together.
 echo "[test] .venv/bin/python -m pytest tests integration $*" >&2
 rc=0
-.venv/bin/python -m pytest -p no:cacheprovider --import-mode=importlib --junitxml="$junit" \
-    tests integration "$@" || rc=$?
+.venv/bin/python -m pytest -p no:cacheprovider --junitxml="$junit" tests integration "$@" || rc=$?
 
 if [ "$rc" -eq 5 ]; then
     echo "[test] FAILED: pytest collected no tests" >&2
