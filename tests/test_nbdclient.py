@@ -780,6 +780,15 @@ def test_error_message_longer_than_chunk(fake):
     assert "error message longer than its chunk" in text
 
 
+def test_endless_error_chunks(fake):
+    def reply(conn: Conn, req: Request) -> None:
+        one = p.STRUCTURED_REPLY.pack(p.STRUCTURED_REPLY_MAGIC, 0, p.REPLY_TYPE_ERROR,
+                                      req.cookie, 6) + p.ERROR_HEAD.pack(5, 0)
+        conn.send(one * 5000)
+
+    assert "endless error chunks" in _one_read_against(fake, reply)
+
+
 def test_connection_dropped_mid_reply(fake):
     def reply(conn: Conn, req: Request) -> None:
         conn.send(p.STRUCTURED_REPLY.pack(p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,

@@ -86,6 +86,9 @@ _MAX_OPTION_REPLY = 64 * 1024
 _MAX_OPTION_REPLIES = 256
 #: Largest structured error chunk: error, message length, message, offset.
 _MAX_ERROR_CHUNK = p.ERROR_HEAD.size + p.MAX_STRING + p.ERROR_OFFSET_TAIL.size
+#: Most error chunks we accept for one request (each content chunk may have
+#: one; more means a server that would otherwise keep us reading forever).
+_MAX_ERROR_CHUNKS = 4096
 #: Largest block-status chunk we take in one go (QEMU sends at most 1 MiB).
 _MAX_STATUS_CHUNK = 16 * 1024 * 1024
 #: Length of one BLOCK_STATUS request: servers keep the 32-bit length field
@@ -232,7 +235,7 @@ class _Request:
     """One command sent and not yet completely answered."""
 
     __slots__ = ("cookie", "cmd", "offset", "length", "view", "filled", "done",
-                 "error", "message", "extents", "status_seen")
+                 "error", "message", "extents", "status_seen", "errors_seen")
 
     def __init__(self, cookie: int, cmd: int, offset: int, length: int,
                  view: Optional[memoryview]) -> None:
@@ -248,6 +251,7 @@ class _Request:
         self.message = ""
         self.extents: Optional[List[Tuple[int, int]]] = None
         self.status_seen = False
+        self.errors_seen = 0
 
     def fail(self, error: int, message: str) -> None:
         if not self.error:
@@ -881,6 +885,9 @@ class NbdClient:
                 raise _ProtocolViolation(f"error offset {offset} outside the request")
         if not error:
             raise _ProtocolViolation("error chunk with error value 0")
+        request.errors_seen += 1
+        if request.errors_seen > _MAX_ERROR_CHUNKS:
+            raise _ProtocolViolation("endless error chunks for one request")
         message = bytes(payload[head:head + msg_len]).decode("utf-8", "replace")
         request.fail(error, _one_line(message))
 
