@@ -124,7 +124,15 @@ class HypervisorError(VmSnapBackupError):
 
 
 class ExportError(HypervisorError):
-    """An NBD export, the storage daemon or the NBD conversation failed."""
+    """An NBD export, the storage daemon or the NBD conversation failed.
+
+    When the NBD server reported an error for one command, ``errno`` holds the
+    Python errno value and ``errno_name`` its name (``"ENOSPC"``), so a caller
+    writing into the pool can tell a full pool from a broken export.
+    """
+
+    errno: Optional[int] = None
+    errno_name: Optional[str] = None
 
 
 class StorageError(VmSnapBackupError):
