@@ -56,8 +56,8 @@ class JournalDisk:
 
     @classmethod
     def from_fields(cls, f: Fields) -> "JournalDisk":
-        return cls(source=f.str("source"), overlay=f.str("overlay", optional=True),
-                   frozen=f.str("frozen", optional=True))
+        return cls(source=f.text("source"), overlay=f.text("overlay", optional=True),
+                   frozen=f.text("frozen", optional=True))
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class JournalDaemon:
 
     @classmethod
     def from_fields(cls, f: Fields) -> "JournalDaemon":
-        return cls(pid=f.int("pid", minimum=1), runtime_dir=f.str("runtime_dir"))
+        return cls(pid=f.integer("pid", minimum=1), runtime_dir=f.text("runtime_dir"))
 
 
 @dataclass(frozen=True)
@@ -130,17 +130,17 @@ class JournalEntry:
             disks[target] = JournalDisk.from_fields(disks_f.sub(target))
         daemon = None if f.raw("daemon") is None else JournalDaemon.from_fields(f.sub("daemon"))
         files = []
-        for i, p in enumerate(f.list("files")):
+        for i, p in enumerate(f.items("files")):
             files.append(Fields({"x": p}, path, f"files[{i}]").relpath("x"))
         return cls(
-            operation=f.str("operation"),
-            pid=f.int("pid", minimum=1),
-            host=f.str("host", allow_empty=True),
+            operation=f.text("operation"),
+            pid=f.integer("pid", minimum=1),
+            host=f.text("host", allow_empty=True),
             started=f.timestamp("started"),
-            step=f.str("step"),
-            point=f.int("point", minimum=1, optional=True),
-            generation=f.int("generation", minimum=1, optional=True),
-            new_generation=f.bool("new_generation"),
+            step=f.text("step"),
+            point=f.integer("point", minimum=1, optional=True),
+            generation=f.integer("generation", minimum=1, optional=True),
+            new_generation=f.flag("new_generation"),
             disks=disks,
             daemon=daemon,
             files=tuple(files),

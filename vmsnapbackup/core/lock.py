@@ -94,6 +94,11 @@ class DomainLock:
     first; waiting would only hide a stuck backup behind a hanging command.
     Not re-entrant: taking it twice, even in one process, is refused like any other
     contention, which catches a workflow calling another that locks again.
+
+    The descriptor is close-on-exec, so a spawned qemu-storage-daemon never holds the
+    lock; a bare ``fork()`` without exec would share it, so workflows must not do that
+    while holding it.  Dropping the object without :meth:`release` keeps the lock until
+    the process exits (safer than releasing it from a garbage collector).
     """
 
     def __init__(self, path: Union[str, "os.PathLike[str]"], operation: str,
@@ -187,13 +192,6 @@ class DomainLock:
     def __exit__(self, exc_type: Optional[Type[BaseException]],
                  exc: Optional[BaseException], tb: Optional[TracebackType]) -> None:
         self.release()
-
-    def __del__(self) -> None:  # a forgotten lock should not outlive its object
-        if getattr(self, "_fd", None) is not None:
-            try:
-                os.close(self._fd)  # type: ignore[arg-type]
-            except OSError:
-                pass
 
 
 def _read_note(fd: int) -> str:

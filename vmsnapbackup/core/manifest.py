@@ -25,6 +25,7 @@ import dataclasses
 import datetime as _dt
 import json
 import math
+import os
 import re
 import uuid as _uuid
 from dataclasses import dataclass, field
@@ -106,7 +107,8 @@ _TARGET = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _FILENAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
 JsonDict = Dict[str, Any]
-PathArg = Union[str, "Any"]  # str or os.PathLike; only ever formatted into messages
+#: a file name, only ever used in messages
+PathArg = Union[str, "os.PathLike[str]"]
 
 
 # --- small shared helpers ----------------------------------------------------------------
@@ -223,7 +225,7 @@ class Fields:
             _fail(self.path, f"missing field '{self.where}{key}'")
         return self.obj[key]
 
-    def str(self, key: str, *, optional: bool = False, allow_empty: bool = False) -> Any:
+    def text(self, key: str, *, optional: bool = False, allow_empty: bool = False) -> Any:
         v = self.raw(key)
         if v is None and optional:
             return None
@@ -233,7 +235,7 @@ class Fields:
             self.fail(key, "must not be empty")
         return v
 
-    def int(self, key: str, *, minimum: int = 0, optional: bool = False) -> Any:
+    def integer(self, key: str, *, minimum: int = 0, optional: bool = False) -> Any:
         v = self.raw(key)
         if v is None and optional:
             return None
@@ -249,26 +251,26 @@ class Fields:
             self.fail(key, f"expected a non-negative number, found {v!r}")
         return v
 
-    def bool(self, key: str) -> bool:
+    def flag(self, key: str) -> bool:
         v = self.raw(key)
         if type(v) is not bool:
             self.fail(key, f"expected true or false, found {_kind(v)}")
         return v
 
     def choice(self, key: str, choices: Tuple[str, ...]) -> str:
-        v = self.str(key)
+        v = self.text(key)
         if v not in choices:
             self.fail(key, f"expected one of {', '.join(choices)}, found {v!r}")
         return v
 
     def digest(self, key: str, *, optional: bool = False) -> Any:
-        v = self.str(key, optional=optional)
+        v = self.text(key, optional=optional)
         if v is not None and not _HEX32.fullmatch(v):
             self.fail(key, "expected 32 lowercase hex digits")
         return v
 
     def timestamp(self, key: str, *, optional: bool = False) -> Any:
-        v = self.str(key, optional=optional)
+        v = self.text(key, optional=optional)
         if v is not None:
             try:
                 parse_timestamp(v)
@@ -277,25 +279,25 @@ class Fields:
         return v
 
     def uuid(self, key: str) -> str:
-        v = self.str(key)
+        v = self.text(key)
         if canonical_uuid(v) != v:
             self.fail(key, f"not a lowercase UUID: {v!r}")
         return v
 
     def block_size(self, key: str) -> int:
-        v = self.int(key, minimum=MIN_BLOCK_SIZE)
+        v = self.integer(key, minimum=MIN_BLOCK_SIZE)
         if v > MAX_BLOCK_SIZE or v & (v - 1):
             self.fail(key, f"must be a power of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}")
         return v
 
     def relpath(self, key: str, *, optional: bool = False) -> Any:
-        v = self.str(key, optional=optional)
+        v = self.text(key, optional=optional)
         if v is not None and not is_safe_relpath(v):
             self.fail(key, f"not a relative path inside the domain directory: {v!r}")
         return v
 
     def filename(self, key: str) -> str:
-        v = self.str(key)
+        v = self.text(key)
         if not _FILENAME.fullmatch(v):
             self.fail(key, f"not a plain file name: {v!r}")
         return v
@@ -306,7 +308,7 @@ class Fields:
             self.fail(key, f"expected an object, found {_kind(v)}")
         return Fields(v, self.path, f"{self.where}{key}.")
 
-    def list(self, key: str) -> List[Any]:
+    def items(self, key: str) -> List[Any]:
         v = self.raw(key)
         if not isinstance(v, list):
             self.fail(key, f"expected a list, found {_kind(v)}")
@@ -386,7 +388,7 @@ class DomainRecord:
     def from_dict(cls, obj: Mapping[str, Any], path: PathArg) -> "DomainRecord":
         check_header(obj, path, DOMAIN_FORMAT, "domain record")
         f = Fields(obj, path)
-        return cls(uuid=f.uuid("uuid"), name=f.str("name"), last_point=f.int("last_point"))
+        return cls(uuid=f.uuid("uuid"), name=f.text("name"), last_point=f.integer("last_point"))
 
     @classmethod
     def from_json(cls, data: Union[bytes, str], path: PathArg) -> "DomainRecord":
@@ -413,7 +415,7 @@ class GenerationDisk:
     @classmethod
     def from_fields(cls, f: Fields) -> "GenerationDisk":
         return cls(
-            virtual_size=f.int("virtual_size"),
+            virtual_size=f.integer("virtual_size"),
             base_format=f.choice("base_format", VOLUME_FORMATS),
             base=f.filename("base"),
             table=f.filename("table"),
@@ -448,7 +450,7 @@ class GenerationRecord:
     def from_dict(cls, obj: Mapping[str, Any], path: PathArg) -> "GenerationRecord":
         check_header(obj, path, GENERATION_FORMAT, "generation")
         f = Fields(obj, path)
-        algorithm = f.str("algorithm")
+        algorithm = f.text("algorithm")
         if algorithm != ALGORITHM:
             f.fail("algorithm", f"unknown algorithm {algorithm!r}")
         disks_f = f.sub("disks")
@@ -459,8 +461,8 @@ class GenerationRecord:
             check_target(disks_f, target, target)
             disks[target] = GenerationDisk.from_fields(disks_f.sub(target))
         return cls(
-            generation=f.int("generation", minimum=1),
-            first_point=f.int("first_point", minimum=1),
+            generation=f.integer("generation", minimum=1),
+            first_point=f.integer("first_point", minimum=1),
             created=f.timestamp("created"),
             block_size=f.block_size("block_size"),
             disks=disks,
@@ -493,8 +495,8 @@ class BlockCounts:
 
     @classmethod
     def from_fields(cls, f: Fields) -> "BlockCounts":
-        return cls(total=f.int("total"), read=f.int("read"), holes=f.int("holes"),
-                   changed=f.int("changed"), zero=f.int("zero"))
+        return cls(total=f.integer("total"), read=f.integer("read"), holes=f.integer("holes"),
+                   changed=f.integer("changed"), zero=f.integer("zero"))
 
 
 @dataclass(frozen=True)
@@ -510,7 +512,7 @@ class DomainInfo:
 
     @classmethod
     def from_fields(cls, f: Fields) -> "DomainInfo":
-        return cls(name=f.str("name"), uuid=f.uuid("uuid"), xml=f.str("xml"))
+        return cls(name=f.text("name"), uuid=f.uuid("uuid"), xml=f.text("xml"))
 
 
 @dataclass(frozen=True)
@@ -552,15 +554,15 @@ class PointDisk:
 
     @classmethod
     def from_fields(cls, f: Fields) -> "PointDisk":
-        target = f.str("target")
+        target = f.text("target")
         check_target(f, "target", target)
         seconds_f = f.sub("seconds")
         seconds = {k: seconds_f.number(k) for k in sorted(seconds_f.obj)}
         d = cls(
             target=target,
-            source=f.str("source"),
-            format=f.str("format"),
-            virtual_size=f.int("virtual_size"),
+            source=f.text("source"),
+            format=f.text("format"),
+            virtual_size=f.integer("virtual_size"),
             block_size=f.block_size("block_size"),
             volume=f.relpath("volume"),
             volume_format=f.choice("volume_format", VOLUME_FORMATS),
@@ -572,7 +574,7 @@ class PointDisk:
             difference_digest=f.digest("difference_digest", optional=True),
             table_digest=f.digest("table_digest"),
             blocks=BlockCounts.from_fields(f.sub("blocks")),
-            bytes_written=f.int("bytes_written"),
+            bytes_written=f.integer("bytes_written"),
             seconds=seconds,
         )
         if (d.difference is None) != (d.difference_digest is None):
@@ -637,10 +639,10 @@ class PointManifest:
         stored = f.digest("checksum")
         if manifest_checksum(obj) != stored:
             _fail(path, "checksum mismatch (the manifest was changed or damaged)")
-        status = f.str("status")
+        status = f.text("status")
         if status != STATUS_COMPLETE:
             f.fail("status", f"point is not complete (status {status!r})")
-        disk_list = f.list("disks")
+        disk_list = f.items("disks")
         if not disk_list:
             f.fail("disks", "a point has at least one disk")
         disks = []
@@ -654,8 +656,8 @@ class PointManifest:
         if len({d.is_base for d in disks}) > 1:
             f.fail("disks", "disks disagree on whether this is the generation's first point")
         return cls(
-            point=f.int("point", minimum=1),
-            generation=f.int("generation", minimum=1),
+            point=f.integer("point", minimum=1),
+            generation=f.integer("generation", minimum=1),
             domain=DomainInfo.from_fields(f.sub("domain")),
             started=f.timestamp("started"),
             snapshot_at=f.timestamp("snapshot_at", optional=True),
