@@ -643,9 +643,11 @@ class DomainStore:
         path = self.manifest_path(point)
         if not path.exists():
             raise NotFoundError(f"domain {self.name} has no point {point}")
-        generation = _generation_of_manifest(path)
-        if generation is None:
-            generation = self._generation_holding(point)
+        try:
+            generation: Optional[int] = self._load_manifest(point, path).generation
+        except (CorruptFileError, IncompatibleFormatError):
+            # damaged: where its files are beats what its damaged text says
+            generation = self._generation_holding(point) or _generation_of_manifest(path)
         removed: List[Path] = []
         unlink_durable(path)
         removed.append(path)
