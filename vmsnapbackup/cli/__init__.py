@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 from .. import __version__
 from ..errors import ExitCode, UsageError, VmSnapBackupError
@@ -21,15 +21,26 @@ __all__ = ["main"]
 
 log = logging.getLogger("vmsnapbackup")
 
-#: Command modules, in the order ``--help`` lists them.  Each has ``NAME``,
-#: ``register(subparsers)`` and ``run(args, ctx)``.
-_COMMAND_MODULES: List[str] = []
+#: Modules of this package that are not commands.
+_NOT_COMMANDS = {"common"}
 
 
 def _commands() -> list:
-    import importlib
+    """Every command module of this package, in the order of their ``ORDER``.
 
-    return [importlib.import_module(f"{__name__}.{m}") for m in _COMMAND_MODULES]
+    A command is a module ``cli/<name>.py`` with ``ORDER``, ``register(subparsers)``
+    (which sets ``run`` as the parser's default) and ``run(args, ctx) -> int``;
+    adding a command never means editing this file.
+    """
+    import importlib
+    import pkgutil
+
+    modules = [
+        importlib.import_module(f"{__name__}.{info.name}")
+        for info in pkgutil.iter_modules(__path__)
+        if info.name not in _NOT_COMMANDS and not info.name.startswith("_")
+    ]
+    return sorted(modules, key=lambda m: (getattr(m, "ORDER", 100), m.__name__))
 
 
 class _Parser(argparse.ArgumentParser):
