@@ -87,7 +87,8 @@ def run_disk_pass(
     """Read ``source`` once; return its check table and what was written to ``target``.
 
     ``table1`` None means this is the generation's first point and ``target``
-    is a fresh base volume.  The caller flushes and closes ``target``.
+    is a fresh base volume.  ``target`` None only hashes (verify, and the check
+    after a restore).  The caller flushes and closes ``target``.
     """
     started = time.monotonic()
     size = source.size
@@ -103,7 +104,7 @@ def run_disk_pass(
     for offset, length in _holes(data, size):
         span = builder.fill_zero(offset, length)
         stats.holes += len(span)
-        if table1 is not None:
+        if table1 is not None and target is not None:
             changed = changed_indexes(table1, table, span.start, span.stop)
             if len(changed):
                 _write_zero_runs(target, table, changed, stats)
@@ -115,7 +116,10 @@ def run_disk_pass(
         first, n = hashed.first, len(hashed.values)
         stats.read += n
         stats.bytes_read += len(view)
-        if table1 is None:
+        if target is None:
+            wanted = []
+            zero_flags = None
+        elif table1 is None:
             wanted = [first + k for k in range(n) if not hashed.zero[k]]
             zero_flags = None
         else:
