@@ -1,0 +1,43 @@
+"""``vmsnapbackup list [DOMAIN]``: the points in the pool (damaged ones flagged), with
+time, generation, consistency and sizes.  (Not named ``list.py``: as an attribute of the
+``cli`` package it would shadow the builtin there.)"""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Dict, List
+
+from ..workflows.listing import PointSummary, list_points
+from .common import Context, add_json_option, size_text
+
+ORDER = 20
+
+
+def register(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser("list", help="list the points of one or every domain in the pool")
+    p.add_argument("domain", metavar="DOMAIN", nargs="?", help="domain name or UUID")
+    add_json_option(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, ctx: Context) -> int:
+    points = list_points(ctx.pool, uri=ctx.uri, domain=args.domain)
+    doc: Dict[str, Any] = {"points": [p.to_dict() for p in points]}
+    ctx.emit(doc, _text(points))
+    return 0
+
+
+def _text(points: List[PointSummary]) -> str:
+    if not points:
+        return "no points"
+    header = f"{'DOMAIN':<20} {'POINT':>5} {'GEN':>4} {'TAKEN (UTC)':<20} {'CONSISTENCY':<16} " \
+             f"{'DISKS':<10} {'STORED':>10}"
+    rows = [header]
+    for p in points:
+        if p.damaged:
+            rows.append(f"{p.domain:<20} {p.point:>5} {'-':>4} {'-':<20} "
+                        f"{'DAMAGED':<16} {p.damaged}")
+            continue
+        rows.append(f"{p.domain:<20} {p.point:>5} {p.generation:>4} "
+                    f"{(p.taken or '')[:19].replace('T', ' '):<20} {p.consistency:<16} "
+                    f"{','.join(p.disks):<10} {size_text(p.stored_bytes):>10}")
+    return "\n".join(rows)

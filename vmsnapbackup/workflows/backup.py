@@ -1,0 +1,561 @@
+"""The backup: snapshot, export, one pass per disk, commit back, seal (DESIGN.md §2).
+
+The order of writes is FORMAT.md §10; the journal records each step before it
+is taken (FORMAT §9) so that a backup killed at any instant can be undone by
+``repair``.  When the backup itself fails it undoes what it did: the VM is
+committed back to its original image, the storage daemon stopped, partial
+files removed; the journal is cleared only once all of that succeeded.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+from ..adapters.domainxml import Disk, overlay_path
+from ..adapters.hypervisor import Hypervisor, connect
+from ..adapters.nbdclient import NbdClient
+from ..adapters.storagedaemon import Export, StorageDaemon
+from ..adapters.storagepool import refresh_pool, resolve_pool
+from ..core import inflight
+from ..core.atomic import durable_rename, unlink_durable
+from ..core.checktable import CheckTable, read_check_table, write_check_table
+from ..core.difftable import compare, write_difference_table
+from ..core.journal import JournalDaemon, JournalDisk, JournalEntry
+from ..core.manifest import (
+    BlockCounts, DomainInfo, GenerationDisk, GenerationRecord, PointDisk, PointManifest,
+    digest_hex, utc_now,
+)
+from ..core.pool import DomainStore, Pool, partial_name
+from ..core.tablefile import DEFAULT_BLOCK_SIZE, validate_block_size
+from ..errors import (
+    ExportError, HypervisorError, PoolFullError, PoolReadOnlyError, RepairNeededError,
+    UnsupportedDiskError, UsageError, VmSnapBackupError,
+)
+from ..progress import ProgressCallback
+from .diskpass import PassStats, run_disk_pass
+from .interrupt import interruptible
+
+__all__ = ["backup", "BackupResult", "DiskResult", "DEFAULT_THRESHOLD"]
+
+log = logging.getLogger(__name__)
+
+#: A point whose difference passes this fraction of a disk's blocks makes the
+#: next backup start a new generation (difference tables only grow).
+DEFAULT_THRESHOLD = 0.5
+BASE_FORMATS = ("qcow2", "raw")
+
+
+@dataclass
+class DiskResult:
+    """One disk of a finished point."""
+
+    target: str
+    source: str
+    format: str
+    virtual_size: int
+    volume: str
+    blocks: Dict[str, int]
+    bytes_written: int
+    seconds: Dict[str, float]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class BackupResult:
+    """What ``backup`` did: the point it sealed and how each disk went."""
+
+    domain: str
+    uuid: str
+    point: int
+    generation: int
+    new_generation: bool
+    consistency: str
+    pool: str
+    disks: List[DiskResult] = field(default_factory=list)
+    skipped: List[Tuple[str, str]] = field(default_factory=list)
+    seconds: Dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dict(self.__dict__)
+        d["disks"] = [x.to_dict() for x in self.disks]
+        d["skipped"] = [{"target": t, "reason": r} for t, r in self.skipped]
+        return d
+
+
+@dataclass
+class _DiskWork:
+    """Per-disk state while the backup runs."""
+
+    disk: Disk
+    image: str = ""              # what is read: the frozen image, or the image of a shut-off domain
+    image_format: str = "raw"
+    overlay: Optional[str] = None
+    size: int = 0
+    source_export: Optional[Export] = None
+    volume_partial: Optional[Path] = None
+    volume_final: Optional[Path] = None
+    table: Optional[CheckTable] = None
+    stats: Optional[PassStats] = None
+    commit_seconds: float = 0.0
+
+
+def backup(
+    domain: str,
+    pool: Union[str, "os.PathLike[str]"],
+    *,
+    uri: str = "qemu:///system",
+    disks: Optional[Sequence[str]] = None,
+    quiesce: Optional[bool] = None,
+    new_generation: bool = False,
+    threshold: float = DEFAULT_THRESHOLD,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    base_format: str = "qcow2",
+    overlay_dir: Optional[str] = None,
+    progress: Optional[ProgressCallback] = None,
+) -> BackupResult:
+    """Back up ``domain`` (name, UUID or id) into ``pool`` (a path or a libvirt pool name).
+
+    ``quiesce`` None asks the guest agent and falls back to a crash-consistent
+    snapshot; True insists; False never asks.  Returns once the point is sealed
+    and the domain runs on its original images again.
+    """
+    validate_block_size(block_size)
+    if base_format not in BASE_FORMATS:
+        raise UsageError(f"base format must be one of {', '.join(BASE_FORMATS)}, "
+                         f"not {base_format!r}")
+    if not 0.0 < threshold <= 1.0:
+        raise UsageError(f"the new-generation threshold must be in (0, 1], not {threshold}")
+    started_mono = time.monotonic()
+    pool_dir, libvirt_pool = resolve_pool(os.fspath(pool), uri)
+    the_pool = Pool.open(pool_dir, create=True)
+    with connect(uri) as hv, interruptible("backup"):
+        dom = hv.find_domain(domain)
+        name, uuid = hv.domain_name(dom), hv.domain_uuid(dom)
+        selected, skipped = hv.backup_disks(dom, disks)
+        for s in skipped:
+            log.info("domain %s: not backing up %s: %s", name, s.disk.target, s.reason)
+        if not selected:
+            reasons = "; ".join(f"{s.disk.target}: {s.reason}" for s in skipped) or "no disks"
+            raise UnsupportedDiskError(f"domain {name} has no disk that can be backed up "
+                                       f"({reasons})")
+        store = the_pool.domain(uuid, name, create=True)
+        with store.lock("backup"):
+            _refuse_leftovers(store, hv, dom, name, pool_dir)
+            store.set_name(name)
+            run = _BackupRun(hv, dom, store, name, uuid, selected, pool_dir,
+                             quiesce=quiesce, new_generation=new_generation,
+                             threshold=threshold, block_size=block_size,
+                             base_format=base_format, overlay_dir=overlay_dir,
+                             progress=progress)
+            result = run.execute()
+    refresh_pool(libvirt_pool, uri)
+    result.skipped = [(s.disk.target, s.reason) for s in skipped]
+    result.seconds["total"] = round(time.monotonic() - started_mono, 3)
+    return result
+
+
+def _refuse_leftovers(store: DomainStore, hv: Hypervisor, dom: Any, name: str,
+                      pool_dir: Path) -> None:
+    """Never stack a backup on what a dead one left: say which command clears it."""
+    how = f"run: vmsnapbackup --pool {pool_dir} repair {name}"
+    entry = store.journal.read()
+    if entry is not None:
+        raise RepairNeededError(
+            f"an interrupted {entry.operation} (pid {entry.pid}, {entry.started}) left state "
+            f"for domain {name}; {how}")
+    for disk in hv.disks(dom):
+        if disk.source and overlay_path_is_ours(disk.source):
+            raise RepairNeededError(
+                f"disk {disk.target} of domain {name} still runs on overlay {disk.source} "
+                f"of an earlier backup; {how}")
+
+
+def overlay_path_is_ours(path: str) -> bool:
+    from ..adapters.domainxml import is_our_overlay
+
+    return is_our_overlay(path)
+
+
+class _BackupRun:
+    """One backup of one domain, with the lock held.  Keeps what it created so it can undo it."""
+
+    def __init__(self, hv: Hypervisor, dom: Any, store: DomainStore, name: str, uuid: str,
+                 disks: List[Disk], pool_dir: Path, *, quiesce: Optional[bool],
+                 new_generation: bool, threshold: float, block_size: int, base_format: str,
+                 overlay_dir: Optional[str], progress: Optional[ProgressCallback]) -> None:
+        self.hv, self.dom, self.store = hv, dom, store
+        self.name, self.uuid, self.pool_dir = name, uuid, pool_dir
+        self.work = [_DiskWork(d) for d in disks]
+        self.quiesce, self.force_new = quiesce, new_generation
+        self.threshold, self.block_size, self.base_format = threshold, block_size, base_format
+        self.overlay_dir, self.progress = overlay_dir, progress
+        self.journal = store.journal
+        self.point = 0
+        self.generation = 0
+        self.new_gen = False
+        self.gen_record: Optional[GenerationRecord] = None
+        self.consistency = "offline"
+        self.snapshot_taken = False
+        self.committed: List[str] = []
+        self.sealed = False
+        self.created: List[Path] = []   # pool files and dirs to remove if we fail
+        self.started = utc_now()
+        self.snapshot_at: Optional[str] = None
+        self.domain_xml = ""
+
+    # -- the happy path ------------------------------------------------------
+
+    def execute(self) -> BackupResult:
+        self.active = self.hv.is_active(self.dom)
+        self.domain_xml = self._saved_xml()
+        self.point = self.store.allocate_point()
+        self.journal.write(JournalEntry(
+            operation="backup", pid=os.getpid(), host=socket.gethostname(),
+            started=self.started, step="start", point=self.point,
+            disks={w.disk.target: JournalDisk(source=w.disk.source or "") for w in self.work}))
+        record = inflight.InflightRecord(
+            uuid=self.uuid, name=self.name, pid=os.getpid(), operation="backup",
+            offline=not self.active, since=self.started, pool=str(self.pool_dir),
+            images=tuple(w.disk.source or "" for w in self.work))
+        log.info("domain %s: backup point %d (%s)", self.name, self.point,
+                 "running: external snapshot" if self.active else "shut off: reading directly")
+        with inflight.inflight(record):
+            try:
+                self._run()
+            except BaseException as exc:
+                self._undo(exc)
+                raise
+        self.journal.clear()
+        return self._result()
+
+    def _saved_xml(self) -> str:
+        """The persistent definition (what a restore would define again), else the live XML."""
+        try:
+            if self.dom.isPersistent():
+                return self.hv.domain_xml(self.dom, inactive=True)
+        except Exception:  # a transient domain or a libvirt hiccup: the live XML will do
+            log.debug("no persistent XML", exc_info=True)
+        return self.hv.domain_xml(self.dom)
+
+    def _run(self) -> None:
+        if self.active:
+            self._snapshot()
+        else:
+            for w in self.work:
+                w.image, w.image_format = w.disk.source or "", w.disk.format or "raw"
+            self.snapshot_at = utc_now()
+        with StorageDaemon(tag=f"{self.name}-{self.point}") as daemon:
+            self.journal.update(daemon=JournalDaemon(pid=daemon.pid or 0,
+                                                     runtime_dir=daemon.runtime_dir or ""))
+            for w in self.work:
+                w.source_export = daemon.export_image(w.image, w.image_format,
+                                                      name=f"src-{w.disk.target}")
+                w.size = w.source_export.size
+            self._plan_generation()
+            for w in self.work:
+                self._copy_disk(daemon, w)
+        # every export is gone with the daemon: the frozen images are free to commit into
+        if self.active:
+            self._commit_all()
+        self._seal()
+
+    def _snapshot(self) -> None:
+        snap_id = f"p{self.point}-{secrets.token_hex(3)}"
+        overlays = {w.disk.target: overlay_path(w.disk, snap_id, self.overlay_dir)
+                    for w in self.work}
+        self.journal.update(step="snapshot", disks={
+            w.disk.target: JournalDisk(source=w.disk.source or "",
+                                       overlay=overlays[w.disk.target],
+                                       frozen=w.disk.source or "")
+            for w in self.work})
+        snap = self.hv.snapshot(self.dom, [w.disk for w in self.work], overlays,
+                                quiesce=self.quiesce)
+        self.snapshot_taken = True
+        self.snapshot_at = utc_now()
+        self.consistency = "quiesced" if snap.quiesced else "crash-consistent"
+        for w in self.work:
+            w.overlay = snap.overlays[w.disk.target]
+            frozen = snap.frozen[w.disk.target]
+            w.image, w.image_format = frozen.path, frozen.format or w.disk.format or "raw"
+        log.info("domain %s: %s snapshot in %.3f s", self.name, self.consistency, snap.seconds)
+
+    def _plan_generation(self) -> None:
+        """Continue the current generation, or start a new one (FORMAT §4 says when)."""
+        reason = self._new_generation_reason()
+        if reason is None:
+            return
+        log.info("domain %s: new generation (%s)", self.name, reason)
+        self.new_gen = True
+        self.gen_record = None
+        self.generation = self.store.allocate_generation([w.disk.target for w in self.work])
+        gen_dir = self.store.generation_dir(self.generation)
+        self.created.append(gen_dir)
+        self.journal.update(generation=self.generation, new_generation=True,
+                            files=[self.store.relpath(gen_dir)])
+
+    def _new_generation_reason(self) -> Optional[str]:
+        if self.force_new:
+            return "asked for"
+        current = self.store.current_generation()
+        if current is None:
+            return "first backup"
+        try:
+            rec = self.store.read_generation(current)
+        except VmSnapBackupError as exc:
+            return f"generation {current} is unreadable: {exc}"
+        targets = {w.disk.target for w in self.work}
+        if set(rec.disks) != targets:
+            return (f"disks changed ({', '.join(sorted(rec.disks))} -> "
+                    f"{', '.join(sorted(targets))})")
+        if rec.block_size != self.block_size:
+            return f"block size changed ({rec.block_size} -> {self.block_size})"
+        for w in self.work:
+            if rec.disks[w.disk.target].virtual_size != w.size:
+                return (f"disk {w.disk.target} was resized "
+                        f"({rec.disks[w.disk.target].virtual_size} -> {w.size} bytes)")
+        latest = [p.manifest for p in self.store.points()
+                  if p.manifest is not None and p.manifest.generation == current]
+        if latest and not latest[-1].is_generation_start:
+            for d in latest[-1].disks:
+                total = max(d.blocks.total, 1)
+                if d.blocks.changed / total > self.threshold:
+                    return (f"point {latest[-1].point} changed {d.blocks.changed} of "
+                            f"{d.blocks.total} blocks of {d.target}, over the threshold "
+                            f"{self.threshold:g}")
+        self.generation = current
+        self.gen_record = rec
+        self.journal.update(generation=current, new_generation=False)
+        return None
+
+    def _copy_disk(self, daemon: StorageDaemon, w: _DiskWork) -> None:
+        target = w.disk.target
+        g = self.generation
+        table1: Optional[CheckTable] = None
+        if self.new_gen:
+            final = self.store.base_volume_path(g, target, self.base_format)
+            fmt = self.base_format
+            backing = None
+        else:
+            assert self.gen_record is not None
+            gdisk = self.gen_record.disks[target]
+            table1 = read_check_table(self.store.disk_dir(g, target) / gdisk.table,
+                                      expected_body_digest=bytes.fromhex(gdisk.table_digest))
+            final = self.store.point_volume_path(g, target, self.point)
+            fmt = "qcow2"
+            backing = str(self.store.disk_dir(g, target) / gdisk.base)
+        partial = final.with_name(partial_name(final.name))
+        self.journal.add_files([self.store.relpath(partial)])
+        w.volume_partial, w.volume_final = partial, final
+        cluster = min(max(self.block_size, 65536), 2 * 1024 * 1024)
+        out = daemon.create_writable(
+            str(partial), size=w.size, fmt=fmt, cluster_size=cluster, name=f"dst-{target}",
+            backing=backing,
+            backing_fmt=self.gen_record.disks[target].base_format if backing else None)
+        self.created.append(partial)
+        assert w.source_export is not None
+        try:
+            with NbdClient.open_unix(w.source_export.socket_path,
+                                     w.source_export.name) as src, \
+                    NbdClient.open_unix(out.socket_path, out.name) as dst:
+                w.table, w.stats = run_disk_pass(src, dst, self.block_size, table1,
+                                                 disk=target, progress=self.progress)
+                dst.flush()
+        except ExportError as exc:
+            mapped = _pool_error(exc, partial)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+        daemon.remove_export(out)            # flushes and closes the volume
+        daemon.remove_export(w.source_export)
+        w.source_export = None
+        s = w.stats
+        log.info("domain %s: %s read %d of %d blocks (%d holes), wrote %d (%d zero), "
+                 "%.1f MiB in %.2f s", self.name, target, s.read, s.total, s.holes, s.changed,
+                 s.zero, s.bytes_written / 2**20, s.seconds)
+
+    def _commit_all(self) -> None:
+        self.journal.update(step="commit")
+        for w in self.work:
+            if w.disk.target in self.committed or w.overlay is None:
+                continue
+            res = self.hv.commit(self.dom, w.disk.target, w.overlay)
+            w.commit_seconds = res.seconds
+            self.committed.append(w.disk.target)
+        log.info("domain %s: back on its original images", self.name)
+
+    def _seal(self) -> None:
+        """Volumes, then tables, then the manifest (FORMAT §10 steps 3–5)."""
+        self.journal.update(step="seal")
+        g = self.generation
+        disks: List[PointDisk] = []
+        for w in self.work:
+            assert w.volume_partial and w.volume_final and w.table and w.stats
+            durable_rename(w.volume_partial, w.volume_final)
+            self.created.append(w.volume_final)
+        gen_disks: Dict[str, GenerationDisk] = {}
+        for w in self.work:
+            target = w.disk.target
+            assert w.table is not None and w.stats is not None and w.volume_final
+            body_digest = digest_hex(w.table.body_digest())
+            if self.new_gen:
+                table_path = self.store.table_path(g, target, self.point)
+                self.journal.add_files([self.store.relpath(table_path)])
+                checksum = write_check_table(table_path, w.table)
+                self.created.append(table_path)
+                gen_disks[target] = GenerationDisk(
+                    virtual_size=w.size, base_format=self.base_format,
+                    base=w.volume_final.name, table=table_path.name, table_digest=body_digest)
+                table1_digest, diff_rel, diff_digest = digest_hex(checksum), None, None
+                base_path, base_fmt = w.volume_final, self.base_format
+            else:
+                assert self.gen_record is not None
+                gdisk = self.gen_record.disks[target]
+                table_path = self.store.disk_dir(g, target) / gdisk.table
+                table1 = read_check_table(table_path,
+                                          expected_body_digest=bytes.fromhex(gdisk.table_digest))
+                diff = compare(table1, w.table)
+                diff_path = self.store.difference_path(g, target, self.point)
+                self.journal.add_files([self.store.relpath(diff_path)])
+                diff_checksum = write_difference_table(diff_path, diff)
+                self.created.append(diff_path)
+                table1_digest = digest_hex(_file_checksum(table_path))
+                diff_rel, diff_digest = self.store.relpath(diff_path), digest_hex(diff_checksum)
+                base_path = self.store.disk_dir(g, target) / gdisk.base
+                base_fmt = gdisk.base_format
+            s = w.stats
+            disks.append(PointDisk(
+                target=target, source=w.disk.source or "", format=w.disk.format or "raw",
+                virtual_size=w.size, block_size=self.block_size,
+                volume=self.store.relpath(w.volume_final),
+                volume_format=self.base_format if self.new_gen else "qcow2",
+                base=self.store.relpath(base_path), base_format=base_fmt,
+                table=self.store.relpath(table_path), table1_digest=table1_digest,
+                difference=diff_rel, difference_digest=diff_digest, table_digest=body_digest,
+                blocks=BlockCounts(total=s.total, read=s.read, holes=s.holes,
+                                   changed=s.changed, zero=s.zero),
+                bytes_written=s.bytes_written,
+                seconds={"read": round(s.seconds, 3), "commit": round(w.commit_seconds, 3)}))
+        if self.new_gen:
+            self.store.write_generation(GenerationRecord(
+                generation=g, first_point=self.point, created=self.started,
+                block_size=self.block_size, disks=gen_disks))
+        manifest = PointManifest(
+            point=self.point, generation=g,
+            domain=DomainInfo(name=self.name, uuid=self.uuid, xml=self.domain_xml),
+            started=self.started, snapshot_at=self.snapshot_at, finished=utc_now(),
+            consistency=self.consistency, disks=tuple(disks))
+        self.journal.add_files([self.store.relpath(self.store.manifest_path(self.point))])
+        self.store.write_manifest(manifest)
+        self.sealed = True
+        log.info("domain %s: point %d sealed (generation %d)", self.name, self.point, g)
+
+    def _result(self) -> BackupResult:
+        return BackupResult(
+            domain=self.name, uuid=self.uuid, point=self.point, generation=self.generation,
+            new_generation=self.new_gen, consistency=self.consistency,
+            pool=str(self.pool_dir),
+            disks=[DiskResult(
+                target=w.disk.target, source=w.disk.source or "",
+                format=w.disk.format or "raw", virtual_size=w.size,
+                volume=self.store.relpath(w.volume_final) if w.volume_final else "",
+                blocks={"total": w.stats.total, "read": w.stats.read, "holes": w.stats.holes,
+                        "changed": w.stats.changed, "zero": w.stats.zero} if w.stats else {},
+                bytes_written=w.stats.bytes_written if w.stats else 0,
+                seconds={"read": round(w.stats.seconds, 3) if w.stats else 0.0,
+                         "commit": round(w.commit_seconds, 3)})
+                for w in self.work])
+
+    # -- undoing a failed backup -----------------------------------------------
+
+    def _undo(self, exc: BaseException) -> None:
+        """Put the VM back and remove what this backup created; keep the journal if we can't.
+
+        Runs with the storage daemon already stopped (its context manager
+        unwound first), so the frozen images are free to commit into.
+        """
+        log.warning("domain %s: backup of point %d failed (%s); undoing it", self.name,
+                    self.point, " ".join(str(exc).split()) or type(exc).__name__)
+        clean = True
+        if self.active:
+            # also when the snapshot call itself failed half-way: the live XML says
+            clean = self._commit_back() and clean
+        if not self.sealed:
+            clean = self._remove_created() and clean
+        if clean:
+            self.journal.clear()
+        else:
+            log.error("domain %s: could not undo everything; run: vmsnapbackup --pool %s "
+                      "repair %s", self.name, self.pool_dir, self.name)
+
+    def _commit_back(self) -> bool:
+        ok = True
+        try:
+            live = {d.target: d for d in self.hv.disks(self.dom)}
+            active = self.hv.is_active(self.dom)
+        except VmSnapBackupError as err:
+            log.error("domain %s: cannot read its state to commit back: %s", self.name, err)
+            return False
+        for w in self.work:
+            target = w.disk.target
+            if target in self.committed:
+                continue
+            top = live.get(target)
+            if top is None or not top.source or not overlay_path_is_ours(top.source):
+                continue  # the snapshot never reached this disk
+            if not active:
+                log.error("domain %s stopped during the backup; its disk %s is defined on "
+                          "overlay %s", self.name, target, top.source)
+                ok = False
+                continue
+            try:
+                self.hv.commit(self.dom, target, top.source)
+                self.committed.append(target)
+            except VmSnapBackupError as err:
+                log.error("domain %s: commit of %s failed: %s", self.name, target, err)
+                ok = False
+        return ok
+
+    def _remove_created(self) -> bool:
+        ok = True
+        for path in reversed(self.created):
+            try:
+                if path.is_dir():
+                    _remove_tree_of_ours(path)
+                else:
+                    unlink_durable(path)
+            except OSError as err:
+                log.error("cannot remove %s: %s", path, err.strerror)
+                ok = False
+        return ok
+
+
+def _remove_tree_of_ours(path: Path) -> None:
+    """Remove a generation directory this backup created (and only it)."""
+    import shutil
+
+    shutil.rmtree(path)
+
+
+def _file_checksum(path: Path) -> bytes:
+    from ..core.tablefile import file_checksum
+
+    return file_checksum(path)
+
+
+def _pool_error(exc: ExportError, path: Path) -> VmSnapBackupError:
+    """ENOSPC/EROFS reported by the NBD server writing our volume are pool errors."""
+    import errno as _errno
+
+    if exc.errno in (_errno.ENOSPC, _errno.EDQUOT):
+        return PoolFullError(f"pool is full while writing {path}: {exc}")
+    if exc.errno in (_errno.EROFS, _errno.EACCES, _errno.EPERM):
+        return PoolReadOnlyError(f"pool is not writable ({path}): {exc}")
+    return exc

@@ -1,0 +1,54 @@
+"""What the pool holds, for ``list``: read from the manifests only (FORMAT §10 read order),
+so listing never needs libvirt and never shows a half-written point."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+from ..adapters.storagepool import resolve_pool
+from ..core.pool import Pool
+
+__all__ = ["PointSummary", "list_points"]
+
+
+@dataclass
+class PointSummary:
+    domain: str
+    uuid: str
+    point: int
+    generation: Optional[int] = None
+    taken: Optional[str] = None
+    consistency: Optional[str] = None
+    disks: List[str] = field(default_factory=list)
+    virtual_bytes: int = 0
+    stored_bytes: int = 0
+    generation_start: bool = False
+    damaged: Optional[str] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def list_points(pool: Union[str, "os.PathLike[str]"], *, uri: str = "qemu:///system",
+                domain: Optional[str] = None) -> List[PointSummary]:
+    """Every point of ``domain`` (or of every domain), oldest first; damaged ones flagged."""
+    pool_dir, _ = resolve_pool(os.fspath(pool), uri)
+    the_pool = Pool.open(pool_dir)
+    stores = [the_pool.find_domain(domain)] if domain else the_pool.domains()
+    out: List[PointSummary] = []
+    for store in stores:
+        name = store.name
+        for info in store.list_points():
+            m = info.manifest
+            if m is None:
+                out.append(PointSummary(name, store.uuid, info.number, damaged=info.damaged))
+                continue
+            out.append(PointSummary(
+                domain=name, uuid=store.uuid, point=m.point, generation=m.generation,
+                taken=m.snapshot_at or m.started, consistency=m.consistency,
+                disks=[d.target for d in m.disks],
+                virtual_bytes=sum(d.virtual_size for d in m.disks),
+                stored_bytes=sum(d.bytes_written for d in m.disks),
+                generation_start=m.is_generation_start))
+    return out
