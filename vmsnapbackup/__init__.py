@@ -6,9 +6,20 @@ first check table (patent US9250824; see docs/FORMAT.md and DESIGN.md).
 """
 from __future__ import annotations
 
-from .errors import *  # noqa: F401,F403
-from .errors import __all__ as _errors_all
-
 __version__ = "0.1.0"
 
-__all__ = ["__version__", *_errors_all]
+from .errors import *  # noqa: E402,F401,F403
+from .errors import __all__ as _errors_all  # noqa: E402
+from .progress import ProgressCallback, ProgressEvent  # noqa: E402
+from .workflows.backup import BackupResult, DiskResult, backup  # noqa: E402
+from .workflows.listing import PointSummary, list_points  # noqa: E402
+
+__all__ = [
+    "__version__",
+    # backing up and looking at the pool
+    "backup", "BackupResult", "DiskResult",
+    "list_points", "PointSummary",
+    "ProgressEvent", "ProgressCallback",
+    # errors (one root: VmSnapBackupError)
+    *_errors_all,
+]
