@@ -137,15 +137,35 @@ show_demo_vm() {
     virsh_ domblklist "$DEMO_NAME" --details | sed 's/^/    /'
 }
 
+vsb() { "$VSB" --pool "$DEMO_POOL" "$@"; }
+
+first_backup() {
+    step "Point 1: a full backup of the running VM (the base volume)"
+    vsb backup "$DEMO_NAME"
+}
+
+backup_while_writing() {
+    step "Point 2: the guest writes, then writes again while the backup runs"
+    local MiB=$((1024 * 1024)) pid
+    guest_write vda $((10 * MiB)) $((2 * MiB)) 0x42
+    guest_write vda 0 65536 zero
+    vsb backup "$DEMO_NAME" &
+    pid=$!
+    guest_write vda $((100 * MiB)) "$MiB" 0x77
+    wait "$pid" || die "the backup failed"
+    info "$DEMO_NAME still runs on its original image:"
+    virsh_ domblklist "$DEMO_NAME" | sed 's/^/    /'
+}
+
+list_points() {
+    step "The points in the pool $DEMO_POOL"
+    vsb list "$DEMO_NAME" | sed 's/^/    /'
+}
+
 backup_steps() {
-    step "Backups"
-    # The lead adds the real steps here, in this order, each as a function:
-    #   "$VSB" --pool "$DEMO_POOL" backup "$DEMO_NAME"    (point 1: the base volume)
-    #   guest_write vda ... while a second backup runs       (point 2: the differences)
-    #   list, restore a point, verify it against its check table
-    info "The vmsnapbackup commands will run here once they exist:"
-    info "  back up $DEMO_NAME twice while the guest writes, list the points,"
-    info "  restore a point and verify it against its check table (pool: $DEMO_POOL)."
+    first_backup
+    backup_while_writing
+    list_points
 }
 
 cleanup() {
