@@ -209,6 +209,8 @@ class _BackupRun:
         self.created: List[Path] = []   # pool files and dirs to remove if we fail
         self.started = utc_now()
         self.snapshot_at: Optional[str] = None
+        self.snapshot_mono = 0.0
+        self.overlay_seconds = 0.0
         self.domain_xml = ""
 
     # -- the happy path ------------------------------------------------------
@@ -231,7 +233,11 @@ class _BackupRun:
             try:
                 self._run()
             except BaseException as exc:
-                self._undo(exc)
+                if not self._undo(exc):
+                    raise RepairNeededError(
+                        f"{' '.join(str(exc).split()) or type(exc).__name__}; the backup could "
+                        f"not undo everything: run vmsnapbackup --pool {self.pool_dir} repair "
+                        f"{self.name}") from exc
                 raise
         self.journal.clear()
         return self._result()
@@ -279,6 +285,7 @@ class _BackupRun:
         snap = self.hv.snapshot(self.dom, [w.disk for w in self.work], overlays,
                                 quiesce=self.quiesce)
         self.snapshot_taken = True
+        self.snapshot_mono = time.monotonic()
         self.snapshot_at = utc_now()
         self.consistency = "quiesced" if snap.quiesced else "crash-consistent"
         for w in self.work:
@@ -389,7 +396,9 @@ class _BackupRun:
             res = self.hv.commit(self.dom, w.disk.target, w.overlay)
             w.commit_seconds = res.seconds
             self.committed.append(w.disk.target)
-        log.info("domain %s: back on its original images", self.name)
+        self.overlay_seconds = time.monotonic() - self.snapshot_mono
+        log.info("domain %s: back on its original images after %.2f s on overlays",
+                 self.name, self.overlay_seconds)
 
     def _seal(self) -> None:
         """Volumes, then tables, then the manifest (FORMAT §10 steps 3–5)."""
@@ -471,11 +480,13 @@ class _BackupRun:
                 bytes_written=w.stats.bytes_written if w.stats else 0,
                 seconds={"read": round(w.stats.seconds, 3) if w.stats else 0.0,
                          "commit": round(w.commit_seconds, 3)})
-                for w in self.work])
+                for w in self.work],
+            seconds={"on_overlay": round(self.overlay_seconds, 3),
+                     "commit": round(sum(w.commit_seconds for w in self.work), 3)})
 
     # -- undoing a failed backup -----------------------------------------------
 
-    def _undo(self, exc: BaseException) -> None:
+    def _undo(self, exc: BaseException) -> bool:
         """Put the VM back and remove what this backup created; keep the journal if we can't.
 
         Runs with the storage daemon already stopped (its context manager
@@ -491,9 +502,7 @@ class _BackupRun:
             clean = self._remove_created() and clean
         if clean:
             self.journal.clear()
-        else:
-            log.error("domain %s: could not undo everything; run: vmsnapbackup --pool %s "
-                      "repair %s", self.name, self.pool_dir, self.name)
+        return clean
 
     def _commit_back(self) -> bool:
         ok = True
