@@ -197,3 +197,20 @@ def test_cli_errors_are_one_line_with_distinct_codes(running_domain: TestDomain,
         assert main(["--pool", pool, "backup", running_domain.name]) == 4
     assert "lock" in capsys.readouterr().err.lower()
     assert_clean(running_domain, running_domain.disks)
+
+
+def test_pool_given_as_a_libvirt_storage_pool_name(running_domain: TestDomain, make_domain):
+    """--pool NAME uses a libvirt dir pool's target path and refreshes the pool after."""
+    conn = running_domain.conn
+    target = make_domain.scratch_dir("vsb-libvirt-pool")
+    name = f"vsbtest-{running_domain.uuid[:8]}"
+    sp = conn.storagePoolCreateXML(
+        f"<pool type='dir'><name>{name}</name><target><path>{target}</path></target></pool>", 0)
+    try:
+        assert main(["--pool", name, "backup", running_domain.name, "--disk", "vdb"]) == 0
+        store = Pool.open(target).domain(running_domain.uuid)
+        assert [p.number for p in store.points()] == [1]
+        assert "vmsnapbackup-pool.json" in sp.listVolumes()
+        assert main(["--pool", "no-such-libvirt-pool", "list"]) == 3
+    finally:
+        sp.destroy()
