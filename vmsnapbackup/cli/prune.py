@@ -1,0 +1,67 @@
+"""``vmsnapbackup prune DOMAIN --keep-last N [...]``: remove the points a retention
+policy does not keep (see :mod:`vmsnapbackup.workflows.prune`)."""
+from __future__ import annotations
+
+import argparse
+
+from ..workflows.prune import PruneReport, prune
+from .common import Context, add_json_option, size_text
+
+ORDER = 40
+
+
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {n}")
+    return n
+
+
+def register(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser(
+        "prune", help="remove points a retention policy does not keep",
+        description="Remove the points of DOMAIN that no --keep rule keeps. The newest point "
+        "is always kept; damaged points and points in use (mount, boot) are kept and "
+        "reported. Rules as restic's 'forget': --keep-daily N keeps the newest point of "
+        "each of the last N days that have points; weekly by ISO week; monthly by month.")
+    p.add_argument("domain", metavar="DOMAIN", help="domain name or UUID (as in the pool)")
+    p.add_argument("--keep-last", type=_count, metavar="N", help="keep the N newest points")
+    p.add_argument("--keep-daily", type=_count, metavar="N",
+                   help="keep the newest point of each of the last N days with points")
+    p.add_argument("--keep-weekly", type=_count, metavar="N",
+                   help="keep the newest point of each of the last N ISO weeks with points")
+    p.add_argument("--keep-monthly", type=_count, metavar="N",
+                   help="keep the newest point of each of the last N months with points")
+    p.add_argument("--dry-run", action="store_true",
+                   help="only show what would be removed")
+    add_json_option(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, ctx: Context) -> int:
+    report = prune(args.domain, ctx.pool, uri=ctx.uri, keep_last=args.keep_last,
+                   keep_daily=args.keep_daily, keep_weekly=args.keep_weekly,
+                   keep_monthly=args.keep_monthly, dry_run=args.dry_run)
+    ctx.emit(report.to_dict(), _text(report))
+    return 0
+
+
+def _text(r: PruneReport) -> str:
+    verb = "would remove" if r.dry_run else "removed"
+    lines = [f"domain {r.domain}: kept {len(r.kept)}, {verb} {len(r.removed)} point(s), "
+             f"{size_text(r.bytes_freed)} {'to free' if r.dry_run else 'freed'}"
+             + (" (dry run)" if r.dry_run else "")]
+    rows = sorted([(p, True) for p in r.kept] + [(p, False) for p in r.removed],
+                  key=lambda x: x[0].number, reverse=True)
+    for p, keep in rows:
+        gen = "-" if p.generation is None else str(p.generation)
+        when = (p.taken or "-")[:19].replace("T", " ")
+        action = "keep  " if keep else ("remove" if r.dry_run else "gone  ")
+        lines.append(f"  point {p.number:>5}  gen {gen:>3}  {when:<19}  {action}  "
+                     f"{', '.join(p.reasons)}")
+    for rel in r.bases_removed:
+        lines.append(f"  base volume {verb}: {rel}")
+    return "\n".join(lines)
