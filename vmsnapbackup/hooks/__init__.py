@@ -1,0 +1,12 @@
+"""The libvirt qemu hook: its decisions (``logic``), its policy file (``config``) and
+putting the shim where libvirtd looks for it (``install``).
+
+``hooks/qemu`` in the repository is only a shim that calls :func:`hook_main`.
+Kept light on purpose: libvirtd runs the hook on every domain start and stop.
+"""
+from __future__ import annotations
+
+from .config import HookConfig, load_config
+from .logic import hook_main
+
+__all__ = ["hook_main", "HookConfig", "load_config"]
