@@ -1,0 +1,353 @@
+"""What ``repair`` needs from libvirt and qemu-img beyond the backup's adapter.
+
+A backup that died leaves a domain in states the backup itself never has to
+handle: shut off while its definition names our overlay (the guest's writes
+since the snapshot live only there), a commit job left half-way, an overlay
+file nobody uses.  This module reads the host-wide picture (every domain's
+images, an overlay's backing file) and performs the offline merge; the
+decisions stay in ``workflows/repair.py``.
+
+The rule of :mod:`hypervisor` holds here too: we only merge or delete a file
+whose name carries our overlay marker, and only after checking, right before
+acting, that it is what we think it is (top of the disk, or used by nobody).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import subprocess
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from io import StringIO
+from typing import Dict, List, Optional, Tuple
+
+import libvirt
+
+from vmsnapbackup.adapters.domainxml import Disk, ImageRef, find_disk, is_our_overlay
+from vmsnapbackup.adapters.hypervisor import Hypervisor
+from vmsnapbackup.errors import HypervisorError, RepairNeededError, UsageError
+
+__all__ = [
+    "BLOCK_JOB_KINDS",
+    "OfflineCommitResult",
+    "list_domains",
+    "config_disks",
+    "image_users",
+    "overlay_backing",
+    "block_job",
+    "cancel_block_job",
+    "disk_back_on_image",
+    "offline_commit",
+    "delete_unused_overlay",
+]
+
+log = logging.getLogger(__name__)
+
+#: libvirt's block job types (virDomainBlockJobType), named as in messages.
+BLOCK_JOB_KINDS = {
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_PULL: "pull",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY: "copy",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT: "commit",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT: "active-commit",
+    getattr(libvirt, "VIR_DOMAIN_BLOCK_JOB_TYPE_BACKUP", 5): "backup",
+}
+
+#: qemu-img commit of a large overlay may take long; the deadline only catches a hang.
+_QEMU_IMG_TIMEOUT = 24 * 3600.0
+_INFO_TIMEOUT = 60.0
+
+
+def _message(err: libvirt.libvirtError) -> str:
+    return " ".join((err.get_error_message() or str(err)).split())
+
+
+def _norm(path: str) -> str:
+    return os.path.normpath(path)
+
+
+@dataclass(frozen=True)
+class OfflineCommitResult:
+    """A shut-off domain's disk is back on ``image``; the overlay is merged and gone."""
+
+    target: str
+    overlay: str
+    image: ImageRef
+    seconds: float
+
+
+# -- the host-wide picture --------------------------------------------------------------
+
+def list_domains(hv: Hypervisor) -> List["libvirt.virDomain"]:
+    """Every domain defined or running on the connection."""
+    try:
+        return list(hv.conn.listAllDomains(0))
+    except libvirt.libvirtError as err:
+        raise HypervisorError(f"listing the domains of {hv.uri}: {_message(err)}") from err
+
+
+def config_disks(hv: Hypervisor, dom: "libvirt.virDomain") -> List[Disk]:
+    """The disks of the persistent definition ([] for a transient domain).
+
+    A running domain's definition can still name an overlay after its live XML
+    stopped doing so (or the other way round); repair looks at both.
+    """
+    try:
+        persistent = bool(dom.isPersistent())
+    except libvirt.libvirtError as err:
+        raise HypervisorError(f"domain '{dom.name()}': {_message(err)}") from err
+    return hv.disks(dom, inactive=True) if persistent else []
+
+
+def image_users(hv: Hypervisor) -> Dict[str, Tuple[str, ...]]:
+    """Every image path any domain uses -> the names of those domains.
+
+    Live XML (top and backing chain) and persistent definitions both count: a
+    shut-off domain whose definition names an overlay needs it as much as a
+    running one.  A domain that vanishes while we look is skipped.
+    """
+    users: Dict[str, List[str]] = {}
+    for dom in list_domains(hv):
+        try:
+            name = str(dom.name())
+            disks = hv.disks(dom) + config_disks(hv, dom)
+        except HypervisorError as err:
+            log.debug("skipping a domain that went away while listing images: %s", err)
+            continue
+        for disk in disks:
+            for image in (disk.top, *disk.backing_chain):
+                if image.path:
+                    names = users.setdefault(_norm(image.path), [])
+                    if name not in names:
+                        names.append(name)
+    return {path: tuple(names) for path, names in users.items()}
+
+
+def overlay_backing(path: str) -> Optional[ImageRef]:
+    """The backing image an overlay file records (absolute path and format), or None.
+
+    Without ``-U``: if a running QEMU holds the file for writing, this fails
+    with QEMU's lock message, which is exactly what must stop an offline merge.
+    """
+    try:
+        proc = subprocess.run(
+            ["qemu-img", "info", "--output=json", path],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=_INFO_TIMEOUT,
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise HypervisorError(f"cannot run qemu-img info on {path}: {err}") from err
+    if proc.returncode != 0:
+        raise HypervisorError(
+            f"qemu-img info {path}: {' '.join(proc.stderr.split()) or proc.returncode}")
+    try:
+        info = json.loads(proc.stdout)
+    except ValueError as err:
+        raise HypervisorError(f"qemu-img info {path}: unexpected output") from err
+    if info.get("format") != "qcow2":
+        raise HypervisorError(f"{path} is a {info.get('format')} image, not a qcow2 overlay")
+    backing = info.get("full-backing-filename") or info.get("backing-filename")
+    if not backing:
+        return None
+    if not os.path.isabs(backing):
+        backing = os.path.join(os.path.dirname(os.path.abspath(path)), backing)
+    return ImageRef(_norm(backing), info.get("backing-filename-format"))
+
+
+def block_job(dom: "libvirt.virDomain", target: str) -> Optional[str]:
+    """The kind of block job running on ``target`` (``active-commit``, ...), or None."""
+    try:
+        info = dom.blockJobInfo(target, 0)
+    except libvirt.libvirtError as err:
+        raise HypervisorError(
+            f"block job of disk '{target}' of domain '{dom.name()}': {_message(err)}") from err
+    if not info:
+        return None
+    kind = info.get("type")
+    return BLOCK_JOB_KINDS.get(kind, f"type {kind}")
+
+
+def cancel_block_job(dom: "libvirt.virDomain", target: str) -> None:
+    """Cancel a commit a dead backup left running, without pivoting.
+
+    Safe for an active commit of our overlay: the guest stays on the overlay,
+    which still holds every block; the blocks already copied into the frozen
+    image are the same ones, and the fresh commit copies them again.  The call
+    is synchronous (no ABORT_ASYNC): the job is gone when it returns.
+    """
+    try:
+        dom.blockJobAbort(target, 0)
+    except libvirt.libvirtError as err:
+        raise HypervisorError(
+            f"cancelling the block job of disk '{target}' of domain '{dom.name()}': "
+            f"{_message(err)}") from err
+    log.info("domain '%s': cancelled the block job left on disk '%s'", dom.name(), target)
+
+
+# -- the offline merge ------------------------------------------------------------------
+
+def _register_namespaces(xml: str) -> None:
+    """Keep the prefixes of metadata and ``qemu:`` elements when ElementTree writes the
+    XML back (it would otherwise invent ``ns0``), so a redefined domain reads the same."""
+    for _event, (prefix, uri) in ET.iterparse(StringIO(xml), events=("start-ns",)):
+        if not prefix:
+            continue  # a default namespace would capture every unqualified element
+        try:
+            ET.register_namespace(prefix, uri)
+        except ValueError:
+            log.debug("namespace prefix %r cannot be kept; ElementTree picks one", prefix)
+
+
+def disk_back_on_image(xml: str, target: str, overlay: str, image: ImageRef,
+                       block_device: bool = False) -> str:
+    """The domain XML with disk ``target`` on ``image`` again instead of ``overlay``.
+
+    Only that disk's ``type``, ``<source>`` attribute, driver format and
+    ``<backingStore>`` change; everything else (cache mode, address, seclabels
+    under ``<source>``, metadata) is kept.  Refuses (RepairNeededError) unless the
+    disk's source is exactly ``overlay`` and carries our marker.
+    """
+    if not is_our_overlay(overlay):
+        raise UsageError(f"{overlay} is not a vmsnapbackup overlay: refusing to touch it")
+    if not image.format:
+        raise UsageError(f"the format of {image.path} is unknown")
+    _register_namespaces(xml)
+    root = ET.fromstring(xml)
+    for disk_el in root.findall("./devices/disk"):
+        target_el = disk_el.find("target")
+        if target_el is None or target_el.get("dev") != target:
+            continue
+        source_el = disk_el.find("source")
+        current = None
+        if source_el is not None:
+            current = source_el.get("file") or source_el.get("dev")
+        if disk_el.get("type", "file") != "file" or current is None \
+                or _norm(current) != _norm(overlay):
+            raise RepairNeededError(
+                f"disk '{target}' is defined on {current}, not on our overlay {overlay}: "
+                "not changing its definition")
+        assert source_el is not None
+        for attr in ("file", "dev", "index"):
+            source_el.attrib.pop(attr, None)
+        if block_device:
+            disk_el.set("type", "block")
+            source_el.set("dev", image.path)
+        else:
+            disk_el.set("type", "file")
+            source_el.set("file", image.path)
+        driver = disk_el.find("driver")
+        if driver is None:
+            driver = ET.Element("driver", name="qemu")
+            disk_el.insert(0, driver)
+        driver.set("type", image.format)
+        for backing in disk_el.findall("backingStore"):
+            disk_el.remove(backing)
+        return ET.tostring(root, encoding="unicode")
+    raise RepairNeededError(f"disk '{target}' is not in the domain's definition")
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _qemu_img_commit(overlay: str, image: ImageRef) -> None:
+    # -b names the image we checked, so qemu-img cannot pick another one; it also
+    # implies -d (the overlay is not emptied: we delete it after the redefine).
+    argv = ["qemu-img", "commit", "-q", "-f", "qcow2", "-b", image.path, overlay]
+    try:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=_QEMU_IMG_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise HypervisorError(f"cannot run {' '.join(argv)}: {err}") from err
+    if proc.returncode != 0:
+        raise HypervisorError(f"qemu-img commit of {overlay} into {image.path} failed: "
+                              f"{' '.join(proc.stderr.split()) or proc.returncode}")
+
+
+def offline_commit(hv: Hypervisor, dom: "libvirt.virDomain", target: str, overlay: str,
+                   image: ImageRef) -> OfflineCommitResult:
+    """Merge our overlay of a shut-off domain into ``image`` and define the disk on it.
+
+    ``image`` is the overlay's backing image as the caller checked it (see
+    :func:`overlay_backing`); it is checked again here.  Order, so that a crash at
+    any point leaves something a second run finishes: merge (the overlay keeps its
+    data), fsync, redefine, then delete the overlay.  A domain started meanwhile
+    makes us stop before the redefine.
+    """
+    name = str(dom.name())
+    started = time.monotonic()
+    if not is_our_overlay(overlay):
+        raise UsageError(f"{overlay} is not a vmsnapbackup overlay: refusing to merge it")
+    if hv.is_active(dom):
+        raise RepairNeededError(f"domain '{name}' is running: merge its overlay with a live "
+                                "commit, not offline")
+    disk = find_disk(hv.domain_xml(dom, inactive=True), target)
+    if disk.source is None or _norm(disk.source) != _norm(overlay):
+        raise RepairNeededError(f"disk '{target}' of domain '{name}' is defined on "
+                                f"{disk.source}, not on our overlay {overlay}")
+    recorded = overlay_backing(overlay)
+    if recorded is None or _norm(recorded.path) != _norm(image.path) \
+            or recorded.format != image.format:
+        raise RepairNeededError(f"overlay {overlay} is backed by {recorded}, not by {image}: "
+                                "not merging it")
+    try:
+        st = os.stat(image.path)
+    except FileNotFoundError:
+        raise RepairNeededError(f"backing image {image.path} of overlay {overlay} is missing"
+                                ) from None
+    _qemu_img_commit(overlay, image)
+    _fsync_file(image.path)
+    log.info("domain '%s': merged overlay %s into %s", name, overlay, image.path)
+
+    flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+    try:
+        xml = str(dom.XMLDesc(flags))
+    except libvirt.libvirtError as err:
+        raise HypervisorError(f"definition of domain '{name}': {_message(err)}") from err
+    new_xml = disk_back_on_image(xml, target, overlay, image,
+                                 block_device=stat.S_ISBLK(st.st_mode))
+    if hv.is_active(dom):
+        raise RepairNeededError(
+            f"domain '{name}' was started during the repair; its overlay {overlay} is merged "
+            "but still in use: run repair again")
+    try:
+        hv.conn.defineXML(new_xml)
+    except libvirt.libvirtError as err:
+        raise HypervisorError(f"redefining domain '{name}' with disk '{target}' on "
+                              f"{image.path}: {_message(err)}") from err
+    now = find_disk(hv.domain_xml(dom, inactive=True), target)
+    if now.source is None or _norm(now.source) != _norm(image.path):
+        raise HypervisorError(f"after the redefine disk '{target}' of domain '{name}' is "
+                              f"defined on {now.source}, not on {image.path}")
+    delete_unused_overlay(hv, overlay)
+    seconds = time.monotonic() - started
+    log.info("domain '%s': disk '%s' is defined on %s again (%.3f s)", name, target,
+             image.path, seconds)
+    return OfflineCommitResult(target=target, overlay=overlay, image=image, seconds=seconds)
+
+
+def delete_unused_overlay(hv: Hypervisor, path: str) -> bool:
+    """Delete one of our overlays that no domain uses; True if a file was removed.
+
+    The host-wide check is made right here, not trusted from an earlier plan:
+    deleting an overlay a domain runs on would lose the guest's newest writes.
+    """
+    if not is_our_overlay(path):
+        raise UsageError(f"{path} is not a vmsnapbackup overlay: refusing to delete it")
+    users = image_users(hv).get(_norm(path))
+    if users:
+        raise RepairNeededError(f"overlay {path} is in use by domain {', '.join(users)}: "
+                                "not deleting it")
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    except OSError as err:
+        raise HypervisorError(f"cannot delete overlay {path}: {err.strerror}") from err
+    log.info("deleted unused overlay %s", path)
+    return True
