@@ -236,6 +236,36 @@ def test_points_in_use_are_kept(pool: Pool, store: DomainStore) -> None:
     assert vol.exists()
 
 
+def hold_open(path: Path) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", "import sys,time; f=open(sys.argv[1],'rb');"
+                               "print('ok',flush=True); time.sleep(60)", str(path)],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "ok"
+    return holder
+
+
+def test_an_open_base_keeps_its_generation_only_when_it_would_go(pool: Pool,
+                                                                  store: DomainStore) -> None:
+    for d in (1, 2):
+        fake_backup(store, local(d))
+    for d in (3, 4):
+        fake_backup(store, local(d), new_generation=True)
+    # gen 1: points 1 (base) and 2; gen 2: point 3; gen 3: point 4
+    holder = hold_open(store.base_volume_path(1, "vda", "qcow2"))
+    try:
+        dry = prune("web1", pool.root, keep_last=1, dry_run=True)
+        # every point of gen 1 would go and its base is open: its first point stays
+        assert numbers(dry.kept) == [1, 4] and numbers(dry.removed) == [2, 3]
+        assert dry.generations_removed == [2]
+        # with point 2 kept by the policy, the base stays anyway: point 1 may go
+        report = prune("web1", pool.root, keep_last=3)
+        assert numbers(report.kept) == [2, 3, 4] and numbers(report.removed) == [1]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert store.base_volume_path(1, "vda", "qcow2").exists()
+
+
 # --- refusals --------------------------------------------------------------------------------
 
 def test_prune_refuses_while_the_lock_is_held(pool: Pool, store: DomainStore) -> None:

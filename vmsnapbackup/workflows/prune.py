@@ -14,11 +14,13 @@ What makes a prune safe to run from cron next to backups:
 * damaged manifests are never removed here: they are kept and reported, so that a
   person (``verify``, ``repair``) decides about them, and they keep protecting their
   generation's base;
-* a point whose volume files are held open by a process (a ``mount`` export, an
-  instant-recovery ``boot`` daemon, a restore's ``qemu-img``) is kept and reported
-  as in use: removing it would free nothing until that process ends and would break
-  the boot domain at its next start.  The check reads ``/proc/*/fd``; it sees every
-  process only when run as root (as prune of a root-owned pool is).
+* a point whose removal would delete a file some process holds open (a ``mount``
+  export, an instant-recovery ``boot`` daemon, a restore's ``qemu-img``) is kept and
+  reported as in use: removing it would free nothing until that process ends and
+  would break the boot domain at its next start.  A point's own volume counts; a
+  base volume only when the whole generation would go (then its first point stays).
+  The check reads ``/proc/*/fd``; it sees every process only when run as root (as a
+  prune of a root-owned pool is), and a mount started after it is not seen.
 
 ``dry_run`` takes the lock and makes the same checks, so it answers exactly "what
 would a prune do now"; it removes nothing and estimates the files and bytes from
@@ -153,7 +155,8 @@ def _run(store: DomainStore, pool: Pool, policy: Policy, dry_run: bool) -> Prune
     taken = {i.number: _taken(i) for i in valid}
     decisions = {d.number: d for d in decide([(i.number, taken[i.number][0]) for i in valid],
                                              policy)}
-    in_use = _points_in_use(store, valid)
+    in_use = _points_in_use(store, valid,
+                            {n for n, d in decisions.items() if not d.keep})
     remove: List[PointInfo] = []
     for info in infos:
         if info.manifest is None:
@@ -316,29 +319,51 @@ def _damaged_generations(store: DomainStore, info: PointInfo) -> Set[int]:
 
 # --- points held open by a process -------------------------------------------------------------
 
-def _points_in_use(store: DomainStore, valid: List[PointInfo]) -> Dict[int, str]:
-    """Points whose own volume file (a generation's first point: its base) is open in
-    some process, with ``pid N (command)`` of the first such process."""
-    volumes: Dict[str, int] = {}
-    for info in valid:
-        assert info.manifest is not None
-        for d in info.manifest.disks:
-            try:
-                volumes[os.path.realpath(store.resolve(d.volume))] = info.number
-            except OSError:
-                continue
-    if not volumes:
+def _points_in_use(store: DomainStore, valid: List[PointInfo],
+                   removing: Set[int]) -> Dict[int, str]:
+    """Points to be removed whose removal would delete a file some process holds open,
+    with ``pid N (command)`` of such a process.
+
+    A point's own volume counts always; a base volume only when every point of its
+    generation is to be removed (otherwise the base stays anyway): then the
+    generation's first point (whose volume is the base), or its newest point, is kept.
+    """
+    holders = _open_files()
+    if not holders:
         return {}
     users: Dict[int, str] = {}
-    for pid, target in _open_files():
-        n = volumes.get(target)
-        if n is not None and n not in users:
-            users[n] = f"pid {pid} ({_comm(pid)})"
+    by_generation: Dict[int, List[PointInfo]] = {}
+    for info in valid:
+        assert info.manifest is not None
+        by_generation.setdefault(info.manifest.generation, []).append(info)
+        if info.number not in removing:
+            continue
+        for d in info.manifest.disks:
+            path = _real(store.resolve(d.volume))
+            if not d.is_base and path in holders:
+                users.setdefault(info.number, holders[path])
+    for g, points in sorted(by_generation.items()):
+        if any(i.number not in removing or i.number in users for i in points):
+            continue  # a point of the generation stays, and with it the base
+        holder = next((holders[b] for b in (_real(store.resolve(d.base))
+                                            for i in points for d in i.manifest.disks)
+                       if b in holders), None)
+        if holder is not None:
+            keeper = next((i for i in points if i.manifest.is_generation_start), points[-1])
+            users[keeper.number] = holder
     return users
 
 
-def _open_files() -> List[Tuple[int, str]]:
-    out: List[Tuple[int, str]] = []
+def _real(path: Path) -> str:
+    try:
+        return os.path.realpath(path)
+    except OSError:
+        return os.fspath(path)
+
+
+def _open_files() -> Dict[str, str]:
+    """Every file some other process holds open: path -> ``pid N (command)``."""
+    out: Dict[str, str] = {}
     me = os.getpid()
     try:
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
@@ -357,9 +382,10 @@ def _open_files() -> List[Tuple[int, str]]:
                 target = os.readlink(f"{fd_dir}/{fd}")
             except OSError:
                 continue
-            if target.startswith("/"):
-                out.append((pid, target[:-len(" (deleted)")]
-                            if target.endswith(" (deleted)") else target))
+            if target.endswith(" (deleted)"):
+                target = target[:-len(" (deleted)")]
+            if target.startswith("/") and target not in out:
+                out[target] = f"pid {pid} ({_comm(pid)})"
     return out
 
 
