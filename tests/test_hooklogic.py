@@ -7,9 +7,8 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import pytest
 import tenacity
@@ -104,8 +103,7 @@ def record(pid: Optional[int] = None, *, uuid: str = UUID, name: str = NAME, off
     return rec
 
 
-def run_hook(argv: Sequence[str], xml: str, spawn: Optional[Spawned] = None,
-             capsys: Optional[pytest.CaptureFixture] = None) -> "tuple[int, str]":
+def run_hook(argv: Sequence[str], xml: str, spawn: Optional[Spawned] = None) -> "tuple[int, str]":
     err = io.StringIO()
     code = hook_main(argv, io.StringIO(xml), spawn=spawn or Spawned(), stderr=err)
     return code, err.getvalue()
