@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import pytest
 
@@ -16,7 +16,7 @@ from vmsnapbackup.core import manifest as mf
 from vmsnapbackup.core.journal import JournalDisk, JournalEntry
 from vmsnapbackup.core.pool import DomainStore, Pool
 from vmsnapbackup.errors import LockedError, NotFoundError, RepairNeededError, UsageError
-from vmsnapbackup.workflows.prune import PruneReport, prune
+from vmsnapbackup.workflows.prune import prune
 
 UUID = "3f2a4b6c-1d2e-4f30-8a9b-0c1d2e3f4a5b"
 D = "ab" * 16

@@ -1,0 +1,73 @@
+"""``vmsnapbackup mount DOMAIN --point N --disk D``: serve one disk of a point read-only
+over NBD until SIGINT/SIGTERM, for file-level restore with stock tools."""
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from typing import Any, Dict
+
+from ..workflows.access import MountedPoint, mount_point
+from .common import Context, add_json_option, size_text
+
+ORDER = 50
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def register(sub: "argparse._SubParsersAction") -> None:
+    p = sub.add_parser(
+        "mount", help="serve a point's disk read-only over NBD (file-level restore)",
+        description="Export one disk of a point read-only over NBD and wait until "
+        "interrupted (Ctrl-C, SIGTERM); then the export is removed. Read files out of it "
+        "with guestmount, nbdfuse or qemu-img (the commands are printed).")
+    p.add_argument("domain", metavar="DOMAIN", help="domain name or UUID (as in the pool)")
+    p.add_argument("--point", type=int, required=True, metavar="N", help="point number")
+    p.add_argument("--disk", metavar="TARGET",
+                   help="disk target, e.g. vda (may be left out for a one-disk point)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--socket", metavar="PATH",
+                       help="also make the export reachable at this unix socket path")
+    where.add_argument("--port", type=int, metavar="P",
+                       help="serve on TCP port P (on --bind, default 127.0.0.1)")
+    p.add_argument("--bind", default="127.0.0.1", metavar="ADDR",
+                   help="address for --port (default 127.0.0.1)")
+    add_json_option(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, ctx: Context) -> int:
+    stop = threading.Event()
+    previous: Dict[int, Any] = {}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop.set()
+
+    # Our handlers are in place before the storage daemon starts, so it leaves
+    # signals to us: a signal ends the wait below, and the with-block cleans up.
+    for sig in _STOP_SIGNALS:
+        previous[sig] = signal.signal(sig, on_signal)
+    try:
+        with mount_point(args.domain, ctx.pool, args.point, args.disk, args.socket,
+                         port=args.port, bind=args.bind, uri=ctx.uri) as m:
+            ctx.emit(m.to_dict(), _text(m))
+            stop.wait()
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    return 0
+
+
+def _text(m: MountedPoint) -> str:
+    u = m.uri
+    return "\n".join([
+        f"domain {m.domain}, point {m.point}, disk {m.disk} ({size_text(m.size)}) "
+        f"is served read-only at:",
+        f"  {u}",
+        "use it with, for example:",
+        f"  nbdinfo '{u}'",
+        f"  guestmount --format=raw -a '{u}' -i --ro /mnt/restore",
+        f"  nbdfuse /mnt/disk '{u}'      # the disk as a file: /mnt/disk/nbd",
+        f"  qemu-img convert -f raw -O raw '{u}' {m.disk}.img",
+        "press Ctrl-C (or send SIGTERM) to stop serving it",
+    ])
