@@ -78,10 +78,12 @@ def assert_clean(dom: TestDomain, images: Dict[str, Path]) -> None:
         assert dom.current_source(target) == image
     for image in images.values():
         assert not glob.glob(str(image.parent / f"*{OVERLAY_MARKER}*"))
-    out = subprocess.run(["pgrep", "-f", "qemu-storage-daemon"], capture_output=True, text=True)
+    out = subprocess.run(["pgrep", "-af", f"qemu-storage-daemon.*qsd-{dom.name}-"],
+                         capture_output=True, text=True)
     assert out.stdout.strip() == "", "a storage daemon was left running"
-    assert not glob.glob("/run/vmsnapbackup/qsd-*"), "a runtime dir was left behind"
-    assert not glob.glob("/run/vmsnapbackup/inflight/*.json"), "an inflight record was left"
+    assert not glob.glob(f"/run/vmsnapbackup/qsd-{dom.name}-*"), "a runtime dir was left behind"
+    assert not os.path.exists(f"/run/vmsnapbackup/inflight/{dom.uuid}.json"), \
+        "an inflight record was left"
 
 
 def test_four_points_of_a_running_two_disk_domain(running_domain: TestDomain, tmp_path: Path):

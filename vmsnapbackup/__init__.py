@@ -8,11 +8,35 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import importlib
+from typing import Any
+
 from .errors import *  # noqa: E402,F401,F403
 from .errors import __all__ as _errors_all  # noqa: E402
-from .progress import ProgressCallback, ProgressEvent  # noqa: E402
-from .workflows.backup import BackupResult, DiskResult, backup  # noqa: E402
-from .workflows.listing import PointSummary, list_points  # noqa: E402
+
+#: Where each public name lives.  Imported on first use (PEP 562): the libvirt
+#: hook imports this package on every domain start and stop, and must not pay
+#: for numpy and libvirt-python it does not need.
+_LAZY = {
+    "ProgressEvent": "progress", "ProgressCallback": "progress",
+    "backup": "workflows.backup", "BackupResult": "workflows.backup",
+    "DiskResult": "workflows.backup",
+    "list_points": "workflows.listing", "PointSummary": "workflows.listing",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "__version__",

@@ -122,12 +122,10 @@ def _tail(path: Optional[str], limit: int = 2000) -> str:
 
 
 def _default_runtime_base() -> str:
-    if os.geteuid() == 0:
-        return "/run/vmsnapbackup"
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg and os.path.isdir(xdg):
-        return os.path.join(xdg, "vmsnapbackup")
-    return tempfile.gettempdir()
+    """The host runtime directory of FORMAT §11, shared with the in-flight records."""
+    from ..core.inflight import runtime_root
+
+    return str(runtime_root())
 
 
 def _qemu_opt(value: str) -> str:

@@ -231,6 +231,12 @@ class _BackupRun:
                  "running: external snapshot" if self.active else "shut off: reading directly")
         with inflight.inflight(record):
             try:
+                if not self.active and self.hv.is_active(self.dom):
+                    # started between our look and the in-flight record that makes the
+                    # hook refuse a start: nothing is done yet, so just say so
+                    raise HypervisorError(
+                        f"domain {self.name} was started while its offline backup began; "
+                        "run the backup again")
                 self._run()
             except BaseException as exc:
                 if not self._undo(exc):
