@@ -342,6 +342,25 @@ def test_damaged_difference_table_refused_before_writing(tmp_path: Path) -> None
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("phase", ["restore", "check"])
+def test_interrupted_restore_leaves_nothing(tmp_path: Path, phase: str) -> None:
+    import signal
+
+    from vmsnapbackup.errors import BackupInterruptedError
+
+    sp = three_points(tmp_path)
+    out = tmp_path / "out"
+
+    def interrupt(ev) -> None:  # type: ignore[no-untyped-def]
+        if ev.phase == phase and ev.disk == "vdb":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(BackupInterruptedError):
+        restore(sp.name, sp.pool, point=2, to=out, progress=interrupt)
+    assert os.listdir(out) == ["vda.raw"], "vda was done; vdb's temp file is gone"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def test_define_rewrites_identity(tmp_path: Path, libvirt_conn) -> None:  # type: ignore[no-untyped-def]
     sp = three_points(tmp_path)
     name = f"vsb-test-restored-{uuidlib.uuid4().hex[:8]}"
@@ -387,3 +406,145 @@ def test_running_domain_disk_is_never_replaced(tmp_path: Path, make_domain) -> N
     after = td.disks["vda"].stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     assert os.listdir(out) == ["vda.raw"]
+
+
+# --- restores of real backups of a running domain --------------------------------------------
+
+class DiskModel:
+    """What the guest wrote, byte for byte: each write goes to the domain and to the model."""
+
+    def __init__(self, dom, sizes: Dict[str, int]) -> None:  # type: ignore[no-untyped-def]
+        self.dom = dom
+        self.disks = {t: bytearray(n) for t, n in sizes.items()}
+
+    def write(self, target: str, offset: int, length: int, pattern: int) -> None:
+        self.dom.write(target, offset, length, pattern)
+        self.disks[target][offset:offset + length] = bytes([pattern]) * length
+
+    def zero(self, target: str, offset: int, length: int) -> None:
+        self.dom.write_zeroes(target, offset, length)
+        self.disks[target][offset:offset + length] = bytes(length)
+
+    def snapshot(self) -> Dict[str, bytes]:
+        return {t: bytes(b) for t, b in self.disks.items()}
+
+
+def three_backups(dom, pool: Path) -> Dict[int, Dict[str, bytes]]:  # type: ignore[no-untyped-def]
+    """Three points of ``running_domain`` (vda qcow2 64 MiB, vdb raw 32 MiB + 12 KiB) with
+    writes between them, a zero write and a write into vdb's short last block included.
+
+    Blocks of vda at 64-128 KiB and vdb's tail are written before point 1 and never again:
+    damage there in a base volume shows in every point of the generation.
+    """
+    from vmsnapbackup.workflows.backup import backup
+
+    model = DiskModel(dom, {"vda": 64 * MiB, "vdb": 32 * MiB + 12 * KiB})
+    expected: Dict[int, Dict[str, bytes]] = {}
+    model.write("vda", 0, 256 * KiB, 0xAA)
+    model.write("vdb", 1 * MiB, 64 * KiB, 0x11)
+    model.write("vdb", 32 * MiB, 12 * KiB, 0x77)
+    expected[backup(dom.name, pool).point] = model.snapshot()
+    model.write("vda", 128 * KiB, 64 * KiB, 0xBB)
+    model.zero("vda", 0, 64 * KiB)
+    model.write("vdb", 4 * MiB + 512, 4 * KiB, 0x22)
+    expected[backup(dom.name, pool).point] = model.snapshot()
+    model.write("vda", 60 * MiB, 1 * MiB, 0xCC)
+    model.zero("vdb", 1 * MiB, 64 * KiB)
+    expected[backup(dom.name, pool).point] = model.snapshot()
+    assert sorted(expected) == [1, 2, 3]
+    return expected
+
+
+def test_restores_of_backups_equal_the_disk_at_each_point(running_domain, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                          capsys) -> None:
+    from vmsnapbackup.cli import main
+    from vmsnapbackup.errors import ExitCode
+
+    pool = tmp_path / "pool"
+    expected = three_backups(running_domain, pool)
+    for n, disks in expected.items():
+        for fmt in ("raw", "qcow2"):
+            out = tmp_path / f"p{n}-{fmt}"
+            result = restore(running_domain.name, pool, point=n, to=out, fmt=fmt)
+            assert result.ok and [d.target for d in result.disks] == ["vda", "vdb"]
+            for d in result.disks:
+                got = read_image(Path(d.path), fmt)
+                if got != disks[d.target]:
+                    first = next(i for i, (a, b) in enumerate(zip(got, disks[d.target]))
+                                 if a != b) if len(got) == len(disks[d.target]) else -1
+                    pytest.fail(f"point {n} {d.target} ({fmt}) differs at byte {first}")
+                assert d.allocated < 8 * MiB, "restored images are sparse"
+            shutil.rmtree(out)
+    # the CLI: latest point, then the same again without and with --force
+    out = tmp_path / "cli"
+    args = ["--pool", str(pool), "restore", running_domain.name, "--to", str(out)]
+    assert main(args + ["--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["point"] == 3 and doc["ok"] and {d["verified"] for d in doc["disks"]} == {True}
+    assert main(args + ["--disk", "vdb"]) == ExitCode.USAGE
+    assert "--force" in capsys.readouterr().err
+    assert main(args + ["--disk", "vdb", "--point", "1", "--force"]) == 0
+    assert "vdb: " in capsys.readouterr().out
+    assert read_image(out / "vdb.raw", "raw") == expected[1]["vdb"]
+    assert read_image(out / "vda.raw", "raw") == expected[3]["vda"]
+
+
+def test_define_a_restored_domain(running_domain, tmp_path: Path, libvirt_conn) -> None:  # type: ignore[no-untyped-def]
+    import libvirt
+    from vmsnapbackup.adapters.domainxml import parse_disks
+    from vmsnapbackup.workflows.backup import backup
+
+    running_domain.write("vda", 0, 64 * KiB, 0x5C)
+    pool = tmp_path / "pool"
+    backup(running_domain.name, pool)
+    name = f"vsb-test-copy-{uuidlib.uuid4().hex[:8]}"
+    out = tmp_path / "copy"
+    try:
+        result = restore(running_domain.name, pool, to=out, fmt="qcow2", define=name)
+        dom = libvirt_conn.lookupByName(name)
+        assert not dom.isActive(), "a restore never starts the domain"
+        assert dom.UUIDString() == result.defined.uuid != running_domain.uuid
+        disks = {d.target: d for d in parse_disks(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))}
+        assert {t: (d.source, d.format) for t, d in disks.items()} == {
+            "vda": (str(out / "vda.qcow2"), "qcow2"), "vdb": (str(out / "vdb.qcow2"), "qcow2")}
+        # the original is untouched and still running on its own disks
+        assert running_domain.is_active()
+        assert running_domain.current_source("vda") == running_domain.disks["vda"]
+    finally:
+        try:
+            libvirt_conn.lookupByName(name).undefine()
+        except libvirt.libvirtError:
+            pass
+
+
+def test_restore_finds_a_damaged_base_of_a_backup(running_domain, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    pool = tmp_path / "pool"
+    expected = three_backups(running_domain, pool)
+    store = Pool.open(pool).domain(running_domain.uuid)
+    base = store.resolve(store.read_manifest(1).disk("vda").base)
+    flip_byte(base, data_offset(base, "qcow2", (64 * KiB, 128 * KiB)) + 100)
+    with pytest.raises(VerifyMismatchError, match=r"vda: 1 of 1024 blocks differ: 1 "):
+        restore(running_domain.name, pool, point=3, to=tmp_path / "out")
+    assert sorted(os.listdir(tmp_path / "out")) == ["vda.raw.unverified", "vdb.raw"]
+    assert read_image(tmp_path / "out" / "vdb.raw", "raw") == expected[3]["vdb"]
+
+
+def test_restore_into_a_libvirt_storage_pool(tmp_path: Path, make_domain, libvirt_conn) -> None:  # type: ignore[no-untyped-def]
+    sp = three_points(tmp_path)
+    target = make_domain.scratch_dir("vsb-restore-pool")
+    name = f"vsbtest-rp-{uuidlib.uuid4().hex[:8]}"
+    lpool = libvirt_conn.storagePoolCreateXML(
+        f"<pool type='dir'><name>{name}</name><target><path>{target}</path></target></pool>", 0)
+    try:
+        result = restore(sp.name, sp.pool, point=2, pool_volume=name, fmt="qcow2")
+        assert result.storage_pool == name and result.directory == str(target)
+        assert sorted(lpool.listVolumes()) == ["vm1-vda.qcow2", "vm1-vdb.qcow2"]
+        for t in ("vda", "vdb"):
+            vol = lpool.storageVolLookupByName(f"vm1-{t}.qcow2")
+            assert read_image(Path(vol.path()), "qcow2") == sp.contents[2][t]
+        with pytest.raises(UsageError, match="exactly one"):
+            restore(sp.name, sp.pool, pool_volume=name, to=tmp_path / "x")
+        with pytest.raises(UsageError, match="--force"):
+            restore(sp.name, sp.pool, point=2, pool_volume=name, fmt="qcow2")
+    finally:
+        lpool.destroy()

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from test_restore import BS, SyntheticPool, data_offset, flip_byte, three_points
+from test_restore import BS, KiB, data_offset, flip_byte, three_backups, three_points
 from vmsnapbackup.cli import main
+from vmsnapbackup.core.pool import Pool
 from vmsnapbackup.errors import ExitCode, NotFoundError, UsageError
 from vmsnapbackup.workflows.verify import DAMAGED, GOOD, format_report, verify
 
@@ -135,3 +136,33 @@ def test_cli_prints_report_and_exits_integrity(tmp_path: Path, capsys) -> None: 
     vdb = [d for d in point["disks"] if d["target"] == "vdb"][0]
     assert vdb["problems"][0]["mismatch"]["blocks"] == [3]
     assert main(["--pool", pool, "verify", "--point", "3"]) == ExitCode.USAGE
+
+
+def test_damage_in_backups_of_a_running_domain(running_domain, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                               capsys) -> None:
+    pool = tmp_path / "pool"
+    three_backups(running_domain, pool)
+    assert statuses(verify(pool, domain=running_domain.name)) == {1: GOOD, 2: GOOD, 3: GOOD}
+    assert verify(str(pool), sample=10).ok
+    store = Pool.open(pool).domain(running_domain.uuid)
+    # point 2's own volume: vda block 2 (128-192 KiB) was written for point 2
+    vol = store.resolve(store.read_manifest(2).disk("vda").volume)
+    flip_byte(vol, data_offset(vol, "qcow2", (128 * KiB, 192 * KiB)) + 7)
+    report = verify(pool, domain=running_domain.name)
+    assert statuses(report) == {1: GOOD, 2: DAMAGED, 3: GOOD}
+    (bad,) = [d for d in report.domains[0].points[1].disks if not d.ok]
+    assert bad.target == "vda" and bad.problems[0].mismatch.indexes == (2,)
+    # the base of vdb: its short last block (written before point 1, never again)
+    base = store.resolve(store.read_manifest(1).disk("vdb").base)
+    flip_byte(base, data_offset(base, "qcow2", (32 * 1024 * KiB, 32 * 1024 * KiB + 12 * KiB)))
+    report = verify(pool)
+    assert statuses(report) == {1: DAMAGED, 2: DAMAGED, 3: DAMAGED}
+    last = 32 * 1024 * KiB // BS
+    for p in report.domains[0].points:
+        vdb = [d for d in p.disks if d.target == "vdb"][0]
+        assert vdb.problems[0].kind == "base volume"
+        assert vdb.problems[0].mismatch.indexes == (last,)
+    assert main(["--pool", str(pool), "verify", running_domain.name]) == ExitCode.INTEGRITY
+    out = capsys.readouterr().out
+    assert f"vdb blocks {last} (1 of {last + 1}; base volume damaged)" in out
+    assert "point 2 (gen 1, " in out and "vda blocks 2 (1 of 1024)" in out

@@ -48,6 +48,7 @@ from ..errors import (
     VmSnapBackupError,
 )
 from ..progress import ProgressCallback, ProgressEvent, emit
+from .interrupt import interruptible
 from .pointread import (
     BlockMismatch,
     PointTables,
@@ -529,7 +530,9 @@ def restore(
                 raise StorageError(f"cannot create {directory}: {err.strerror}") from err
 
         restored = []
-        with read_daemon(f"restore-{store.name}", runtime_base) as daemon:
+        # a signal unwinds through _restore_disk, which removes its temp file
+        with interruptible("restore"), \
+                read_daemon(f"restore-{store.name}", runtime_base) as daemon:
             for plan in plans:
                 restored.append(_restore_disk(plan, fmt, daemon, progress))
         if storage_pool is not None:

@@ -301,6 +301,8 @@ class _DomainChecker:
                         info.damaged)
             return PointCheck(info.number, None, None, status=status, reason=info.damaged)
         m = info.manifest
+        if self._table1 and all(k[0] != m.generation for k in self._table1):
+            self._table1.clear()  # points come in order: an old generation's tables are done
         check = PointCheck(m.point, m.generation, m.snapshot_at or m.started)
         self._check_generation_record(m.generation, domain)
         for disk in m.disks:
