@@ -740,11 +740,11 @@ def _repair_facts(hv: Hypervisor, dom: Any, store: Optional[DomainStore], pool_d
     facts = gather(hv, dom, store, name, uuid)
     actions = plan(facts)
     result = DomainRepair(domain=name, uuid=uuid)
-    if any(a.action == REFUSE for a in actions):
-        for a in actions:
-            if a.action == REFUSE:
-                log.warning("repair of domain %s: %s", name, a.line())
-        result.actions = actions
+    refused = [a for a in actions if a.action == REFUSE]
+    if refused:
+        for a in refused:
+            log.warning("repair of domain %s: %s", name, a.line())
+        result.actions = refused  # nothing else happens: listing it would only mislead
         return result
     if dry_run or not any(a.changes for a in actions):
         result.actions = actions
