@@ -34,8 +34,8 @@ from vmsnapbackup.core.pool import DomainStore, Pool
 from vmsnapbackup.errors import ExitCode, HypervisorError, LockedError
 from vmsnapbackup.workflows.backup import backup
 from vmsnapbackup.workflows.repair import (
-    CANCEL_JOB, CLEAR_INFLIGHT, CLEAR_JOURNAL, COMMIT, OFFLINE_COMMIT, REFUSE, REMOVE_FILE,
-    REMOVE_GENERATION, STOP_DAEMON, needs_repair, repair,
+    CANCEL_JOB, CLEAR_INFLIGHT, CLEAR_JOURNAL, COMMIT, DELETE_OVERLAY, OFFLINE_COMMIT, REFUSE,
+    REMOVE_FILE, REMOVE_GENERATION, STOP_DAEMON, needs_repair, repair,
 )
 
 pytestmark = pytest.mark.integration
@@ -470,3 +470,34 @@ def test_all_finds_domains_by_journal_and_by_overlay(
     assert [a.action for a in by_name[with_journal.name].actions] == [CLEAR_JOURNAL]
     assert clean.name not in by_name
     assert store.journal.exists() and ".vmsnapbackup-" in top_images(on_overlay)["vda"]
+
+
+def test_unused_overlay_is_deleted_unless_another_domain_uses_it(
+        hv: Hypervisor, make_domain: DomainFactory, pool_dir: Path) -> None:
+    """The snapshot died after creating the overlay: nobody runs on it, so it goes; but
+    not while any domain's definition names it."""
+    td = make_domain(disks=[DiskSpec("vda", "qcow2", 16 * MiB)], start=False)
+    store = Pool.open(pool_dir).domain(td.uuid, td.name, create=True)
+    ovl = td.workdir / "vda.vmsnapbackup-p6-unused1.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(td.disks["vda"]),
+                    "-F", "qcow2", str(ovl)], check=True)
+    store.journal.write(JournalEntry(
+        operation="backup", pid=999999, host=socket.gethostname(), started=utc_now(),
+        step="snapshot", point=6,
+        disks={"vda": JournalDisk(source=str(td.disks["vda"]), overlay=str(ovl),
+                                  frozen=str(td.disks["vda"]))}))
+    other = make_domain(disks=[DiskSpec("vda", "qcow2", 16 * MiB)], start=False)
+    own_xml = other.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    hv.conn.defineXML(own_xml.replace(str(other.disks["vda"]), str(ovl)))
+    try:
+        report = repair(pool_dir, domain=td.name)
+        assert [(a.action, a.target) for a in report.actions] == [(REFUSE, str(ovl))]
+        assert other.name in report.actions[0].detail
+        assert ovl.exists() and store.journal.exists()
+    finally:
+        hv.conn.defineXML(own_xml)
+    report = repair(pool_dir, domain=td.name)
+    assert [(a.action, a.target) for a in report.actions] == [(DELETE_OVERLAY, str(ovl)),
+                                                              (CLEAR_JOURNAL, "journal.json")]
+    assert not ovl.exists() and not store.journal.exists()
+    assert repair(pool_dir, domain=td.name).nothing_to_do

@@ -220,6 +220,12 @@ def test_undefined_domain_keeps_its_overlay() -> None:
     assert kinds(plan(gone)) == [(CLEAR_JOURNAL, "journal.json")]
 
 
+def test_runtime_dir_that_is_not_ours_is_refused() -> None:
+    actions = plan(facts(journal=journal(daemon=JournalDaemon(5, "/var/lib/libvirt")),
+                         daemon_alive=True))
+    assert kinds(actions) == [(REFUSE, "/var/lib/libvirt")]
+
+
 def test_journal_of_another_host_or_unreadable_is_refused() -> None:
     other = plan(facts(journal=journal(host="hostB", daemon=JournalDaemon(5, RUNDIR)),
                        daemon_alive=True, disks=(disk("vda", OVL, chain=[(IMG, "qcow2")]),)))

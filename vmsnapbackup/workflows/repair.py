@@ -36,7 +36,7 @@ from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Set, Tuple
 from ..adapters import offline
 from ..adapters.domainxml import Disk, ImageRef, is_our_overlay
 from ..adapters.hypervisor import DEFAULT_URI, Hypervisor, connect
-from ..adapters.storagedaemon import stop_leftover_daemon
+from ..adapters.storagedaemon import RUNTIME_DIR_PREFIX, stop_leftover_daemon
 from ..adapters.storagepool import resolve_pool
 from ..core import inflight
 from ..core.atomic import is_temp_name, unlink_durable
@@ -213,6 +213,12 @@ def plan(facts: DomainFacts) -> List[RepairAction]:
     actions: List[RepairAction] = []
     if entry is not None and entry.daemon is not None:
         d = entry.daemon
+        if not os.path.basename(_norm(d.runtime_dir)).startswith(RUNTIME_DIR_PREFIX):
+            return [RepairAction(REFUSE, d.runtime_dir,
+                                 f"the journal names {d.runtime_dir} as the storage daemon's "
+                                 "runtime directory, which is not one of ours: the journal is "
+                                 "not to be trusted; inspect it, move it away, then run repair "
+                                 "again")]
         if facts.daemon_alive or _norm(d.runtime_dir) in facts.existing:
             actions.append(RepairAction(
                 STOP_DAEMON, d.runtime_dir,
@@ -765,9 +771,11 @@ def repair_held(store: DomainStore, hypervisor: Hypervisor, dom: Any, *,
 def needs_repair(store: DomainStore, hypervisor: Hypervisor, dom: Any) -> Optional[str]:
     """Why the domain needs a repair before it can be backed up, or None.
 
-    A journal (readable or not), a disk on one of our overlays (live or in the
-    definition, or below someone else's image), or a stale in-flight record.  Pool
-    leftovers without a journal do not block a backup (their names never come back).
+    A journal (readable or not), or a disk on one of our overlays (live or in the
+    definition, or below someone else's image).  Pool leftovers without a journal do
+    not block a backup (their names never come back), nor does a stale in-flight
+    record alone (registering a new one replaces it; the overlays it might stand for
+    are looked at directly).
     """
     reasons: List[str] = []
     try:
@@ -791,13 +799,6 @@ def needs_repair(store: DomainStore, hypervisor: Hypervisor, dom: Any) -> Option
             if below:
                 reasons.append(f"disk {d.target} has overlay {below[0]} of an earlier backup "
                                f"below its top image {d.source}")
-    try:
-        rec = inflight.read(store.uuid)
-    except CorruptFileError as err:
-        reasons.append(f"its in-flight record is damaged ({err.reason})")
-    else:
-        if rec is not None and rec.pid != os.getpid() and not inflight.is_live(rec):
-            reasons.append(f"a stale in-flight record ({rec.operation} by dead pid {rec.pid})")
     return "; ".join(reasons) or None
 
 
