@@ -150,6 +150,19 @@ def test_mount_on_a_chosen_socket_path_is_removed_after(points: Points, tmp_path
             pass
 
 
+def test_mount_on_a_tcp_port_serves_the_point(points: Points) -> None:
+    import socket as socketlib
+
+    with socketlib.socket() as probe:      # a free loopback port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with mount_point(points.dom.name, points.pool, 1, "vda", port=port) as m:
+        assert m.socket_path is None and m.uri == f"nbd://127.0.0.1:{port}/vda"
+        assert read_all(m.uri) == points.expected[1]["vda"]
+    with socketlib.socket() as c:
+        assert c.connect_ex(("127.0.0.1", port)) != 0, "the port is still served"
+
+
 def test_cli_mount_runs_until_sigterm_and_cleans_up(points: Points) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "vmsnapbackup", "--pool", str(points.pool), "mount",

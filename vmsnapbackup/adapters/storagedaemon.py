@@ -206,7 +206,7 @@ class Export:
     """
 
     name: str
-    socket_path: str
+    socket_path: Optional[str]   # None when the NBD server listens on TCP
     image_path: str
     fmt: str
     writable: bool
@@ -214,10 +214,16 @@ class Export:
     node_name: str
     file_node: str
     export_id: str
+    host: Optional[str] = None
+    port: Optional[int] = None
 
     @property
     def uri(self) -> str:
-        """``nbd+unix:///NAME?socket=PATH``, understood by qemu-img, qemu-io, nbdinfo."""
+        """``nbd+unix:///NAME?socket=PATH`` (or ``nbd://HOST:PORT/NAME`` on TCP),
+        understood by qemu-img, qemu-io, nbdinfo."""
+        if self.socket_path is None:
+            host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+            return f"nbd://{host}:{self.port}/{self.name}"
         sock = urllib.parse.quote(self.socket_path, safe="/")
         return f"nbd+unix:///{self.name}?socket={sock}"
 
@@ -247,8 +253,14 @@ class StorageDaemon:
         command_timeout: float = 300.0,
         stop_timeout: float = 15.0,
         handle_signals: bool = True,
+        nbd_address: Optional[Dict[str, Any]] = None,
     ) -> None:
+        """``nbd_address`` is a QMP SocketAddress for the NBD server (``{"type": "unix",
+        "data": {"path": P}}`` or ``{"type": "inet", "data": {"host": H, "port": "P"}}``);
+        by default it is a socket in the private runtime directory, reachable by root only.
+        """
         self.tag = _sanitize_tag(tag)
+        self._nbd_address = nbd_address
         self._runtime_base = runtime_base
         self._binary = binary
         self._start_timeout = float(start_timeout)
@@ -281,8 +293,18 @@ class StorageDaemon:
         return self._runtime_dir
 
     @property
-    def nbd_socket(self) -> str:
-        return self._path(NBD_SOCKET)
+    def nbd_socket(self) -> Optional[str]:
+        """The NBD server's unix socket, None when it listens on TCP."""
+        if self._nbd_address is None:
+            return self._path(NBD_SOCKET)
+        if self._nbd_address.get("type") == "unix":
+            return str(self._nbd_address["data"]["path"])
+        return None
+
+    def _nbd_server_address(self) -> Dict[str, Any]:
+        if self._nbd_address is None:
+            return {"type": "unix", "data": {"path": self._path(NBD_SOCKET)}}
+        return self._nbd_address
 
     @property
     def qmp_socket(self) -> str:
@@ -324,7 +346,7 @@ class StorageDaemon:
             self._connect()
             self._cmd(
                 "nbd-server-start",
-                addr={"type": "unix", "data": {"path": self.nbd_socket}},
+                addr=self._nbd_server_address(),
             )
         except BaseException:
             self._close(raise_deferred=False)
@@ -501,6 +523,13 @@ class StorageDaemon:
     def _remove_runtime_dir(self) -> None:
         if self._runtime_dir is None:
             return
+        own = self._nbd_address
+        if own is not None and own.get("type") == "unix":
+            # a socket the caller placed outside the runtime dir: QEMU leaves it behind
+            path = str(own["data"]["path"])
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(os.lstat(path).st_mode):
+                    os.unlink(path)
         try:
             _remove_runtime_dir(self._runtime_dir)
         except (OSError, errors.VmSnapBackupError) as err:
@@ -671,6 +700,7 @@ class StorageDaemon:
             node_name=node,
             file_node=file_node,
             export_id=export_id,
+            **self._tcp_endpoint(),
         )
         self._exports.append(export)
         size = self._virtual_size(node)
@@ -687,6 +717,12 @@ class StorageDaemon:
             action()
         except errors.VmSnapBackupError as err:
             log.warning("[%s] clean-up after a failed export: %s", self.tag, err)
+
+    def _tcp_endpoint(self) -> Dict[str, Any]:
+        addr = self._nbd_address
+        if addr is None or addr.get("type") != "inet":
+            return {}
+        return {"host": str(addr["data"]["host"]), "port": int(addr["data"]["port"])}
 
     def _virtual_size(self, node: str) -> int:
         for info in self._cmd("query-named-block-nodes", flat=True):

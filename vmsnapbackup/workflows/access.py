@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import contextlib
 import grp
-import inspect
 import json
 import logging
 import os
@@ -103,7 +102,6 @@ __all__ = [
     "resume_boot",
     "discard_boot",
     "boot_domain_xml",
-    "supports_nbd_address",
 ]
 
 log = logging.getLogger(__name__)
@@ -178,13 +176,6 @@ class MountedPoint:
         return dict(self.__dict__)
 
 
-def supports_nbd_address() -> bool:
-    """Whether :class:`StorageDaemon` can put its NBD server on a chosen address
-    (``nbd_address=``, a QMP SocketAddress); without it ``--port`` is unavailable and
-    ``--socket`` is a symlink to the daemon's private socket."""
-    return "nbd_address" in inspect.signature(StorageDaemon.__init__).parameters
-
-
 @contextlib.contextmanager
 def mount_point(domain: str, pool: Union[str, "os.PathLike[str]", Pool], point: int,
                 disk: Optional[str] = None, socket: Optional[str] = None, *,
@@ -193,12 +184,9 @@ def mount_point(domain: str, pool: Union[str, "os.PathLike[str]", Pool], point: 
     """Serve disk ``disk`` of point ``point`` read-only over NBD while the block runs.
 
     Without ``socket``/``port`` the export is on the daemon's private socket (root
-    only, in a 0700 directory).  ``socket=PATH`` makes it reachable at ``PATH``: the
-    daemon listens there when it can choose its address, else ``PATH`` is a symlink to
-    the private socket (then only root can connect, as the symlink's target is in a
-    0700 directory).  ``port`` serves TCP on ``bind`` (default loopback) and needs the
-    daemon to choose its address.  Everything is removed when the block ends, also on
-    an exception or a signal (StorageDaemon's own handling).
+    only, in a 0700 directory); ``socket=PATH`` serves on that unix socket, ``port``
+    serves TCP on ``bind`` (default loopback).  Everything is removed when the block
+    ends, also on an exception or a signal (StorageDaemon's own handling).
     """
     if socket is not None and port is not None:
         raise UsageError("give either a socket path or a port, not both")
@@ -210,43 +198,25 @@ def mount_point(domain: str, pool: Union[str, "os.PathLike[str]", Pool], point: 
             raise UsageError(f"{socket} already exists; choose a new path for the socket")
         if len(os.fsencode(socket)) > _SUN_PATH_MAX:
             raise UsageError(f"socket path {socket} is too long for a unix socket")
-    native = supports_nbd_address()
-    if port is not None and not native:
-        raise UsageError("serving a mount on a TCP port needs a storage daemon that can "
-                         "choose its NBD address (not in this version); use --socket")
     _, store = _open_store(domain, pool, uri)
     manifest = store.read_manifest(point)
     d = _point_disk(store, manifest, disk)
     volume = _volume(store, d)
-    daemon_args: Dict[str, Any] = {"tag": f"mount-{store.name}-{point}-{d.target}"}
-    if native and port is not None:
-        daemon_args["nbd_address"] = {"type": "inet", "data": {"host": bind, "port": str(port)}}
-    elif native and socket is not None:
-        daemon_args["nbd_address"] = {"type": "unix", "data": {"path": socket}}
-    link: Optional[str] = None
-    with StorageDaemon(**daemon_args) as daemon:
+    address: Optional[Dict[str, Any]] = None
+    if port is not None:
+        address = {"type": "inet", "data": {"host": bind, "port": str(port)}}
+    elif socket is not None:
+        address = {"type": "unix", "data": {"path": socket}}
+    with StorageDaemon(tag=f"mount-{store.name}-{point}-{d.target}",
+                       nbd_address=address) as daemon:
         export = daemon.export_image(str(volume), d.volume_format, name=d.target)
-        sock_path: Optional[str] = export.socket_path
-        host = None
-        if port is not None:
-            sock_path, host = None, bind
-            nbd_uri = f"nbd://{_uri_host(bind)}:{port}/{export.name}"
-        elif socket is not None and not native:
-            os.symlink(export.socket_path, socket)
-            link, sock_path = socket, socket
-            nbd_uri = _unix_uri(export.name, socket)
-        else:
-            nbd_uri = _unix_uri(export.name, sock_path or export.socket_path)
-        try:
-            mounted = MountedPoint(uri=nbd_uri, socket_path=sock_path, export_name=export.name,
-                                   size=export.size, volume=str(volume), domain=store.name,
-                                   point=point, disk=d.target, host=host, port=port)
-            log.info("domain %s: point %d disk %s served read-only at %s", store.name, point,
-                     d.target, nbd_uri)
-            yield mounted
-        finally:
-            if link is not None:
-                _remove_our_symlink(link, export.socket_path)
+        mounted = MountedPoint(uri=export.uri, socket_path=export.socket_path,
+                               export_name=export.name, size=export.size, volume=str(volume),
+                               domain=store.name, point=point, disk=d.target,
+                               host=export.host, port=export.port)
+        log.info("domain %s: point %d disk %s served read-only at %s", store.name, point,
+                 d.target, export.uri)
+        yield mounted
 
 
 def _unix_uri(name: str, socket_path: str) -> str:
@@ -254,18 +224,6 @@ def _unix_uri(name: str, socket_path: str) -> str:
 
     return (f"nbd+unix:///{urllib.parse.quote(name, safe='')}"
             f"?socket={urllib.parse.quote(socket_path, safe='/')}")
-
-
-def _uri_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-def _remove_our_symlink(link: str, target: str) -> None:
-    try:
-        if os.path.islink(link) and os.readlink(link) == target:
-            os.unlink(link)
-    except OSError as err:
-        log.warning("could not remove the socket link %s: %s", link, err.strerror)
 
 
 # --- boot: the domain XML (pure) ---------------------------------------------------------------
