@@ -22,6 +22,12 @@ _LAZY = {
     "backup": "workflows.backup", "BackupResult": "workflows.backup",
     "DiskResult": "workflows.backup",
     "list_points": "workflows.listing", "PointSummary": "workflows.listing",
+    "restore": "workflows.restore", "RestoreResult": "workflows.restore",
+    "verify": "workflows.verify", "VerifyReport": "workflows.verify",
+    "prune": "workflows.prune", "PruneReport": "workflows.prune",
+    "mount_point": "workflows.access", "MountedPoint": "workflows.access",
+    "boot_point": "workflows.access", "BootResult": "workflows.access",
+    "discard_boot": "workflows.access", "resume_boot": "workflows.access",
 }
 
 
@@ -43,6 +49,11 @@ __all__ = [
     # backing up and looking at the pool
     "backup", "BackupResult", "DiskResult",
     "list_points", "PointSummary",
+    # getting data back
+    "restore", "RestoreResult", "verify", "VerifyReport",
+    "mount_point", "MountedPoint", "boot_point", "BootResult", "discard_boot", "resume_boot",
+    # retention
+    "prune", "PruneReport",
     "ProgressEvent", "ProgressCallback",
     # errors (one root: VmSnapBackupError)
     *_errors_all,
