@@ -28,6 +28,7 @@ _LAZY = {
     "mount_point": "workflows.access", "MountedPoint": "workflows.access",
     "boot_point": "workflows.access", "BootResult": "workflows.access",
     "discard_boot": "workflows.access", "resume_boot": "workflows.access",
+    "repair": "workflows.repair", "RepairReport": "workflows.repair",
 }
 
 
@@ -52,8 +53,8 @@ __all__ = [
     # getting data back
     "restore", "RestoreResult", "verify", "VerifyReport",
     "mount_point", "MountedPoint", "boot_point", "BootResult", "discard_boot", "resume_boot",
-    # retention
-    "prune", "PruneReport",
+    # retention and recovery from interrupted backups
+    "prune", "PruneReport", "repair", "RepairReport",
     "ProgressEvent", "ProgressCallback",
     # errors (one root: VmSnapBackupError)
     *_errors_all,

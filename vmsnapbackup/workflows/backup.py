@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from ..adapters.domainxml import Disk, overlay_path
+from ..adapters.domainxml import Disk, is_our_overlay, overlay_path
 from ..adapters.hypervisor import Hypervisor, connect
 from ..adapters.nbdclient import NbdClient
 from ..adapters.storagedaemon import Export, StorageDaemon
@@ -148,7 +148,7 @@ def backup(
                                        f"({reasons})")
         store = the_pool.domain(uuid, name, create=True)
         with store.lock("backup"):
-            _refuse_leftovers(store, hv, dom, name, pool_dir)
+            _repair_first(store, hv, dom, name, pool_dir)
             store.set_name(name)
             run = _BackupRun(hv, dom, store, name, uuid, selected, pool_dir,
                              quiesce=quiesce, new_generation=new_generation,
@@ -162,26 +162,32 @@ def backup(
     return result
 
 
-def _refuse_leftovers(store: DomainStore, hv: Hypervisor, dom: Any, name: str,
-                      pool_dir: Path) -> None:
-    """Never stack a backup on what a dead one left: say which command clears it."""
-    how = f"run: vmsnapbackup --pool {pool_dir} repair {name}"
-    entry = store.journal.read()
-    if entry is not None:
+def _repair_first(store: DomainStore, hv: Hypervisor, dom: Any, name: str,
+                  pool_dir: Path) -> None:
+    """Never stack a backup on what a dead one left: repair it first, or say how.
+
+    Repair only touches what carries our marker and refuses anything else, so
+    running it here is as safe as the user running it; when it refuses (a
+    foreign image on top of ours, an unreadable journal, ...) the backup stops
+    and names the command, whose output explains the refusal.
+    """
+    from .repair import needs_repair, repair_held
+
+    reason = needs_repair(store, hv, dom)
+    if reason is None:
+        return
+    log.warning("domain %s: %s; repairing before the backup", name, reason)
+    done = repair_held(store, hv, dom)
+    for line in done.lines():
+        log.warning("%s", line)
+    if done.refused or done.error is not None:
         raise RepairNeededError(
-            f"an interrupted {entry.operation} (pid {entry.pid}, {entry.started}) left state "
-            f"for domain {name}; {how}")
-    for disk in hv.disks(dom):
-        if disk.source and overlay_path_is_ours(disk.source):
-            raise RepairNeededError(
-                f"disk {disk.target} of domain {name} still runs on overlay {disk.source} "
-                f"of an earlier backup; {how}")
-
-
-def overlay_path_is_ours(path: str) -> bool:
-    from ..adapters.domainxml import is_our_overlay
-
-    return is_our_overlay(path)
+            f"domain {name}: {reason}, and it cannot be repaired automatically; run: "
+            f"vmsnapbackup --pool {pool_dir} repair {name}")
+    still = needs_repair(store, hv, dom)
+    if still is not None:
+        raise RepairNeededError(f"domain {name}: {still} after a repair; run: "
+                                f"vmsnapbackup --pool {pool_dir} repair {name}")
 
 
 class _BackupRun:
@@ -265,8 +271,9 @@ class _BackupRun:
                 w.image, w.image_format = w.disk.source or "", w.disk.format or "raw"
             self.snapshot_at = utc_now()
         with StorageDaemon(tag=f"{self.name}-{self.point}") as daemon:
-            self.journal.update(daemon=JournalDaemon(pid=daemon.pid or 0,
-                                                     runtime_dir=daemon.runtime_dir or ""))
+            assert daemon.pid is not None and daemon.runtime_dir is not None
+            self.journal.update(step="read", daemon=JournalDaemon(
+                pid=daemon.pid, runtime_dir=daemon.runtime_dir))
             for w in self.work:
                 w.source_export = daemon.export_image(w.image, w.image_format,
                                                       name=f"src-{w.disk.target}")
@@ -523,7 +530,7 @@ class _BackupRun:
             if target in self.committed:
                 continue
             top = live.get(target)
-            if top is None or not top.source or not overlay_path_is_ours(top.source):
+            if top is None or not top.source or not is_our_overlay(top.source):
                 continue  # the snapshot never reached this disk
             if not active:
                 log.error("domain %s stopped during the backup; its disk %s is defined on "
