@@ -17,7 +17,8 @@ DEMO_NAME="vmsnapbackup-demo"
 DEMO_DIR="/var/lib/libvirt/images/$DEMO_NAME"
 DEMO_DISK="$DEMO_DIR/vda.qcow2"
 DEMO_DISK_SIZE="256M"
-DEMO_POOL="/var/lib/$DEMO_NAME/pool"      # where the demo's backups will go
+DEMO_POOL="/var/lib/$DEMO_NAME/pool"      # where the demo's backups go
+DEMO_RESTORE="/var/lib/$DEMO_NAME/restored"  # where the demo restores the latest point
 QEMU_LOG="/var/log/libvirt/qemu/$DEMO_NAME.log"
 VSB="$REPO_ROOT/.venv/bin/vmsnapbackup"
 WRITE_DEADLINE=15                         # seconds to wait for qemu-io's verdict
@@ -162,10 +163,24 @@ list_points() {
     vsb list "$DEMO_NAME" | sed 's/^/    /'
 }
 
+restore_latest() {
+    step "Restoring the latest point into $DEMO_RESTORE (checked against its check table)"
+    rm -rf "$DEMO_RESTORE"
+    vsb restore "$DEMO_NAME" --point latest --to "$DEMO_RESTORE" | sed 's/^/    /'
+    ls -ls "$DEMO_RESTORE" | sed 's/^/    /'
+}
+
+verify_pool() {
+    step "Verifying every point: every block re-read and compared with its table"
+    vsb verify "$DEMO_NAME" | sed 's/^/    /'
+}
+
 backup_steps() {
     first_backup
     backup_while_writing
     list_points
+    verify_pool
+    restore_latest
 }
 
 cleanup() {
