@@ -517,3 +517,27 @@ def sweep_stale_domains(conn: "libvirt.virConnect") -> List[str]:
                     f": {problems}" if problems else "")
         removed.append(name)
     return removed
+
+
+class DiskModel:
+    """What the "guest" wrote, byte for byte: each write goes to the domain and here.
+
+    Starts as zeros of each disk's size (the fixture's images start empty); a test
+    whose image starts with data (a backing template) sets those bytes itself.
+    ``snapshot()`` is the expected content of a point taken now.
+    """
+
+    def __init__(self, dom: TestDomain) -> None:
+        self.dom = dom
+        self.disks = {t: bytearray(s.size) for t, s in dom.specs.items()}
+
+    def write(self, target: str, offset: int, length: int, pattern: int) -> None:
+        self.dom.write(target, offset, length, pattern)
+        self.disks[target][offset:offset + length] = bytes([pattern]) * length
+
+    def zero(self, target: str, offset: int, length: int) -> None:
+        self.dom.write_zeroes(target, offset, length)
+        self.disks[target][offset:offset + length] = bytes(length)
+
+    def snapshot(self) -> Dict[str, bytes]:
+        return {t: bytes(b) for t, b in self.disks.items()}

@@ -11,41 +11,21 @@ import json
 import os
 import subprocess
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import pytest
 
-from domains import DiskSpec, TestDomain
+from domains import DiskModel, DiskSpec, TestDomain
 
 from vmsnapbackup.adapters.domainxml import OVERLAY_MARKER
 from vmsnapbackup.cli import main
 from vmsnapbackup.core.pool import Pool
-from vmsnapbackup.errors import LockedError, NotFoundError, UnsupportedDiskError
 from vmsnapbackup.progress import ProgressEvent
 from vmsnapbackup.workflows.backup import backup
 
 pytestmark = pytest.mark.integration
 
 MiB = 2**20
-
-
-class Model:
-    """The expected guest-visible bytes of each disk, updated with every write we make."""
-
-    def __init__(self, dom: TestDomain, sizes: Dict[str, int]) -> None:
-        self.dom = dom
-        self.disks = {t: bytearray(n) for t, n in sizes.items()}
-
-    def write(self, target: str, offset: int, length: int, pattern: int) -> None:
-        self.dom.write(target, offset, length, pattern)
-        self.disks[target][offset:offset + length] = bytes([pattern]) * length
-
-    def zero(self, target: str, offset: int, length: int) -> None:
-        self.dom.write_zeroes(target, offset, length)
-        self.disks[target][offset:offset + length] = bytes(length)
-
-    def snapshot(self) -> Dict[str, bytes]:
-        return {t: bytes(b) for t, b in self.disks.items()}
 
 
 def convert(volume: Path, out: Path) -> bytes:
@@ -88,7 +68,7 @@ def assert_clean(dom: TestDomain, images: Dict[str, Path]) -> None:
 
 def test_four_points_of_a_running_two_disk_domain(running_domain: TestDomain, tmp_path: Path):
     dom = running_domain
-    model = Model(dom, {t: spec.size for t, spec in dom.specs.items()})
+    model = DiskModel(dom)
     pool = tmp_path / "pool"
     expected: Dict[int, Dict[str, bytes]] = {}
 
@@ -137,7 +117,7 @@ def test_four_points_of_a_running_two_disk_domain(running_domain: TestDomain, tm
 
 def test_shut_off_domain_is_read_directly(make_domain, tmp_path: Path):
     dom = make_domain(disks=[DiskSpec("vda", "qcow2", 8 * MiB)])
-    model = Model(dom, {"vda": 8 * MiB})
+    model = DiskModel(dom)
     model.write("vda", 1 * MiB, 64 * 1024, 0xab)
     dom.shutoff()
     r = backup(dom.name, tmp_path / "pool")
@@ -154,7 +134,7 @@ def test_backing_chain_survives(make_domain, tmp_path: Path):
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 1M", str(base)],
                    check=True, capture_output=True)
     dom = make_domain(disks=[DiskSpec("vda", "qcow2", 8 * MiB, backing=str(base))])
-    model = Model(dom, {"vda": 8 * MiB})
+    model = DiskModel(dom)
     model.disks["vda"][0:MiB] = b"\x5a" * MiB
     model.write("vda", 512 * 1024, 64 * 1024, 0x01)
     backup(dom.name, factory_dir / "pool")

@@ -13,7 +13,7 @@ from typing import Dict
 
 import pytest
 
-from domains import TestDomain
+from domains import DiskModel, TestDomain
 
 from vmsnapbackup.adapters.nbdclient import NbdClient
 from vmsnapbackup.cli import main
@@ -35,22 +35,9 @@ def convert(volume: Path, out: Path) -> bytes:
     return data
 
 
-class Model:
-    def __init__(self, dom: TestDomain) -> None:
-        self.dom = dom
-        self.disks = {t: bytearray(s.size) for t, s in dom.specs.items()}
-
-    def write(self, target: str, offset: int, length: int, pattern: int) -> None:
-        self.dom.write(target, offset, length, pattern)
-        self.disks[target][offset:offset + length] = bytes([pattern]) * length
-
-    def snapshot(self) -> Dict[str, bytes]:
-        return {t: bytes(b) for t, b in self.disks.items()}
-
-
 def take_points(dom: TestDomain, pool: Path) -> Dict[int, Dict[str, bytes]]:
     """Five points: 1-2 in generation 1, 3-5 in generation 2."""
-    model = Model(dom)
+    model = DiskModel(dom)
     expected: Dict[int, Dict[str, bytes]] = {}
     for n in range(1, 6):
         model.write("vda", n * MiB, 64 * 1024, 0x10 + n)

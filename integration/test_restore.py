@@ -20,9 +20,11 @@ import shutil
 import subprocess
 import uuid as uuidlib
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import pytest
+
+from domains import DiskModel
 
 from vmsnapbackup.adapters.nbdclient import NbdClient
 from vmsnapbackup.adapters.storagedaemon import StorageDaemon
@@ -410,25 +412,6 @@ def test_running_domain_disk_is_never_replaced(tmp_path: Path, make_domain) -> N
 
 # --- restores of real backups of a running domain --------------------------------------------
 
-class DiskModel:
-    """What the guest wrote, byte for byte: each write goes to the domain and to the model."""
-
-    def __init__(self, dom, sizes: Dict[str, int]) -> None:  # type: ignore[no-untyped-def]
-        self.dom = dom
-        self.disks = {t: bytearray(n) for t, n in sizes.items()}
-
-    def write(self, target: str, offset: int, length: int, pattern: int) -> None:
-        self.dom.write(target, offset, length, pattern)
-        self.disks[target][offset:offset + length] = bytes([pattern]) * length
-
-    def zero(self, target: str, offset: int, length: int) -> None:
-        self.dom.write_zeroes(target, offset, length)
-        self.disks[target][offset:offset + length] = bytes(length)
-
-    def snapshot(self) -> Dict[str, bytes]:
-        return {t: bytes(b) for t, b in self.disks.items()}
-
-
 def three_backups(dom, pool: Path) -> Dict[int, Dict[str, bytes]]:  # type: ignore[no-untyped-def]
     """Three points of ``running_domain`` (vda qcow2 64 MiB, vdb raw 32 MiB + 12 KiB) with
     writes between them, a zero write and a write into vdb's short last block included.
@@ -438,7 +421,7 @@ def three_backups(dom, pool: Path) -> Dict[int, Dict[str, bytes]]:  # type: igno
     """
     from vmsnapbackup.workflows.backup import backup
 
-    model = DiskModel(dom, {"vda": 64 * MiB, "vdb": 32 * MiB + 12 * KiB})
+    model = DiskModel(dom)
     expected: Dict[int, Dict[str, bytes]] = {}
     model.write("vda", 0, 256 * KiB, 0xAA)
     model.write("vdb", 1 * MiB, 64 * KiB, 0x11)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 from .. import __version__
 from ..errors import ExitCode, UsageError, VmSnapBackupError
@@ -46,7 +46,7 @@ def _commands() -> list:
 class _Parser(argparse.ArgumentParser):
     """argparse that raises instead of exiting, so usage errors get our exit code."""
 
-    def error(self, message: str) -> "NoReturn":  # type: ignore[name-defined]
+    def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 

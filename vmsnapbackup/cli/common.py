@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, TextIO
+from typing import Any, Dict, TextIO
 
 from ..errors import ExitCode, VmSnapBackupError
 from ..progress import ProgressEvent
