@@ -146,7 +146,7 @@ def test_define_xml_keeps_metadata_and_source_order() -> None:
 
 
 def test_define_xml_refusals() -> None:
-    with pytest.raises(UsageError, match="no disk vdz"):
+    with pytest.raises(CorruptFileError, match="no disk vdz"):
         rewrite_domain_xml(SAVED_XML, "x", {"vdz": ("/r/vdz.raw", "raw")})
     for bad in ("", "a b", "../x", "-x"):
         with pytest.raises(UsageError):

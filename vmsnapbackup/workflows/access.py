@@ -66,16 +66,16 @@ import json
 import logging
 import os
 import pwd
-import re
 import signal
 import subprocess
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import tenacity
 
+from ..adapters.domainxml import DOMAIN_NAME_RE, new_domain_xml, set_disk_source
 from ..adapters.hypervisor import Hypervisor, connect
 from ..adapters.storagedaemon import StorageDaemon
 from ..adapters.storagepool import resolve_pool
@@ -116,8 +116,6 @@ _SOCKET = "nbd.sock"
 _PIDFILE = "qsd.pid"
 _LOGFILE = "qsd.log"
 _SUN_PATH_MAX = 107
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
-_KEEP_UNLISTED_DEVICES = ("cdrom", "floppy")
 _DAEMON_START_TIMEOUT = 60.0
 _DAEMON_STOP_TIMEOUT = 15.0
 
@@ -241,95 +239,31 @@ def boot_domain_xml(xml: str, name: str, disks: Mapping[str, BootDisk], *,
                     network: bool = True) -> str:
     """The definition of a boot domain, from a point's saved domain XML.
 
-    Pure: no libvirt.  See the module docstring for what changes and why.  Every
-    target in ``disks`` must be a disk of ``xml``.
+    Pure: no libvirt.  Each disk of the point runs on its overlay, whose backing
+    store is the point's NBD export (written out explicitly, so libvirt neither
+    probes nor relabels anything in the pool); see the module docstring.
     """
-    try:
-        root = ET.fromstring(xml)
-    except ET.ParseError as err:
-        raise CorruptFileError("<point domain XML>", f"not well-formed: {err}") from None
-    if root.tag != "domain":
-        raise CorruptFileError("<point domain XML>", f"root element is <{root.tag}>")
-    root.attrib.pop("id", None)
-    name_el = root.find("name")
-    if name_el is None:
-        name_el = ET.SubElement(root, "name")
-    name_el.text = name
-    for el in root.findall("uuid"):
-        root.remove(el)
-    os_el = root.find("os")
-    if os_el is not None:
-        for el in os_el.findall("nvram"):
-            os_el.remove(el)
-    for sec in root.findall("seclabel"):
-        if sec.get("type") == "dynamic":
-            for child in sec.findall("label") + sec.findall("imagelabel"):
-                sec.remove(child)
-    devices = root.find("devices")
-    if devices is None:
-        raise CorruptFileError("<point domain XML>", "has no <devices>")
-    seen = set()
-    for disk_el in devices.findall("disk"):
-        target_el = disk_el.find("target")
-        target = target_el.get("dev") if target_el is not None else None
-        if target in disks:
-            _rewrite_disk(disk_el, disks[target])
-            seen.add(target)
-        elif disk_el.get("device", "disk") not in _KEEP_UNLISTED_DEVICES:
-            log.info("boot domain %s: leaving out disk %s (not in the point)", name, target)
-            devices.remove(disk_el)
-    missing = sorted(set(disks) - seen)
-    if missing:
-        raise CorruptFileError("<point domain XML>",
-                               f"has no disk {', '.join(missing)} of the point")
-    for iface in devices.findall("interface"):
-        if not network:
-            devices.remove(iface)
-            continue
-        for tag in ("mac", "target"):
-            for el in iface.findall(tag):
-                iface.remove(el)
-    for chan in devices.findall("channel"):
-        src = chan.find("source")
-        if chan.get("type") == "unix" and src is not None and src.get("mode") == "bind":
-            src.attrib.pop("path", None)  # libvirt makes one per domain
-    for gfx in devices.findall("graphics"):
-        if gfx.get("port") not in (None, "-1") and gfx.get("autoport") != "yes":
-            gfx.set("autoport", "yes")
-            for attr in ("port", "tlsPort", "websocket"):
-                gfx.attrib.pop(attr, None)
-    return ET.tostring(root, encoding="unicode")
+    def rewrite(boot: BootDisk) -> Callable[[ET.Element], None]:
+        def apply(disk_el: ET.Element) -> None:
+            backing = ET.Element("backingStore", {"type": "network"})
+            ET.SubElement(backing, "format", {"type": "raw"})
+            nbd = ET.SubElement(backing, "source", {"protocol": "nbd", "name": boot.export})
+            ET.SubElement(nbd, "host", {"transport": "unix", "socket": boot.socket})
+            ET.SubElement(backing, "backingStore")
+            set_disk_source(disk_el, boot.overlay, "qcow2", backing)
+        return apply
 
-
-def _rewrite_disk(disk_el: ET.Element, boot: BootDisk) -> None:
-    disk_el.set("type", "file")
-    if disk_el.get("device") == "lun":
-        disk_el.set("device", "disk")
-    for tag in ("source", "backingStore", "mirror", "encryption", "auth", "shareable",
-                "transient"):
-        for el in disk_el.findall(tag):
-            disk_el.remove(el)
-    driver = disk_el.find("driver")
-    if driver is None:
-        driver = ET.Element("driver")
-        disk_el.insert(0, driver)
-    driver.set("name", "qemu")
-    driver.set("type", "qcow2")
-    index = list(disk_el).index(driver) + 1
-    source = ET.Element("source", {"file": boot.overlay})
-    backing = ET.Element("backingStore", {"type": "network"})
-    ET.SubElement(backing, "format", {"type": "raw"})
-    nbd = ET.SubElement(backing, "source", {"protocol": "nbd", "name": boot.export})
-    ET.SubElement(nbd, "host", {"transport": "unix", "socket": boot.socket})
-    ET.SubElement(backing, "backingStore")
-    disk_el.insert(index, source)
-    disk_el.insert(index + 1, backing)
+    out, dropped = new_domain_xml(xml, name, {t: rewrite(b) for t, b in disks.items()},
+                                  network=network, what="<point domain XML>")
+    for target in dropped:
+        log.info("boot domain %s: leaving out disk %s (not in the point)", name, target)
+    return out
 
 
 # --- boot: the note ------------------------------------------------------------------------------
 
 def _boot_dir(name: str, overlay_dir: Optional[Union[str, "os.PathLike[str]"]]) -> Path:
-    if not _NAME_RE.fullmatch(name):
+    if not DOMAIN_NAME_RE.fullmatch(name):
         raise UsageError(f"not a usable domain name for a boot: {name!r} (letters, digits, "
                          "'.', '_', '+', '-'; at most 64)")
     root = Path(os.path.abspath(os.fspath(overlay_dir))) if overlay_dir else DEFAULT_BOOT_ROOT

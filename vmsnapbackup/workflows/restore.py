@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -30,13 +31,12 @@ import secrets
 import subprocess
 import tempfile
 import time
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from ..adapters import storagepool
-from ..adapters.domainxml import parse_disks
+from ..adapters.domainxml import DOMAIN_NAME_RE, new_domain_xml, parse_disks, set_disk_source
 from ..core.atomic import durable_rename, fsync_dir
 from ..core.manifest import PointDisk, PointManifest
 from ..errors import (
@@ -81,7 +81,6 @@ RESTORE_FORMATS = ("raw", "qcow2")
 UNVERIFIED_SUFFIX = ".unverified"
 DEFAULT_URI = "qemu:///system"
 
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 _PROGRESS_RE = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 
 
@@ -216,80 +215,14 @@ def users_of(path: Path, used: Mapping[str, List[str]]) -> List[str]:
 
 def rewrite_domain_xml(xml: str, name: str,
                        disks: Mapping[str, Tuple[str, str]]) -> Tuple[str, List[str]]:
-    """The saved domain XML made into a new domain: returns ``(xml, dropped targets)``.
+    """The saved domain XML made into a new domain on the restored images.
 
-    ``disks`` maps a target to ``(image path, format)``.  The new domain gets
-    ``name``, no UUID and no MAC addresses (libvirt generates new ones, so it
-    can run beside the original), no NVRAM path (libvirt makes one per name),
-    and the restored images as file sources.  Disks that were not restored are
-    dropped, except read-only and removable ones (cdrom, floppy): sharing a
-    writable disk with the original domain would corrupt it.  Runtime-only
-    details of a live XML (domain id, automatic aliases, dynamic security
-    labels, backing chains) are removed.
+    ``disks`` maps a target to ``(image path, format)``; returns ``(xml, dropped
+    targets)``.  What else changes, and why, is :func:`new_domain_xml`'s to say.
     """
-    if not name or not _NAME_RE.fullmatch(name):
-        raise UsageError(f"not a usable domain name: {name!r}")
-    try:
-        root = ET.fromstring(xml)
-    except ET.ParseError as err:
-        raise CorruptFileError("<saved domain XML>", f"not well-formed: {err}") from None
-    if root.tag != "domain":
-        raise CorruptFileError("<saved domain XML>", f"root element is <{root.tag}>, not <domain>")
-    root.attrib.pop("id", None)
-    name_el = root.find("name")
-    if name_el is None:
-        name_el = ET.SubElement(root, "name")
-    name_el.text = name
-    for uuid_el in root.findall("uuid"):
-        root.remove(uuid_el)
-    for seclabel in root.findall("seclabel"):
-        if seclabel.get("type") == "dynamic":
-            root.remove(seclabel)
-    os_el = root.find("os")
-    if os_el is not None:
-        for nvram in os_el.findall("nvram"):
-            os_el.remove(nvram)
-    for parent in root.iter():
-        for alias in parent.findall("alias"):
-            if not (alias.get("name") or "").startswith("ua-"):
-                parent.remove(alias)
-    devices = root.find("devices")
-    dropped: List[str] = []
-    seen = set()
-    if devices is not None:
-        for iface in devices.findall("interface"):
-            for mac in iface.findall("mac"):
-                iface.remove(mac)
-        for disk in devices.findall("disk"):
-            target_el = disk.find("target")
-            target = target_el.get("dev") if target_el is not None else None
-            if target in disks:
-                seen.add(target)
-                _point_disk_at(disk, *disks[target])
-            elif disk.get("device") in ("cdrom", "floppy") or disk.find("readonly") is not None:
-                continue
-            else:
-                devices.remove(disk)
-                dropped.append(target or "?")
-    missing = sorted(set(disks) - seen)
-    if missing:
-        raise UsageError(f"the saved domain XML has no disk {', '.join(missing)}")
-    return ET.tostring(root, encoding="unicode"), dropped
-
-
-def _point_disk_at(disk: ET.Element, path: str, fmt: str) -> None:
-    disk.set("type", "file")
-    for tag in ("source", "backingStore", "mirror"):
-        for el in disk.findall(tag):
-            disk.remove(el)
-    driver = disk.find("driver")
-    if driver is None:
-        driver = ET.Element("driver")
-        disk.insert(0, driver)
-    driver.set("name", driver.get("name", "qemu"))
-    driver.set("type", fmt)
-    source = ET.Element("source", {"file": path})
-    disk.insert(list(disk).index(driver) + 1, source)
+    return new_domain_xml(xml, name, {
+        t: functools.partial(set_disk_source, path=path, fmt=fmt)
+        for t, (path, fmt) in disks.items()})
 
 
 # --- the outside world -----------------------------------------------------------------
@@ -490,7 +423,7 @@ def restore(
     if (to is None) == (pool_volume is None):
         raise UsageError("give exactly one of a directory (--to) and a libvirt storage pool "
                          "(--pool-volume)")
-    if define is not None and not _NAME_RE.fullmatch(define):
+    if define is not None and not DOMAIN_NAME_RE.fullmatch(define):
         raise UsageError(f"not a usable domain name: {define!r}")
     the_pool = open_pool(pool, uri)
     store = the_pool.find_domain(domain)
