@@ -135,7 +135,6 @@ def backup(
         raise UsageError(f"the new-generation threshold must be in (0, 1], not {threshold}")
     started_mono = time.monotonic()
     pool_dir, libvirt_pool = resolve_pool(os.fspath(pool), uri)
-    the_pool = Pool.open(pool_dir, create=True)
     with connect(uri) as hv, interruptible("backup"):
         dom = hv.find_domain(domain)
         name, uuid = hv.domain_name(dom), hv.domain_uuid(dom)
@@ -146,7 +145,8 @@ def backup(
             reasons = "; ".join(f"{s.disk.target}: {s.reason}" for s in skipped) or "no disks"
             raise UnsupportedDiskError(f"domain {name} has no disk that can be backed up "
                                        f"({reasons})")
-        store = the_pool.domain(uuid, name, create=True)
+        # only now, with a domain worth backing up: a typo must not leave a new pool behind
+        store = Pool.open(pool_dir, create=True).domain(uuid, name, create=True)
         with store.lock("backup"):
             _repair_first(store, hv, dom, name, pool_dir)
             store.set_name(name)
