@@ -40,13 +40,19 @@ class MemDisk:
             else:
                 pos = blk_end
 
-    def read_chunks(self, ranges, chunk_size: int):
+    def read_chunks(self, ranges, chunk_size: int, depth=None):
         for off, ln in ranges:
             end = off + ln
             while off < end:
                 step = min(chunk_size, end - off)
                 yield off, memoryview(bytes(self.data[off:off + step]))
                 off += step
+
+    def read_many(self, requests, depth=None):
+        for off, buf in requests:
+            view = memoryview(buf)
+            view[:] = self.data[off:off + len(view)]
+            yield off, view
 
 
 class Overlay:
@@ -57,7 +63,7 @@ class Overlay:
         self.backing = backing
         self.writes: Dict[int, bytes] = {}
 
-    def write_many(self, requests) -> None:
+    def write_many(self, requests, depth=None) -> None:
         for off, view in requests:
             self.writes[off] = bytes(view)
 
@@ -126,3 +132,151 @@ def test_unchanged_disk_writes_nothing():
     point = Overlay(disk.size, base.image())
     _, stats = run_disk_pass(disk, point, BS, table1)
     assert point.writes == {} and stats.changed == 0 and stats.bytes_written == 0
+
+
+# -- the pipelined pass: buffers, the writer thread, failures ------------------------------
+
+import threading  # noqa: E402
+
+import pytest  # noqa: E402
+
+from vmsnapbackup.errors import ExportError  # noqa: E402
+from vmsnapbackup.workflows import diskpass  # noqa: E402
+
+
+class PipelinedDisk(MemDisk):
+    """Like a real client: ``depth`` reads in flight, each buffer filled when it is *sent*.
+
+    A pass that handed a buffer to a new read while the writer still had to
+    send it would see it overwritten here, and the volume would differ.
+    """
+
+    def __init__(self, data: bytes, holes=(), fail_at: Optional[int] = None) -> None:
+        super().__init__(data, holes)
+        self.fail_at = fail_at
+        self.reads = 0
+        self.changed = threading.Condition()
+
+    def read_many(self, requests, depth=None):
+        pending = []
+        source = iter(requests)
+        exhausted = False
+        while True:
+            while not exhausted and len(pending) < (depth or 1):
+                try:
+                    off, buf = next(source)
+                except StopIteration:
+                    exhausted = True
+                    break
+                if self.fail_at is not None and off >= self.fail_at:
+                    raise ExportError("read failed (scripted)")
+                view = memoryview(buf)
+                view[:] = self.data[off:off + len(view)]  # the data lands at once
+                with self.changed:
+                    self.reads += 1
+                    self.changed.notify_all()
+                pending.append((off, view))
+            if not pending:
+                return
+            yield pending.pop(0)
+
+
+class LateOverlay(Overlay):
+    """A target whose writes start only once the reader has used every buffer.
+
+    That is the moment a buffer reused too early would be overwritten before
+    being sent.  Optionally the n-th write fails as on a full pool.
+    """
+
+    def __init__(self, size, backing, source: PipelinedDisk, wait_reads: int,
+                 fail_write: Optional[int] = None) -> None:
+        super().__init__(size, backing)
+        self.source, self.wait_reads, self.fail_write = source, wait_reads, fail_write
+        self.thread_names = set()
+
+    def write_many(self, requests, depth=None) -> None:
+        self.thread_names.add(threading.current_thread().name)
+        changed = self.source.changed
+        with changed:
+            changed.wait_for(lambda: self.source.reads >= self.wait_reads, timeout=10)
+        for n, (off, view) in enumerate(requests, 1):
+            if n == 1:
+                # Every buffer is taken now.  Give the reader the chance to reuse one
+                # that was handed back too early (a correct pass hands none back yet).
+                with changed:
+                    before = self.source.reads
+                    changed.wait_for(lambda: self.source.reads > before, timeout=0.5)
+            if self.fail_write is not None and n >= self.fail_write:
+                err = ExportError("write failed: ENOSPC (scripted)")
+                err.errno_name = "ENOSPC"
+                raise err
+            self.writes[off] = bytes(view)
+
+
+def random_disk(n_blocks: int, seed: int) -> bytes:
+    import random
+    rng = random.Random(seed)
+    return b"".join(bytes([rng.randrange(1, 256)]) * BS if rng.random() < 0.7 else bytes(BS)
+                    for _ in range(n_blocks))
+
+
+def test_buffers_are_not_reused_before_their_blocks_are_sent():
+    n_buffers = diskpass.READ_DEPTH + diskpass.WRITE_BACKLOG
+    data = random_disk(n_buffers * 4 + 7, seed=1)
+    disk = PipelinedDisk(data)
+    base = LateOverlay(disk.size, None, disk, wait_reads=n_buffers)
+    table1, stats = run_disk_pass(disk, base, BS, None, chunk_size=2 * BS)
+    assert base.image() == data
+    assert table1 == table_of(data)
+    assert base.thread_names and "MainThread" not in base.thread_names
+    # point N over it, every block changed
+    data_n = bytes(b ^ 0x5A for b in data)
+    disk_n = PipelinedDisk(data_n)
+    point = LateOverlay(disk_n.size, base.image(), disk_n, wait_reads=n_buffers)
+    table_n, stats_n = run_disk_pass(disk_n, point, BS, table1, chunk_size=3 * BS)
+    assert point.image() == data_n and table_n == table_of(data_n)
+    assert stats_n.changed == compare(table1, table_n).changed
+
+
+def _threads_of_pass():
+    return [t for t in threading.enumerate() if t.name.startswith("vsb-write-")]
+
+
+def test_a_failed_write_is_raised_by_the_pass_and_stops_reading():
+    data = random_disk(200, seed=2)
+    disk = PipelinedDisk(data)
+    target = LateOverlay(disk.size, None, disk, wait_reads=0, fail_write=3)
+    with pytest.raises(ExportError) as info:
+        run_disk_pass(disk, target, BS, None, chunk_size=2 * BS)
+    assert info.value.errno_name == "ENOSPC"
+    # the reader stopped soon after (bounded by its buffers), not at the disk's end
+    assert disk.reads < 100
+    assert not _threads_of_pass()
+
+
+def test_a_failed_read_stops_the_writer_and_is_raised():
+    data = random_disk(100, seed=3)
+    disk = PipelinedDisk(data, fail_at=60 * BS)
+    target = LateOverlay(disk.size, None, disk, wait_reads=0)
+    with pytest.raises(ExportError, match="read failed"):
+        run_disk_pass(disk, target, BS, None, chunk_size=2 * BS)
+    assert not _threads_of_pass()
+    # what was written before the failure is what the disk holds there
+    for off, blob in target.writes.items():
+        assert blob == data[off:off + len(blob)]
+
+
+def test_an_interrupt_in_the_progress_callback_unwinds_the_writer():
+    data = random_disk(100, seed=4)
+    disk = PipelinedDisk(data)
+    target = LateOverlay(disk.size, None, disk, wait_reads=0)
+    calls = []
+
+    def progress(ev):
+        calls.append(ev)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_disk_pass(disk, target, BS, None, chunk_size=2 * BS, progress=progress)
+    assert not _threads_of_pass()

@@ -14,24 +14,53 @@ block once, straight from the read buffer, and decides per chunk:
 
 Holes are never read: their value is the zero value, and for point N they are
 compared with table 1 like any other block.
+
+Why two threads when there is something to write: the storage daemon serves
+the read and the write connection from one event loop, and a write's reply
+only comes once its data is in the volume.  Waiting for those replies between
+two chunks left the daemon idle half of the time (profiled: 4.6 s for 2 GiB
+against 1.9 s for ``qemu-img convert``).  So the calling thread reads and
+hashes (requests pipelined on the source) while a writer thread owns the
+target connection and keeps its writes pipelined across chunks.  Socket I/O
+releases the GIL, so receiving and sending overlap on two cores.
+
+Buffers: the chunks are read into a fixed set of buffers owned by the pass;
+a buffer whose blocks must be written goes to the writer and comes back once
+its bytes are in the socket.  No block is ever copied in Python (the kernel
+copies it into our buffer and out of it), and memory stays bounded at
+``(read depth + write backlog)`` chunks whatever the disk size.
+
+A block is only counted once the pass returns, and the pass only returns
+after every write it issued was answered without error: a failed write raises
+here, never later.
 """
 from __future__ import annotations
 
+import collections
+import logging
+import queue
+import threading
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator, List, Optional, Tuple
-
-import numpy as np
+from typing import Any, Deque, Iterable, Iterator, List, Optional, Tuple
 
 from ..core.checktable import CheckTable, CheckTableBuilder
 from ..core.difftable import changed_indexes
 from ..progress import ProgressCallback, ProgressEvent, emit
 
-__all__ = ["PassStats", "run_disk_pass", "DEFAULT_CHUNK_SIZE"]
+__all__ = ["PassStats", "run_disk_pass", "DEFAULT_CHUNK_SIZE", "READ_DEPTH", "WRITE_DEPTH",
+           "WRITE_BACKLOG"]
 
-#: Read request size: 1 MiB measured fastest over a unix socket (DESIGN §4),
-#: and large enough that xxhash releases the GIL on most blocks.
+log = logging.getLogger(__name__)
+
+#: Read request size: 1 MiB measured fastest over a unix socket (DESIGN §4).
 DEFAULT_CHUNK_SIZE = 1 << 20
+#: Read requests kept in flight on the source export.
+READ_DEPTH = 8
+#: Write requests kept in flight on the target export.
+WRITE_DEPTH = 8
+#: Chunks read and hashed that may wait for the writer before reading pauses.
+WRITE_BACKLOG = 8
 
 
 @dataclass
@@ -48,7 +77,10 @@ class PassStats:
     seconds: float = 0.0
 
 
-def _runs(indexes: Iterable[int]) -> Iterator[Tuple[int, int]]:
+Run = Tuple[int, int]
+
+
+def _runs(indexes: Iterable[int]) -> Iterator[Run]:
     """Consecutive runs ``(first, count)`` of ascending indexes: one request per run."""
     start = prev = None
     for i in indexes:
@@ -63,7 +95,7 @@ def _runs(indexes: Iterable[int]) -> Iterator[Tuple[int, int]]:
         yield start, prev - start + 1
 
 
-def _holes(ranges: List[Tuple[int, int]], size: int) -> Iterator[Tuple[int, int]]:
+def _holes(ranges: List[Run], size: int) -> Iterator[Run]:
     """The gaps between sorted, non-overlapping data ranges, up to ``size``."""
     pos = 0
     for offset, length in ranges:
@@ -72,6 +104,131 @@ def _holes(ranges: List[Tuple[int, int]], size: int) -> Iterator[Tuple[int, int]
         pos = max(pos, offset + length)
     if pos < size:
         yield pos, size - pos
+
+
+def _pieces(ranges: Iterable[Run], chunk: int) -> Iterator[Run]:
+    """Each range cut into chunks of at most ``chunk`` bytes, from the range's start."""
+    for offset, length in ranges:
+        end = offset + length
+        while offset < end:
+            step = min(chunk, end - offset)
+            yield offset, step
+            offset += step
+
+
+def _zero_byte_runs(table: CheckTable, indexes: Iterable[int]) -> List[Run]:
+    """Block indexes as ``(offset, length)`` byte runs, the last block clipped to the disk."""
+    bs = table.block_size
+    out = []
+    for start, count in _runs(int(i) for i in indexes):
+        offset = start * bs
+        out.append((offset, min(count * bs, table.disk_size - offset)))
+    return out
+
+
+class _Plan:
+    """What one chunk needs written: data runs (views into the chunk) and zero runs."""
+
+    __slots__ = ("writes", "zeros", "changed", "zero", "bytes")
+
+    def __init__(self) -> None:
+        self.writes: List[Tuple[int, memoryview]] = []
+        self.zeros: List[Run] = []
+        self.changed = 0
+        self.zero = 0
+        self.bytes = 0
+
+
+def _plan_chunk(table: CheckTable, table1: Optional[CheckTable], offset: int,
+                view: memoryview, first: int, zero_flags: List[bool]) -> _Plan:
+    """The writes one hashed chunk needs (first point: non-zero blocks; point N: changes)."""
+    plan = _Plan()
+    n = len(zero_flags)
+    if table1 is None:
+        data_idx = [first + k for k in range(n) if not zero_flags[k]]
+        zero_idx: List[int] = []
+    else:
+        wanted = changed_indexes(table1, table, first, first + n).tolist()
+        data_idx = [i for i in wanted if not zero_flags[i - first]]
+        zero_idx = [i for i in wanted if zero_flags[i - first]]
+    bs = table.block_size
+    for start, count in _runs(data_idx):
+        lo = (start - first) * bs
+        hi = min(lo + count * bs, len(view))
+        plan.writes.append((offset + lo, view[lo:hi]))
+        plan.bytes += hi - lo
+    plan.zeros = _zero_byte_runs(table, zero_idx)
+    plan.zero = len(zero_idx)
+    plan.changed = len(data_idx) + len(zero_idx)
+    return plan
+
+
+_STOP = object()
+_ABORT = object()
+
+
+class _Writer:
+    """Owns the target connection in its own thread; see the module docstring.
+
+    Data writes are sent through one ``write_many`` over the whole pass, so
+    they stay pipelined across chunks.  WRITE_ZEROES runs are rare (blocks
+    that became zeros) and touch no buffer: they are sent after the data.
+    A buffer goes back to ``free`` only once its writes are in the socket;
+    on a failure ``None`` goes there instead, to wake the reading thread.
+    """
+
+    def __init__(self, target: Any, free: "queue.Queue[Optional[bytearray]]", depth: int,
+                 disk: str) -> None:
+        self._target = target
+        self._free = free
+        self._depth = depth
+        self._queue: "queue.Queue[Any]" = queue.Queue()
+        self._zeros: List[Run] = []
+        self._aborted = False
+        self.error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._main, name=f"vsb-write-{disk}",
+                                        daemon=True)
+        self._thread.start()
+
+    def submit(self, writes: List[Tuple[int, memoryview]], zeros: List[Run],
+               buffer: bytearray) -> None:
+        self._queue.put((writes, zeros, buffer))
+
+    def finish(self) -> None:
+        """Wait until every write was answered; raise the first failure."""
+        self._queue.put(_STOP)
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def abort(self) -> None:
+        """Stop sending (requests already sent are still collected) and wait for the thread."""
+        self._queue.put(_ABORT)
+        self._thread.join()
+
+    def _main(self) -> None:
+        try:
+            self._target.write_many(self._items(), depth=self._depth)
+            if not self._aborted:
+                for offset, length in self._zeros:
+                    self._target.write_zeroes(offset, length)
+        except BaseException as exc:  # handed to the reading thread, raised there
+            self.error = exc
+            self._free.put(None)
+
+    def _items(self) -> Iterator[Tuple[int, memoryview]]:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            if item is _ABORT:
+                self._aborted = True
+                return
+            writes, zeros, buffer = item
+            self._zeros.extend(zeros)
+            yield from writes
+            # resumed by write_many: the last of these writes is in the socket
+            self._free.put(buffer)
 
 
 def run_disk_pass(
@@ -107,64 +264,75 @@ def run_disk_pass(
         if table1 is not None and target is not None:
             changed = changed_indexes(table1, table, span.start, span.stop)
             if len(changed):
-                _write_zero_runs(target, table, changed, stats)
+                for z_off, z_len in _zero_byte_runs(table, changed):
+                    target.write_zeroes(z_off, z_len)
+                stats.zero += len(changed)
+                stats.changed += len(changed)
 
-    done = 0
     emit(progress, ProgressEvent(disk, "read", 0, data_bytes))
-    for offset, view in source.read_chunks(data, chunk_size=chunk):
-        hashed = builder.hash_into(offset, view)
-        first, n = hashed.first, len(hashed.values)
-        stats.read += n
-        stats.bytes_read += len(view)
-        if target is None:
-            wanted = []
-            zero_flags = None
-        elif table1 is None:
-            wanted = [first + k for k in range(n) if not hashed.zero[k]]
-            zero_flags = None
-        else:
-            wanted = changed_indexes(table1, table, first, first + n).tolist()
-            zero_flags = hashed.zero
-        if wanted:
-            _write_runs(target, table, offset, view, first, wanted, zero_flags, stats)
-        done += len(view)
-        emit(progress, ProgressEvent(disk, "read", done, data_bytes))
+    if target is None:
+        _hash_only(source, builder, data, chunk, stats, disk, data_bytes, progress)
+    else:
+        _copy(source, target, builder, table1, data, chunk, stats, disk, data_bytes, progress)
     emit(progress, ProgressEvent(disk, "read", data_bytes, data_bytes, finished=True))
 
     stats.seconds = time.monotonic() - started
     return builder.finish(), stats
 
 
-def _write_runs(target, table: CheckTable, offset: int, view: memoryview, first: int,
-                wanted: List[int], zero_flags: Optional[List[bool]], stats: PassStats) -> None:
-    """Write the wanted blocks of one chunk: data runs as one WRITE each, zero runs as zeros."""
-    bs = table.block_size
-    writes = []
-    if zero_flags is None:
-        data_idx, zero_idx = wanted, []
-    else:
-        data_idx = [i for i in wanted if not zero_flags[i - first]]
-        zero_idx = [i for i in wanted if zero_flags[i - first]]
-    for start, count in _runs(data_idx):
-        lo = (start - first) * bs
-        hi = min(lo + count * bs, len(view))
-        writes.append((offset + lo, view[lo:hi]))
-        stats.bytes_written += hi - lo
-    stats.changed += len(data_idx) + len(zero_idx)
-    if writes:
-        target.write_many(writes)
-    if zero_idx:
-        _write_zero_runs(target, table, np.asarray(zero_idx), stats, count_changed=False)
+def _hash_only(source, builder: CheckTableBuilder, data: List[Run], chunk: int,
+               stats: PassStats, disk: str, data_bytes: int,
+               progress: Optional[ProgressCallback]) -> None:
+    done = 0
+    for offset, view in source.read_chunks(data, chunk_size=chunk, depth=READ_DEPTH):
+        hashed = builder.hash_into(offset, view)
+        stats.read += len(hashed.values)
+        stats.bytes_read += len(view)
+        done += len(view)
+        emit(progress, ProgressEvent(disk, "read", done, data_bytes))
 
 
-def _write_zero_runs(target, table: CheckTable, indexes, stats: PassStats,
-                     count_changed: bool = True) -> None:
-    """Blocks that became zeros: WRITE_ZEROES, so the backing base's data is hidden."""
-    bs = table.block_size
-    for start, count in _runs(int(i) for i in indexes):
-        offset = start * bs
-        length = min(count * bs, table.disk_size - offset)
-        target.write_zeroes(offset, length)
-    stats.zero += len(indexes)
-    if count_changed:
-        stats.changed += len(indexes)
+def _copy(source, target, builder: CheckTableBuilder, table1: Optional[CheckTable],
+          data: List[Run], chunk: int, stats: PassStats, disk: str, data_bytes: int,
+          progress: Optional[ProgressCallback]) -> None:
+    """Read and hash here, write from the writer thread (see the module docstring)."""
+    table = builder.table
+    free: "queue.Queue[Optional[bytearray]]" = queue.Queue()
+    for _ in range(READ_DEPTH + WRITE_BACKLOG):
+        free.put(bytearray(chunk))
+    in_flight: Deque[bytearray] = collections.deque()
+    writer = _Writer(target, free, WRITE_DEPTH, disk)
+
+    def requests() -> Iterator[Tuple[int, memoryview]]:
+        for offset, length in _pieces(data, chunk):
+            buffer = free.get()
+            if buffer is None:  # the writer failed; its error is raised below
+                assert writer.error is not None
+                raise writer.error
+            in_flight.append(buffer)
+            yield offset, memoryview(buffer)[:length]
+
+    finished = False
+    try:
+        done = 0
+        for offset, view in source.read_many(requests(), depth=READ_DEPTH):
+            buffer = in_flight.popleft()
+            hashed = builder.hash_into(offset, view)
+            n = len(hashed.values)
+            stats.read += n
+            stats.bytes_read += len(view)
+            plan = _plan_chunk(table, table1, offset, view, hashed.first, hashed.zero)
+            if plan.writes or plan.zeros:
+                writer.submit(plan.writes, plan.zeros, buffer)
+                stats.changed += plan.changed
+                stats.zero += plan.zero
+                stats.bytes_written += plan.bytes
+            else:
+                free.put(buffer)
+            done += len(view)
+            emit(progress, ProgressEvent(disk, "read", done, data_bytes))
+        writer.finish()
+        finished = True
+    finally:
+        if not finished:
+            writer.abort()
