@@ -315,7 +315,15 @@ class _BackupRun:
         log.info("domain %s: new generation (%s)", self.name, reason)
         self.new_gen = True
         self.gen_record = None
-        self.generation = self.store.allocate_generation([w.disk.target for w in self.work])
+        before = set(self.store.generations())
+        try:
+            self.generation = self.store.allocate_generation([w.disk.target for w in self.work])
+        except BaseException:
+            # it may fail after making the generation's directory (a disk's point
+            # store could not be made): that directory is ours to remove as well
+            self.created += [self.store.generation_dir(g)
+                             for g in sorted(set(self.store.generations()) - before)]
+            raise
         gen_dir = self.store.generation_dir(self.generation)
         self.created.append(gen_dir)
         self.journal.update(generation=self.generation, new_generation=True,
