@@ -224,18 +224,23 @@ class _BackupRun:
     def execute(self) -> BackupResult:
         self.active = self.hv.is_active(self.dom)
         self.domain_xml = self._saved_xml()
-        self.point = self.store.allocate_point()
-        self.journal.write(JournalEntry(
-            operation="backup", pid=os.getpid(), host=socket.gethostname(),
-            started=self.started, step="start", point=self.point,
-            disks={w.disk.target: JournalDisk(source=w.disk.source or "") for w in self.work}))
         record = inflight.InflightRecord(
             uuid=self.uuid, name=self.name, pid=os.getpid(), operation="backup",
             offline=not self.active, since=self.started, pool=str(self.pool_dir),
             images=tuple(w.disk.source or "" for w in self.work))
-        log.info("domain %s: backup point %d (%s)", self.name, self.point,
-                 "running: external snapshot" if self.active else "shut off: reading directly")
+        # registered before anything is written to the pool: a backup kept away by a
+        # live operation of this host (say, a backup into another pool: another pool
+        # lock) must leave no journal behind
         with inflight.inflight(record):
+            self.point = self.store.allocate_point()
+            self.journal.write(JournalEntry(
+                operation="backup", pid=os.getpid(), host=socket.gethostname(),
+                started=self.started, step="start", point=self.point,
+                disks={w.disk.target: JournalDisk(source=w.disk.source or "")
+                       for w in self.work}))
+            log.info("domain %s: backup point %d (%s)", self.name, self.point,
+                     "running: external snapshot" if self.active
+                     else "shut off: reading directly")
             try:
                 if not self.active and self.hv.is_active(self.dom):
                     # started between our look and the in-flight record that makes the
