@@ -95,6 +95,7 @@ class ProgressDisplay:
     """A bar per disk on a terminal; a log line every few seconds otherwise."""
 
     LOG_EVERY = 5.0
+    DRAW_EVERY = 0.1   # a terminal redraw per chunk would cost more than the chunk
 
     def __init__(self, stream: TextIO, bar: bool) -> None:
         self._stream = stream
@@ -111,6 +112,9 @@ class ProgressDisplay:
         rate = ev.done / elapsed / 2**20
         pct = 100.0 * ev.done / ev.total if ev.total else 100.0
         if self._bar:
+            if not ev.finished and now - self._last_log.get(key, 0.0) < self.DRAW_EVERY:
+                return
+            self._last_log[key] = now
             width = 30
             filled = int(width * pct / 100)
             self._stream.write(
