@@ -6,6 +6,7 @@ proof against real exports is in integration/test_backup.py.
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, List, Optional, Tuple
 
 from hypothesis import given, settings, strategies as st
@@ -280,3 +281,59 @@ def test_an_interrupt_in_the_progress_callback_unwinds_the_writer():
     with pytest.raises(KeyboardInterrupt):
         run_disk_pass(disk, target, BS, None, chunk_size=2 * BS, progress=progress)
     assert not _threads_of_pass()
+
+
+# -- a raw image read directly --------------------------------------------------------------
+
+from vmsnapbackup.errors import IntegrityError, NotFoundError  # noqa: E402
+from vmsnapbackup.workflows.diskpass import RawImageSource  # noqa: E402
+
+
+def _sparse_file(path, size: int, extents) -> bytes:
+    model = bytearray(size)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off, blob in extents:
+            f.seek(off)
+            f.write(blob)
+            model[off:off + len(blob)] = blob
+    return bytes(model)
+
+
+def test_raw_image_source_hashes_like_the_disk_and_skips_holes(tmp_path):
+    bs = 64 * 1024
+    size = 40 * bs + 1000          # a short last block
+    extents = [(3 * bs + 100, b"\x11" * 5000),        # inside one block
+               (10 * bs, b"\x22" * (2 * bs)),          # two whole blocks
+               (11 * bs + 10, b"\x33" * 10),           # overlaps the run above
+               (40 * bs, b"\x44" * 1000)]              # the short tail
+    data = _sparse_file(tmp_path / "img.raw", size, extents)
+    with RawImageSource.open(tmp_path / "img.raw") as src:
+        assert src.size == size
+        ranges = list(src.data_ranges(bs))
+        table, stats = run_disk_pass(src, None, bs, None, chunk_size=3 * bs)
+    expected = CheckTable.empty(size, bs)
+    expected.hash_into(0, data)
+    assert table == expected
+    # filesystems that do not track holes report everything as data: then all is read
+    if stats.holes:
+        assert ranges == [(3 * bs, bs), (10 * bs, 2 * bs), (40 * bs, 1000)]
+        assert stats.read == 4 and stats.holes == table.count - 4
+
+
+def test_raw_image_source_of_an_empty_and_a_missing_file(tmp_path):
+    _sparse_file(tmp_path / "empty.raw", 5 * 4096, [])
+    with RawImageSource.open(tmp_path / "empty.raw") as src:
+        table, stats = run_disk_pass(src, None, 4096, None)
+    assert table == CheckTable.empty(5 * 4096, 4096) and stats.read in (0, 5)
+    with pytest.raises(NotFoundError):
+        RawImageSource.open(tmp_path / "nope.raw")
+
+
+def test_raw_image_source_that_shrinks_is_an_integrity_error(tmp_path):
+    path = tmp_path / "img.raw"
+    _sparse_file(path, 8 * 4096, [(0, b"\x01" * 8 * 4096)])
+    with RawImageSource.open(path) as src:
+        os.truncate(path, 4096)
+        with pytest.raises(IntegrityError, match="could not be read"):
+            list(src.read_chunks([(0, 8 * 4096)], chunk_size=8 * 4096))

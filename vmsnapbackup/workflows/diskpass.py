@@ -37,7 +37,9 @@ here, never later.
 from __future__ import annotations
 
 import collections
+import errno
 import logging
+import os
 import queue
 import threading
 import time
@@ -46,10 +48,11 @@ from typing import Any, Deque, Iterable, Iterator, List, Optional, Tuple
 
 from ..core.checktable import CheckTable, CheckTableBuilder
 from ..core.difftable import changed_indexes
+from ..errors import IntegrityError, NotFoundError
 from ..progress import ProgressCallback, ProgressEvent, emit
 
-__all__ = ["PassStats", "run_disk_pass", "DEFAULT_CHUNK_SIZE", "READ_DEPTH", "WRITE_DEPTH",
-           "WRITE_BACKLOG"]
+__all__ = ["PassStats", "RawImageSource", "run_disk_pass", "DEFAULT_CHUNK_SIZE", "READ_DEPTH",
+           "WRITE_DEPTH", "WRITE_BACKLOG"]
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +232,101 @@ class _Writer:
             yield from writes
             # resumed by write_many: the last of these writes is in the socket
             self._free.put(buffer)
+
+
+class RawImageSource:
+    """A local raw image file as the pass's source, read without an export.
+
+    For hashing an image this process may read itself (the raw image a
+    restore just wrote, before it is reported good): its bytes are exactly
+    what a guest would read, and going through a storage daemon costs two
+    more copies per byte (measured: 2 GiB of data hashed in 0.3 s from the
+    page cache, against 1.2-2 s through an NBD export).  Holes come from
+    ``SEEK_DATA``/``SEEK_HOLE``, so they are not read either.  Only for raw
+    files: any other format needs QEMU to be read.
+    """
+
+    def __init__(self, fd: int, size: int, name: str = "") -> None:
+        self._fd = fd
+        self.size = size
+        self.name = name
+
+    @classmethod
+    def open(cls, path: "str | os.PathLike[str]") -> "RawImageSource":
+        name = os.fspath(path)
+        try:
+            fd = os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise NotFoundError(f"image {name} does not exist") from None
+        except OSError as err:
+            raise IntegrityError(f"cannot open image {name}: {err.strerror}") from None
+        try:
+            size = os.fstat(fd).st_size
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, size, name)
+
+    def _unreadable(self, err: OSError, offset: int) -> IntegrityError:
+        return IntegrityError(f"cannot read image {self.name} at offset {offset}: "
+                              f"{err.strerror}")
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "RawImageSource":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _extents(self) -> Iterator[Run]:
+        pos = 0
+        while pos < self.size:
+            try:
+                start = os.lseek(self._fd, pos, os.SEEK_DATA)
+                if start >= self.size:
+                    return
+                end = min(os.lseek(self._fd, start, os.SEEK_HOLE), self.size)
+            except OSError as err:
+                if err.errno == errno.ENXIO:  # only a hole up to the end
+                    return
+                raise self._unreadable(err, pos) from None
+            yield start, end - start
+            pos = end
+
+    def data_ranges(self, block_size: int) -> Iterator[Run]:
+        """The data extents widened to whole blocks and joined (as NbdClient.data_ranges)."""
+        run_start: Optional[int] = None
+        run_end = 0
+        for offset, length in self._extents():
+            lo = offset - offset % block_size
+            hi = min(-(-(offset + length) // block_size) * block_size, self.size)
+            if run_start is not None and lo <= run_end:
+                run_end = max(run_end, hi)
+                continue
+            if run_start is not None:
+                yield run_start, run_end - run_start
+            run_start, run_end = lo, hi
+        if run_start is not None:
+            yield run_start, run_end - run_start
+
+    def read_chunks(self, ranges: Iterable[Run], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                    depth: Optional[int] = None) -> Iterator[Tuple[int, memoryview]]:
+        """Each range in chunks, read into one reused buffer (valid until the next item)."""
+        buffer = memoryview(bytearray(chunk_size))
+        for offset, length in _pieces(ranges, chunk_size):
+            view = buffer[:length]
+            try:
+                got = os.preadv(self._fd, [view], offset)
+            except OSError as err:
+                raise self._unreadable(err, offset) from None
+            if got != length:
+                raise IntegrityError(f"{self.name}: {length} bytes at offset {offset} could "
+                                     f"not be read (file shrank to {got} there?)")
+            yield offset, view
 
 
 def run_disk_pass(
