@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+from ..adapters import offline
 from ..adapters.domainxml import Disk, is_our_overlay, overlay_path
 from ..adapters.hypervisor import Hypervisor, connect
 from ..adapters.nbdclient import NbdClient
@@ -551,6 +552,10 @@ class _BackupRun:
                 ok = False
                 continue
             try:
+                if offline.block_job(self.dom, target) == "active-commit":
+                    # our own commit, cut short (interrupted while waiting for it to be
+                    # ready, or before its pivot): a new one cannot start beside it
+                    offline.cancel_block_job(self.dom, target)
                 self.hv.commit(self.dom, target, top.source)
                 self.committed.append(target)
             except VmSnapBackupError as err:
