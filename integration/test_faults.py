@@ -16,6 +16,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 import subprocess
 from pathlib import Path
 from typing import Dict, Iterator
@@ -207,6 +208,35 @@ def test_sigkill_of_an_offline_backup(make_domain: DomainFactory, tmp_path: Path
     assert_points(pool, td.uuid, {result.point: model.snapshot()}, tmp_path)
     model.assert_guest_bytes()
 
+
+# -- SIGTERM: the backup undoes itself ---------------------------------------------------
+
+@pytest.mark.parametrize("step", ["snapshot", "read", "manifest", "commit", "commit-2nd"])
+def test_sigterm_of_the_backup(step: str, make_domain: DomainFactory, tmp_path: Path,
+                               reaper: Reaper) -> None:
+    """A polite stop (a service manager, Ctrl-C) needs no repair: the backup commits the
+    VM back, stops its daemon and removes its files itself, and exits 8."""
+    td = two_disk_domain(make_domain)
+    model = Model(td)
+    guest_data(model)
+    pool = tmp_path / "pool"
+    points: Points = {backup(td.name, pool).point: model.snapshot()}
+    model.write("vda", 4 * MiB, 2 * MiB, 0x2b)
+    child = reaper.start(td, pool, step)
+    child.wait_at()
+    model.write("vda", 8 * MiB, 64 * 1024, 0x2c)
+    child.proc.send_signal(signal.SIGTERM)
+    out = child.outcome()
+    assert (out.get("error"), out["returncode"]) == ("BackupInterruptedError",
+                                                    ExitCode.INTERRUPTED), out
+    assert "repair" not in out["message"], out
+    assert assert_recovered(td, pool, active=True) == sorted(points)
+    result = backup(td.name, pool)
+    points[result.point] = model.snapshot()
+    assert assert_recovered(td, pool, active=True) == sorted(points)
+    assert_points(pool, td.uuid, points, tmp_path)
+    model.assert_guest_bytes()
+
 # -- libvirtd restarted during a backup -----------------------------------------------------
 
 def test_libvirtd_restarted_during_a_backup(libvirt_conn: "libvirt.virConnect",
@@ -262,16 +292,26 @@ def test_pool_fills_up(make_domain: DomainFactory, tmp_path: Path, reaper: Reape
         assert cli("--pool", pool, "backup", td.name) == ExitCode.STORAGE
         err = capsys.readouterr().err
         assert "full" in err and err.count("\n") == 1, err
-        store = Pool.open(pool).domain(td.uuid)
-        if store.journal.exists():   # allowed only if the error said how to get rid of it
-            assert "repair" in err, err
-            assert cli("--pool", pool, "repair", td.name) == 0
+        # it undid everything itself: no journal, so no "run repair" either
+        assert "repair" not in err, err
         assert assert_recovered(td, pool, active=True) == []
         model.write("vda", 13 * MiB, 64 * 1024, 0x42)
         remount(pool, "size=64m")
-        result = backup(td.name, pool)
-        assert assert_recovered(td, pool, active=True) == [result.point]
-        assert_points(pool, td.uuid, {result.point: model.snapshot()}, tmp_path)
+        points: Points = {backup(td.name, pool).point: model.snapshot()}
+        assert assert_recovered(td, pool, active=True) == sorted(points)
+        # a point volume that does not fit: 3 MiB changed, 1 MiB free
+        model.write("vda", 0, 3 * MiB, 0x43)
+        filler = pool / "filler"
+        free = os.statvfs(pool).f_bavail * os.statvfs(pool).f_frsize
+        subprocess.run(["fallocate", "-l", str(free - 1 * MiB), str(filler)], check=True)
+        assert cli("--pool", pool, "backup", td.name) == ExitCode.STORAGE
+        err = capsys.readouterr().err
+        assert "full" in err and "repair" not in err, err
+        assert assert_recovered(td, pool, active=True) == sorted(points)
+        filler.unlink()
+        points[backup(td.name, pool).point] = model.snapshot()
+        assert assert_recovered(td, pool, active=True) == sorted(points)
+        assert_points(pool, td.uuid, points, tmp_path)
     model.assert_guest_bytes()
 
 
