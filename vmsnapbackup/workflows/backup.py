@@ -407,8 +407,11 @@ class _BackupRun:
             if mapped is exc:
                 raise
             raise mapped from exc
-        daemon.remove_export(out)            # flushes and closes the volume
-        daemon.remove_export(w.source_export)
+        # Our clients are closed (the volume's writes flushed and answered), but QEMU
+        # may not have seen them go yet: a "safe" delete then fails with "export still
+        # in use" (seen under load); "hard" only drops a client that is already gone.
+        daemon.remove_export(out, force=True)            # flushes and closes the volume
+        daemon.remove_export(w.source_export, force=True)
         w.source_export = None
         s = w.stats
         log.info("domain %s: %s read %d of %d blocks (%d holes), wrote %d (%d zero), "
