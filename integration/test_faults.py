@@ -637,14 +637,7 @@ def test_hook_refuses_an_incoming_migration_during_a_backup(
     model.assert_guest_bytes()
 
 
-@pytest.mark.parametrize("pool_name", [
-    "hook-pool",
-    pytest.param("other-pool", marks=pytest.mark.xfail(strict=True, reason=(
-        "hooks/logic.py: `release` (the destroy) removes the dead backup's stale in-flight "
-        "record, the only thing naming its pool; `started` then repairs with the policy "
-        "file's pool, so the VM side is repaired but the journal stays in the backup's "
-        "pool until its next backup repairs first"))),
-])
+@pytest.mark.parametrize("pool_name", ["hook-pool", "other-pool"])
 def test_hook_repairs_a_domain_started_on_a_killed_backups_overlays(
         pool_name: str, real_hook: RealHook, make_domain: DomainFactory, tmp_path: Path,
         reaper: Reaper) -> None:

@@ -236,6 +236,16 @@ def test_release_clears_stale_record_only() -> None:
     assert inflight.read(UUID) == live
 
 
+def test_release_keeps_the_stale_record_of_a_domain_left_on_our_overlay() -> None:
+    """The record names the pool whose journal the repair at the next start needs."""
+    stale = record(pid=dead_pid())
+    run_hook([NAME, "release", "end", "-"], domain_xml(source=OVERLAY))
+    assert inflight.read(UUID) == stale
+    spawn = Spawned()
+    run_hook([NAME, "started", "begin", "-"], domain_xml(source=OVERLAY), spawn)
+    assert [c[-4:] for c in spawn.calls] == [["--pool", stale.pool, "repair", NAME]]
+
+
 def test_release_leaves_other_domains_stale_records() -> None:
     record(pid=dead_pid(), uuid=OTHER_UUID, name="db1")
     run_hook([NAME, "release", "end", "-"], domain_xml())

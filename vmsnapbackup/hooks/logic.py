@@ -15,8 +15,9 @@ Decisions:
   live operation of ours holds the domain here.
 * ``started``/``reconnect``: the domain runs on one of our overlays and no live
   operation explains it: a backup died mid-way.  Start ``repair`` detached.
-* ``release``: remove the domain's stale record (its process is gone; never a
-  live one); with ``backup_on_shutdown`` start an offline backup, detached.
+* ``release``: remove the domain's stale record (its process is gone; never a live
+  one), unless the domain still stands on our overlays: the record names the pool
+  its repair needs; with ``backup_on_shutdown`` start an offline backup, detached.
 
 Our own bugs never stop a domain: any internal error is logged and the hook
 exits 0.  Only the deliberate refusals exit 1.  The hook prints nothing on
@@ -298,11 +299,17 @@ def _decide(call: HookCall, xml: str, config_loader: Callable[[], HookConfig],
         run(argv)
         return int(ExitCode.OK)
 
-    # release
-    for record in mine_stale:
-        if inflight.clear(record.uuid, pid=record.pid):
-            log.info("removed stale in-flight record of %s (%s by dead pid %d)",
-                     info.name, record.operation, record.pid)
+    # release: a dead operation's record goes, unless the domain still stands on our
+    # overlays: then the record is the only note of which pool holds the dead backup's
+    # journal, and the repair handed off at the next start needs it (repair clears it)
+    if info.overlay_disks and mine_stale:
+        log.info("keeping the stale in-flight record of %s: it still stands on overlay(s) "
+                 "of the interrupted %s", info.name, mine_stale[0].operation)
+    else:
+        for record in mine_stale:
+            if inflight.clear(record.uuid, pid=record.pid):
+                log.info("removed stale in-flight record of %s (%s by dead pid %d)",
+                         info.name, record.operation, record.pid)
     policy = config.policy(info.name)
     if policy.backup_on_shutdown:
         if mine_live:
