@@ -17,6 +17,7 @@ thread running it; :func:`connect` does both (once per process).  Polling
 from __future__ import annotations
 
 import logging
+import re
 import os
 import threading
 import time
@@ -415,7 +416,7 @@ class Hypervisor:
             except libvirt.libvirtError as err:
                 message = _libvirt_message(err)
                 hint = ""
-                if "lock" in message:
+                if re.search(r"\bwrite\W+lock\b", message):
                     hint = " (is an export still holding the frozen image? stop it first)"
                 raise HypervisorError(
                     f"commit of disk '{target}' of domain '{name}': {message}{hint}"
