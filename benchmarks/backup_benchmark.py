@@ -262,6 +262,13 @@ def report(r: Dict[str, Any]) -> Tuple[str, str]:
     phases_incr = phase_rows(r["incremental"][0])
     phase_table = [[name, full, incr] for (name, full), (_, incr)
                    in zip(phases_full, phases_incr)]
+    for label, key in (("CPU s: backup process (user+sys)", "self"),
+                       ("CPU s: storage daemon, qemu-img (user+sys)", "children")):
+        values = []
+        for series in (r["full"][0], r["incremental"][0]):
+            values.append(median([d["cpu"][f"{key}_user"] + d["cpu"][f"{key}_sys"]
+                                  for d in series.extra]))
+        phase_table.append([label, f"{values[0]:.2f}", f"{values[1]:.2f}"])
     phase_header = ["phase of a backup (median s)", "full", "backup N"]
 
     m = r["machine"]

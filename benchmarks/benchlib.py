@@ -136,12 +136,14 @@ def machine() -> Dict[str, str]:
             info[tool] = run(argv).stdout.splitlines()[0].strip()
         except (RuntimeError, OSError, IndexError):
             pass
-    try:
-        virt = subprocess.run(["systemd-detect-virt"], capture_output=True, text=True)
-        if virt.stdout.strip():
-            info["virtualization"] = virt.stdout.strip()
-    except OSError:
-        pass
+    for key, argv in (("vm", ["systemd-detect-virt", "--vm"]),
+                      ("container", ["systemd-detect-virt", "--container"])):
+        try:
+            found = subprocess.run(argv, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            continue
+        if found and found != "none":
+            info[key] = found
     return info
 
 
