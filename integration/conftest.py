@@ -58,22 +58,42 @@ def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
         )
 
 
-@pytest.fixture(scope="session")
-def libvirt_conn():  # type: ignore[no-untyped-def]
-    """One connection to qemu:///system for the whole session."""
+def _open():  # type: ignore[no-untyped-def]
     try:
         import libvirt
     except ImportError as exc:
         _unavailable(f"libvirt-python is not importable: {exc}")
     try:
-        conn = libvirt.open(LIBVIRT_URI)
+        return libvirt.open(LIBVIRT_URI)
     except libvirt.libvirtError as exc:
         _unavailable(f"no libvirtd at {LIBVIRT_URI}: {exc}")
-    sweep_stale_domains(conn)
+
+
+@pytest.fixture(scope="session")
+def _swept() -> None:
+    """Once per session: remove domains left by earlier runs that were killed."""
+    conn = _open()
+    try:
+        sweep_stale_domains(conn)
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def libvirt_conn(_swept):  # type: ignore[no-untyped-def]
+    """A connection to qemu:///system for one test.
+
+    Per test, not per session: a test that restarts libvirtd (the fault tests)
+    must not leave every later test holding a dead connection.
+    """
+    conn = _open()
     try:
         yield conn
     finally:
-        conn.close()
+        try:
+            conn.close()
+        except Exception:  # already dead with a restarted daemon
+            pass
 
 
 @pytest.fixture
