@@ -8,6 +8,7 @@ files removed; the journal is cleared only once all of that succeeded.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -40,6 +41,7 @@ from ..errors import (
 )
 from ..progress import ProgressCallback
 from .diskpass import PassStats, run_disk_pass
+from .parallel import run_all
 from .interrupt import interruptible
 
 __all__ = ["backup", "BackupResult", "DiskResult", "DEFAULT_THRESHOLD"]
@@ -282,11 +284,15 @@ class _BackupRun:
                 pid=daemon.pid, runtime_dir=daemon.runtime_dir))
             for w in self.work:
                 w.source_export = daemon.export_image(w.image, w.image_format,
-                                                      name=f"src-{w.disk.target}")
+                                                      name=f"src-{w.disk.target}", direct=True)
                 w.size = w.source_export.size
             self._plan_generation()
-            for w in self.work:
-                self._copy_disk(daemon, w)
+            volumes = [self._open_volume(daemon, w) for w in self.work]
+            run_all([functools.partial(self._pass_disk, w, out, table1)
+                     for w, (out, table1) in zip(self.work, volumes)],
+                    progress=self.progress)
+            for w, (out, _table1) in zip(self.work, volumes):
+                self._close_volume(daemon, w, out)
         # every export is gone with the daemon: the frozen images are free to commit into
         if self.active:
             self._commit_all()
@@ -369,7 +375,9 @@ class _BackupRun:
         self.journal.update(generation=current, new_generation=False)
         return None
 
-    def _copy_disk(self, daemon: StorageDaemon, w: _DiskWork) -> None:
+    def _open_volume(self, daemon: StorageDaemon,
+                     w: _DiskWork) -> Tuple[Export, Optional[CheckTable]]:
+        """The disk's volume created and exported (QMP: in the main thread), and table 1."""
         target = w.disk.target
         g = self.generation
         table1: Optional[CheckTable] = None
@@ -394,19 +402,28 @@ class _BackupRun:
             backing=backing,
             backing_fmt=self.gen_record.disks[target].base_format if backing else None)
         self.created.append(partial)
-        assert w.source_export is not None
+        return out, table1
+
+    def _pass_disk(self, w: _DiskWork, out: Export, table1: Optional[CheckTable],
+                   progress: ProgressCallback) -> None:
+        """One disk's pass; runs in a thread of its own when there are several disks."""
+        assert w.source_export is not None and w.volume_partial is not None
         try:
             with NbdClient.open_unix(w.source_export.socket_path,
                                      w.source_export.name) as src, \
                     NbdClient.open_unix(out.socket_path, out.name) as dst:
                 w.table, w.stats = run_disk_pass(src, dst, self.block_size, table1,
-                                                 disk=target, progress=self.progress)
+                                                 disk=w.disk.target, progress=progress)
                 dst.flush()
         except ExportError as exc:
-            mapped = _pool_error(exc, partial)
+            mapped = _pool_error(exc, w.volume_partial)
             if mapped is exc:
                 raise
             raise mapped from exc
+
+    def _close_volume(self, daemon: StorageDaemon, w: _DiskWork, out: Export) -> None:
+        target = w.disk.target
+        assert w.source_export is not None and w.stats is not None
         # Our clients are closed (the volume's writes flushed and answered), but QEMU
         # may not have seen them go yet: a "safe" delete then fails with "export still
         # in use" (seen under load); "hard" only drops a client that is already gone.
