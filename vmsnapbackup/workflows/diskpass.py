@@ -46,6 +46,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Deque, Iterable, Iterator, List, Optional, Tuple
 
+from ..core.blockruns import block_runs
 from ..core.checktable import CheckTable, CheckTableBuilder
 from ..core.difftable import changed_indexes
 from ..errors import IntegrityError, NotFoundError
@@ -83,21 +84,6 @@ class PassStats:
 Run = Tuple[int, int]
 
 
-def _runs(indexes: Iterable[int]) -> Iterator[Run]:
-    """Consecutive runs ``(first, count)`` of ascending indexes: one request per run."""
-    start = prev = None
-    for i in indexes:
-        if start is None:
-            start = prev = i
-        elif i == prev + 1:
-            prev = i
-        else:
-            yield start, prev - start + 1
-            start = prev = i
-    if start is not None:
-        yield start, prev - start + 1
-
-
 def _holes(ranges: List[Run], size: int) -> Iterator[Run]:
     """The gaps between sorted, non-overlapping data ranges, up to ``size``."""
     pos = 0
@@ -123,7 +109,7 @@ def _zero_byte_runs(table: CheckTable, indexes: Iterable[int]) -> List[Run]:
     """Block indexes as ``(offset, length)`` byte runs, the last block clipped to the disk."""
     bs = table.block_size
     out = []
-    for start, count in _runs(int(i) for i in indexes):
+    for start, count in block_runs(indexes):
         offset = start * bs
         out.append((offset, min(count * bs, table.disk_size - offset)))
     return out
@@ -155,7 +141,7 @@ def _plan_chunk(table: CheckTable, table1: Optional[CheckTable], offset: int,
         data_idx = [i for i in wanted if not zero_flags[i - first]]
         zero_idx = [i for i in wanted if zero_flags[i - first]]
     bs = table.block_size
-    for start, count in _runs(data_idx):
+    for start, count in block_runs(data_idx):
         lo = (start - first) * bs
         hi = min(lo + count * bs, len(view))
         plan.writes.append((offset + lo, view[lo:hi]))

@@ -33,6 +33,7 @@ from ..core.manifest import PointDisk, PointManifest
 from ..core.pool import DomainStore, Pool
 from ..errors import CorruptFileError, NotFoundError, UsageError
 from ..progress import ProgressCallback, ProgressEvent, emit
+from ..core.blockruns import block_runs
 from .diskpass import RawImageSource, run_disk_pass
 
 __all__ = [
@@ -265,25 +266,6 @@ def sample_indexes(count: int, percent: float,
         return np.arange(count, dtype=np.int64)
     rng = rng or random.Random()
     return np.array(sorted(rng.sample(range(count), k)), dtype=np.int64)
-
-
-def block_runs(indexes: Sequence[int], max_count: int = 0) -> Iterator[Tuple[int, int]]:
-    """Consecutive runs ``(first, count)`` of ascending indexes: one read per run.
-
-    ``max_count`` (if positive) cuts longer runs, so that one read buffer stays small.
-    """
-    start = prev = None
-    for i in indexes:
-        i = int(i)
-        if start is None:
-            start = prev = i
-        elif i == prev + 1 and (max_count <= 0 or i - start < max_count):
-            prev = i
-        else:
-            yield start, prev - start + 1
-            start = prev = i
-    if start is not None:
-        yield start, prev - start + 1
 
 
 # --- hashing an image through an export ----------------------------------------------------
