@@ -259,7 +259,9 @@ class _BackupRun:
                         f"not undo everything: run vmsnapbackup --pool {self.pool_dir} repair "
                         f"{self.name}") from exc
                 raise
-        self.journal.clear()
+            # the journal goes before the in-flight record: while either is there, a
+            # dead backup can be found (the record names the pool) and repaired
+            self.journal.clear()
         return self._result()
 
     def _saved_xml(self) -> str:
