@@ -50,6 +50,7 @@ __all__ = [
     "UnsupportedDiskError",
     "IncompatibleFormatError",
     "RepairNeededError",
+    "storage_error_for_errno",
     "storage_error_from_oserror",
 ]
 
@@ -173,14 +174,22 @@ class RepairNeededError(VmSnapBackupError):
     exit_code = ExitCode.REPAIR_NEEDED
 
 
-def storage_error_from_oserror(err: OSError, what: str) -> Optional[StorageError]:
-    """Map the OSErrors that mean "the pool cannot take this" to our kinds.
+def storage_error_for_errno(code: Optional[int], what: str,
+                            detail: str) -> Optional[StorageError]:
+    """Map the errno values that mean "the pool cannot take this" to our kinds.
 
-    Returns None for other errors so the caller re-raises them unchanged
-    (a bug should stay a traceback in tests, not become a vague message).
+    One place for the mapping, whether the errno came from our own writes
+    (an OSError) or from the storage daemon writing a volume for us (an NBD
+    error).  Returns None for other errors so the caller re-raises them
+    unchanged (a bug should stay a traceback in tests, not become a vague message).
     """
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return PoolFullError(f"pool is full while writing {what}: {err.strerror}")
-    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return PoolReadOnlyError(f"pool is not writable ({what}): {err.strerror}")
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return PoolFullError(f"pool is full while writing {what}: {detail}")
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return PoolReadOnlyError(f"pool is not writable ({what}): {detail}")
     return None
+
+
+def storage_error_from_oserror(err: OSError, what: str) -> Optional[StorageError]:
+    """:func:`storage_error_for_errno` for an OSError of ours."""
+    return storage_error_for_errno(err.errno, what, err.strerror or str(err))

@@ -36,8 +36,8 @@ from ..core.manifest import (
 from ..core.pool import DomainStore, Pool, partial_name
 from ..core.tablefile import DEFAULT_BLOCK_SIZE, validate_block_size
 from ..errors import (
-    ExportError, HypervisorError, PoolFullError, PoolReadOnlyError, RepairNeededError,
-    UnsupportedDiskError, UsageError, VmSnapBackupError,
+    ExportError, HypervisorError, RepairNeededError, UnsupportedDiskError, UsageError,
+    VmSnapBackupError, storage_error_for_errno,
 )
 from ..progress import ProgressCallback
 from .diskpass import PassStats, run_disk_pass
@@ -418,8 +418,9 @@ class _BackupRun:
                                                  disk=w.disk.target, progress=progress)
                 dst.flush()
         except ExportError as exc:
-            mapped = _pool_error(exc, w.volume_partial)
-            if mapped is exc:
+            # the NBD server's ENOSPC/EROFS while writing our volume is the pool's state
+            mapped = storage_error_for_errno(exc.errno, str(w.volume_partial), str(exc))
+            if mapped is None:
                 raise
             raise mapped from exc
 
@@ -610,14 +611,3 @@ def _file_checksum(path: Path) -> bytes:
     from ..core.tablefile import file_checksum
 
     return file_checksum(path)
-
-
-def _pool_error(exc: ExportError, path: Path) -> VmSnapBackupError:
-    """ENOSPC/EROFS reported by the NBD server writing our volume are pool errors."""
-    import errno as _errno
-
-    if exc.errno in (_errno.ENOSPC, _errno.EDQUOT):
-        return PoolFullError(f"pool is full while writing {path}: {exc}")
-    if exc.errno in (_errno.EROFS, _errno.EACCES, _errno.EPERM):
-        return PoolReadOnlyError(f"pool is not writable ({path}): {exc}")
-    return exc
