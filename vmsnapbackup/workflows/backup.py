@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import secrets
+import shutil
 import socket
 import time
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from ..core.manifest import (
     digest_hex, utc_now,
 )
 from ..core.pool import DomainStore, Pool, partial_name
-from ..core.tablefile import DEFAULT_BLOCK_SIZE, validate_block_size
+from ..core.tablefile import DEFAULT_BLOCK_SIZE, file_checksum, validate_block_size
 from ..errors import (
     ExportError, HypervisorError, RepairNeededError, UnsupportedDiskError, UsageError,
     VmSnapBackupError, storage_error_for_errno,
@@ -105,7 +106,8 @@ class _DiskWork:
     source_export: Optional[Export] = None
     volume_partial: Optional[Path] = None
     volume_final: Optional[Path] = None
-    table: Optional[CheckTable] = None
+    table1: Optional[CheckTable] = None   # the generation's first table (None: new generation)
+    table: Optional[CheckTable] = None    # this point's table, built by the pass
     stats: Optional[PassStats] = None
     commit_seconds: float = 0.0
 
@@ -212,7 +214,6 @@ class _BackupRun:
         self.new_gen = False
         self.gen_record: Optional[GenerationRecord] = None
         self.consistency = "offline"
-        self.snapshot_taken = False
         self.committed: List[str] = []
         self.sealed = False
         self.created: List[Path] = []   # pool files and dirs to remove if we fail
@@ -290,10 +291,10 @@ class _BackupRun:
                 w.size = w.source_export.size
             self._plan_generation()
             volumes = [self._open_volume(daemon, w) for w in self.work]
-            run_all([functools.partial(self._pass_disk, w, out, table1)
-                     for w, (out, table1) in zip(self.work, volumes)],
+            run_all([functools.partial(self._pass_disk, w, out)
+                     for w, out in zip(self.work, volumes)],
                     progress=self.progress)
-            for w, (out, _table1) in zip(self.work, volumes):
+            for w, out in zip(self.work, volumes):
                 self._close_volume(daemon, w, out)
         # every export is gone with the daemon: the frozen images are free to commit into
         if self.active:
@@ -311,7 +312,6 @@ class _BackupRun:
             for w in self.work})
         snap = self.hv.snapshot(self.dom, [w.disk for w in self.work], overlays,
                                 quiesce=self.quiesce)
-        self.snapshot_taken = True
         self.snapshot_mono = time.monotonic()
         self.snapshot_at = utc_now()
         self.consistency = "quiesced" if snap.quiesced else "crash-consistent"
@@ -377,12 +377,10 @@ class _BackupRun:
         self.journal.update(generation=current, new_generation=False)
         return None
 
-    def _open_volume(self, daemon: StorageDaemon,
-                     w: _DiskWork) -> Tuple[Export, Optional[CheckTable]]:
-        """The disk's volume created and exported (QMP: in the main thread), and table 1."""
+    def _open_volume(self, daemon: StorageDaemon, w: _DiskWork) -> Export:
+        """The disk's volume created and exported (QMP: in the main thread); table 1 read."""
         target = w.disk.target
         g = self.generation
-        table1: Optional[CheckTable] = None
         if self.new_gen:
             final = self.store.base_volume_path(g, target, self.base_format)
             fmt = self.base_format
@@ -390,8 +388,8 @@ class _BackupRun:
         else:
             assert self.gen_record is not None
             gdisk = self.gen_record.disks[target]
-            table1 = read_check_table(self.store.disk_dir(g, target) / gdisk.table,
-                                      expected_body_digest=bytes.fromhex(gdisk.table_digest))
+            w.table1 = read_check_table(self.store.disk_dir(g, target) / gdisk.table,
+                                        expected_body_digest=bytes.fromhex(gdisk.table_digest))
             final = self.store.point_volume_path(g, target, self.point)
             fmt = "qcow2"
             backing = str(self.store.disk_dir(g, target) / gdisk.base)
@@ -404,17 +402,16 @@ class _BackupRun:
             backing=backing,
             backing_fmt=self.gen_record.disks[target].base_format if backing else None)
         self.created.append(partial)
-        return out, table1
+        return out
 
-    def _pass_disk(self, w: _DiskWork, out: Export, table1: Optional[CheckTable],
-                   progress: ProgressCallback) -> None:
+    def _pass_disk(self, w: _DiskWork, out: Export, progress: ProgressCallback) -> None:
         """One disk's pass; runs in a thread of its own when there are several disks."""
         assert w.source_export is not None and w.volume_partial is not None
         try:
             with NbdClient.open_unix(w.source_export.socket_path,
                                      w.source_export.name) as src, \
                     NbdClient.open_unix(out.socket_path, out.name) as dst:
-                w.table, w.stats = run_disk_pass(src, dst, self.block_size, table1,
+                w.table, w.stats = run_disk_pass(src, dst, self.block_size, w.table1,
                                                  disk=w.disk.target, progress=progress)
                 dst.flush()
         except ExportError as exc:
@@ -478,14 +475,13 @@ class _BackupRun:
                 assert self.gen_record is not None
                 gdisk = self.gen_record.disks[target]
                 table_path = self.store.disk_dir(g, target) / gdisk.table
-                table1 = read_check_table(table_path,
-                                          expected_body_digest=bytes.fromhex(gdisk.table_digest))
-                diff = compare(table1, w.table)
+                assert w.table1 is not None   # read (and checked) before the pass
+                diff = compare(w.table1, w.table)
                 diff_path = self.store.difference_path(g, target, self.point)
                 self.journal.add_files([self.store.relpath(diff_path)])
                 diff_checksum = write_difference_table(diff_path, diff)
                 self.created.append(diff_path)
-                table1_digest = digest_hex(_file_checksum(table_path))
+                table1_digest = digest_hex(file_checksum(table_path))
                 diff_rel, diff_digest = self.store.relpath(diff_path), digest_hex(diff_checksum)
                 base_path = self.store.disk_dir(g, target) / gdisk.base
                 base_fmt = gdisk.base_format
@@ -591,23 +587,10 @@ class _BackupRun:
         for path in reversed(self.created):
             try:
                 if path.is_dir():
-                    _remove_tree_of_ours(path)
+                    shutil.rmtree(path)   # a generation directory this backup made
                 else:
                     unlink_durable(path)
             except OSError as err:
                 log.error("cannot remove %s: %s", path, err.strerror)
                 ok = False
         return ok
-
-
-def _remove_tree_of_ours(path: Path) -> None:
-    """Remove a generation directory this backup created (and only it)."""
-    import shutil
-
-    shutil.rmtree(path)
-
-
-def _file_checksum(path: Path) -> bytes:
-    from ..core.tablefile import file_checksum
-
-    return file_checksum(path)
