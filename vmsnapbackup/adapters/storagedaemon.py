@@ -992,9 +992,9 @@ def stop_leftover_daemon(
             stopped = True
         elif _is_exiting_daemon(candidate):
             # killed with its parent and still tearing down (its command line is gone
-            # already, its image locks not yet): wait, or a commit fails on the lock
+            # already, its image locks not yet): wait, or a commit fails on the lock.
+            # It was dying already: nothing was stopped here.
             _wait_gone(candidate, timeout)
-            stopped = True
     try:
         _remove_runtime_dir(runtime_dir)
     except OSError as err:
