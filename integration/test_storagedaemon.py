@@ -546,3 +546,44 @@ def test_parent_sigkill_kills_daemon(tmp_path: Path, run_base: str, subreaper: N
         assert not os.path.exists(info["dir"])
     finally:
         finish_child(proc, info)
+
+
+# ------------------------------------------------------------ dirty bitmaps
+def _dirty_map(exp: Export, bitmap: str) -> List[dict]:
+    """qemu-img's own reading of the bitmap: with x-dirty-bitmap, dirty shows as data false."""
+    opts = (f"driver=nbd,server.type=unix,server.path={exp.socket_path},export={exp.name},"
+            f"x-dirty-bitmap=qemu:dirty-bitmap:{bitmap}")
+    out = run("qemu-img", "map", "--output=json", "--image-opts", opts).stdout
+    return [e for e in json.loads(out) if not e["data"]]
+
+
+def test_export_serves_an_intact_bitmap_and_refuses_others(tmp_path: Path, run_base: str) -> None:
+    good, broken = tmp_path / "good.qcow2", tmp_path / "broken.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(good), str(16 * MiB))
+    run("qemu-img", "bitmap", "--add", str(good), "bm0")
+    qemu_io(str(good), "write -P 0x5a 1M 64k", fmt="qcow2")   # recorded by the bitmap
+    shutil.copyfile(good, broken)
+    # a writer that dies with the bitmap loaded leaves it "in use": inconsistent
+    proc = subprocess.Popen(["qemu-io", "-f", "qcow2", "-c", "sleep 60000", str(broken)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        tenacity.Retrying(
+            stop=tenacity.stop_after_delay(DEADLINE), wait=tenacity.wait_fixed(0.05),
+            retry=tenacity.retry_if_result(lambda flags: "in-use" not in flags),
+        )(lambda: run("qemu-img", "info", "-U", "--output=json", str(broken)).stdout)
+    finally:
+        proc.kill()
+        proc.wait()
+    with StorageDaemon(run_base, tag="bm") as d:
+        exp = d.export_image(str(good), "qcow2", name="good", bitmap="bm0", direct=True)
+        assert (exp.bitmap, exp.bitmap_refused) == ("bm0", None)
+        assert [(e["start"], e["length"]) for e in _dirty_map(exp, "bm0")] == [(1 * MiB, 64 * KiB)]
+        missing = d.export_image(str(good), "qcow2", name="missing", bitmap="nope")
+        assert missing.bitmap is None and "no such bitmap" in (missing.bitmap_refused or "")
+        bad = d.export_image(str(broken), "qcow2", name="broken", bitmap="bm0")
+        assert bad.bitmap is None and "inconsistent" in (bad.bitmap_refused or "")
+        plain = d.export_image(str(good), "qcow2", name="plain")
+        assert (plain.bitmap, plain.bitmap_refused) == (None, None)
+        # the exports refused a bitmap still serve the data
+        qemu_io(bad.uri, "read -P 0x5a 1M 64k", read_only=True)
+    assert_cleaned(d)

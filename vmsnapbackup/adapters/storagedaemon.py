@@ -230,6 +230,10 @@ class Export:
     export_id: str
     host: Optional[str] = None
     port: Optional[int] = None
+    #: the persistent dirty bitmap the export serves as ``qemu:dirty-bitmap:<name>``
+    #: (None: not asked, or refused -- ``bitmap_refused`` says why)
+    bitmap: Optional[str] = None
+    bitmap_refused: Optional[str] = None
 
     @property
     def uri(self) -> str:
@@ -664,7 +668,7 @@ class StorageDaemon:
         return name
 
     def _add_export(self, path: str, fmt: Optional[str], writable: bool, name: Optional[str],
-                    direct: bool = False) -> Export:
+                    direct: bool = False, bitmap: Optional[str] = None) -> Export:
         if self._qmp is None or self._closed:
             raise errors.ExportError("storage daemon is not running")
         path = os.path.abspath(path)
@@ -703,12 +707,20 @@ class StorageDaemon:
                 "blockdev-add", _image=path,
                 **{"driver": fmt, "node-name": node, "file": file_node}, **common,
             )
+            export_args: Dict[str, Any] = {"type": "nbd", "id": export_id, "node-name": node,
+                                           "name": name, "writable": writable}
+            refused = None
+            if bitmap is not None:
+                refused = self._bitmap_problem(node, bitmap)
             try:
-                self._cmd(
-                    "block-export-add", _image=path,
-                    **{"type": "nbd", "id": export_id, "node-name": node, "name": name,
-                       "writable": writable},
-                )
+                if bitmap is not None and refused is None:
+                    try:
+                        self._cmd("block-export-add", _image=path, **export_args,
+                                  bitmaps=[bitmap])
+                    except errors.ExportError as err:
+                        refused = f"QEMU would not export it: {err}"
+                if bitmap is None or refused is not None:
+                    self._cmd("block-export-add", _image=path, **export_args)
             except BaseException:
                 self._undo(lambda: self._cmd("blockdev-del", **{"node-name": node}))
                 raise
@@ -725,8 +737,12 @@ class StorageDaemon:
             node_name=node,
             file_node=file_node,
             export_id=export_id,
+            bitmap=bitmap if bitmap is not None and refused is None else None,
+            bitmap_refused=refused,
             **self._tcp_endpoint(),
         )
+        if refused is not None:
+            log.info("[%s] %s: dirty bitmap %s not used: %s", self.tag, path, bitmap, refused)
         self._exports.append(export)
         size = self._virtual_size(node)
         export = dataclasses.replace(export, size=size)
@@ -749,6 +765,22 @@ class StorageDaemon:
             return {}
         return {"host": str(addr["data"]["host"]), "port": int(addr["data"]["port"])}
 
+    def _bitmap_problem(self, node: str, bitmap: str) -> Optional[str]:
+        """Why ``bitmap`` of ``node`` cannot be trusted, or None when it can."""
+        for info in self._cmd("query-named-block-nodes", flat=True):
+            if info.get("node-name") != node:
+                continue
+            for bm in info.get("dirty-bitmaps") or ():
+                if bm.get("name") != bitmap:
+                    continue
+                if not bm.get("persistent", False):
+                    return "it is not persistent"
+                if bm.get("inconsistent", False):
+                    return "QEMU marks it inconsistent (its writer stopped with it in use)"
+                return None
+            return "the image has no such bitmap"
+        return f"block node {node} vanished from the storage daemon"
+
     def _virtual_size(self, node: str) -> int:
         for info in self._cmd("query-named-block-nodes", flat=True):
             if info.get("node-name") == node:
@@ -756,7 +788,7 @@ class StorageDaemon:
         raise errors.ExportError(f"block node {node} vanished from the storage daemon")
 
     def export_image(self, path: str, fmt: Optional[str] = None, *, name: Optional[str] = None,
-                     direct: bool = False) -> Export:
+                     direct: bool = False, bitmap: Optional[str] = None) -> Export:
         """Export an image read-only (the frozen image, a point volume, ...).
 
         ``fmt`` None probes the format with qemu-img (see :func:`detect_format`
@@ -767,8 +799,15 @@ class StorageDaemon:
         ``direct`` reads with O_DIRECT and native AIO, when the filesystem allows
         it: for an image read once from end to end (the frozen image), which
         then neither costs a page-cache copy per byte nor evicts the host's cache.
+
+        ``bitmap`` also serves that persistent dirty bitmap of the image, but
+        only when QEMU holds it intact: present, persistent and not
+        ``inconsistent`` (the flag QEMU leaves on a bitmap whose writer died
+        with it in use).  Otherwise the export is made without it and
+        :attr:`Export.bitmap_refused` says why: a caller that cannot trust a
+        bitmap must read everything, which is slower but never wrong.
         """
-        return self._add_export(path, fmt, False, name, direct)
+        return self._add_export(path, fmt, False, name, direct, bitmap)
 
     def open_writable(self, path: str, fmt: Optional[str] = None, *, name: Optional[str] = None) -> Export:
         """Export an existing image writable (for instance a raw base volume)."""
