@@ -28,7 +28,11 @@ from vmsnapbackup.errors import ExportError, UsageError
 
 TIMEOUT = 2.0
 CONTEXT_ID = 7
+DIRTY_ID = 9
+DIRTY = p.dirty_bitmap_context("bm0")
+BOTH = {p.META_BASE_ALLOCATION: CONTEXT_ID, DIRTY: DIRTY_ID}
 MiB = 1024 * 1024
+GiB = 1024 * MiB
 
 
 # ---------------------------------------------------------------------------
@@ -53,6 +57,7 @@ class Conn:
         self.stop = stop
         self.client_flags: Optional[int] = None
         self.options: List[Tuple[int, bytes]] = []
+        self.meta_queries: List[List[str]] = []
 
     # raw I/O
     def recv_exact(self, n: int) -> bytes:
@@ -85,17 +90,28 @@ class Conn:
     def handshake(self, size: int = 1 * MiB,
                   flags: int = p.TF_HAS_FLAGS | p.TF_SEND_FLUSH | p.TF_SEND_WRITE_ZEROES,
                   block_sizes: Optional[Tuple[int, int, int]] = (1, 4096, 32 * MiB),
-                  structured: bool = True, meta: bool = True) -> None:
-        """Play a well-behaved server up to the transmission phase."""
+                  structured: bool = True, meta: bool = True,
+                  offer: Optional[Dict[str, int]] = None) -> None:
+        """Play a well-behaved server up to the transmission phase.
+
+        ``offer``: the contexts this server has, by name and id; it selects
+        those the client asks for, in the order asked (default: only
+        base:allocation, or none when ``meta`` is false).
+        """
+        if offer is None:
+            offer = {p.META_BASE_ALLOCATION: CONTEXT_ID} if meta else {}
         self.greeting()
         while True:
             option, data = self.read_option()
             if option == p.OPT_STRUCTURED_REPLY:
                 self.option_reply(option, p.REP_ACK if structured else p.REP_ERR_UNSUP)
             elif option == p.OPT_SET_META_CONTEXT:
-                if meta:
-                    name = p.META_BASE_ALLOCATION.encode()
-                    self.option_reply(option, p.REP_META_CONTEXT, p.U32.pack(CONTEXT_ID) + name)
+                queries = parse_meta_queries(data)
+                self.meta_queries.append(queries)
+                for query in queries:
+                    if query in offer:
+                        self.option_reply(option, p.REP_META_CONTEXT,
+                                          p.U32.pack(offer[query]) + query.encode())
                 self.option_reply(option, p.REP_ACK)
             elif option == p.OPT_GO:
                 self.option_reply(option, p.REP_INFO, p.INFO_EXPORT_PAYLOAD.pack(
@@ -156,6 +172,21 @@ class Conn:
                 continue
             except OSError:
                 return
+
+
+def parse_meta_queries(data: bytes) -> List[str]:
+    """The context names in a SET_META_CONTEXT option (after the export name)."""
+    (name_len,) = p.U32.unpack_from(data)
+    pos = 4 + name_len
+    (count,) = p.U32.unpack_from(data, pos)
+    pos += 4
+    queries = []
+    for _ in range(count):
+        (length,) = p.U32.unpack_from(data, pos)
+        queries.append(data[pos + 4:pos + 4 + length].decode())
+        pos += 4 + length
+    assert pos == len(data), "trailing bytes in SET_META_CONTEXT"
+    return queries
 
 
 class Disk:
@@ -591,6 +622,307 @@ def test_block_status_for_unknown_context_is_rejected(fake):
     with fake(script).client() as client:
         with pytest.raises(ExportError, match="unknown metadata context 99"):
             list(client.block_status())
+
+
+# ---------------------------------------------------------------------------
+# dirty bitmap context
+
+
+Runs = List[Tuple[int, int, int]]  # (offset, length, flags), covering the export
+
+
+class StatusModel:
+    """Answers BLOCK_STATUS from per-context run lists, each chunk cut at its own cap.
+
+    ``caps`` bounds how many bytes one chunk of a context describes, so the
+    two chunks of one reply can end at different offsets (as QEMU's may).
+    """
+
+    def __init__(self, contexts: Dict[int, Runs], caps: Dict[int, int]) -> None:
+        self.contexts = contexts
+        self.caps = caps
+        self.requests: List[Request] = []
+
+    def descriptors(self, context: int, offset: int, length: int) -> List[Tuple[int, int]]:
+        end = min(offset + length, offset + self.caps.get(context, length))
+        out: List[Tuple[int, int]] = []
+        for start, run, flags in self.contexts[context]:
+            lo, hi = max(start, offset), min(start + run, end)
+            if lo < hi:
+                out.append((hi - lo, flags))
+        assert out, "model does not cover the request"
+        return out
+
+    def answer(self, conn: Conn, req: Request) -> None:
+        self.requests.append(req)
+        ids = list(self.contexts)
+        for index, context in enumerate(ids):
+            conn.status(req.cookie, self.descriptors(context, req.offset, req.length),
+                        context=context, done=index == len(ids) - 1)
+
+    def serve(self, conn: Conn) -> None:
+        while True:
+            try:
+                req = conn.read_request()
+            except EOFError:
+                return
+            if req.cmd == p.CMD_DISC:
+                return
+            assert req.cmd == p.CMD_BLOCK_STATUS
+            self.answer(conn, req)
+
+
+def test_dirty_bitmap_asks_for_both_contexts_in_one_option(fake):
+    def script(conn: Conn) -> None:
+        conn.handshake(offer=BOTH)
+        seen.extend(conn.meta_queries)
+        seen.append([o for o, _ in conn.options])
+        conn.wait_closed()
+
+    seen: List[List[object]] = []
+    server = fake(script)
+    with server.client(dirty_bitmap="bm0") as client:
+        assert client.can_block_status and client.can_dirty_status
+        assert client.dirty_bitmap == "bm0"
+    server.finish()
+    assert seen == [[p.META_BASE_ALLOCATION, "qemu:dirty-bitmap:bm0"],
+                    [p.OPT_STRUCTURED_REPLY, p.OPT_SET_META_CONTEXT, p.OPT_GO]]
+
+
+def test_without_dirty_bitmap_only_base_allocation_is_asked(fake):
+    def script(conn: Conn) -> None:
+        conn.handshake(offer=BOTH)
+        seen.extend(conn.meta_queries)
+        conn.wait_closed()
+
+    seen: List[List[str]] = []
+    server = fake(script)
+    with server.client() as client:
+        assert client.can_block_status and not client.can_dirty_status
+        with pytest.raises(UsageError, match="no dirty bitmap was asked for"):
+            client.dirty_ranges(65536)
+    server.finish()
+    assert seen == [[p.META_BASE_ALLOCATION]]
+
+
+def test_server_without_the_bitmap_selects_only_base_allocation(fake):
+    def script(conn: Conn) -> None:
+        conn.handshake(size=MiB, offer={p.META_BASE_ALLOCATION: CONTEXT_ID})
+        req = conn.read_request()
+        conn.status(req.cookie, [(MiB, p.STATE_ZERO)])
+        conn.wait_closed()
+
+    with fake(script).client(dirty_bitmap="bm0") as client:
+        assert client.can_block_status and not client.can_dirty_status
+        with pytest.raises(UsageError, match=r"did not offer qemu:dirty-bitmap:bm0"):
+            client.dirty_ranges(65536)
+        # the refused call sent nothing: the stream is still in step
+        assert list(client.block_status()) == [Extent(0, MiB, p.STATE_ZERO)]
+
+
+def test_server_selecting_only_the_dirty_context(fake):
+    model = StatusModel({DIRTY_ID: [(0, 64 * 1024, 0), (64 * 1024, 4096, p.STATE_DIRTY),
+                                    (68 * 1024, MiB - 68 * 1024, 0)]}, {})
+
+    def script(conn: Conn) -> None:
+        conn.handshake(size=MiB, offer={DIRTY: DIRTY_ID})
+        model.serve(conn)
+
+    with fake(script).client(dirty_bitmap="bm0") as client:
+        assert client.can_dirty_status and not client.can_block_status
+        # without base:allocation everything is data, and no request is needed
+        assert list(client.block_status()) == [Extent(0, MiB, 0)]
+        assert list(client.data_ranges(65536)) == [(0, MiB)]
+        assert list(client.dirty_ranges(65536)) == [(65536, 65536)]
+    assert len(model.requests) == 1
+
+
+def test_dirty_ranges_widen_join_and_clip(fake):
+    size = MiB + 4096  # the last block is short
+    dirty_runs: Runs = [
+        (0, 100, p.STATE_DIRTY),                    # block 0
+        (100, 65536 - 100, 0),
+        (65536, 512, 0b10),                         # reserved bit only: clean
+        (66048, 131072 - 66048, 0),
+        (131072 + 4096, 4096, p.STATE_DIRTY),       # block 2 ...
+        (131072, 4096, 0),
+        (131072 + 8192, 65536, p.STATE_DIRTY),      # ... joined with block 3
+        (262144 - 57344, 57344, 0),
+        (262144, 512 * 1024 - 262144, 0),
+        (512 * 1024, 1, p.STATE_DIRTY | 0b10),       # one byte: block 8
+        (512 * 1024 + 1, size - 4096 - 512 * 1024 - 1, 0),
+        (size - 4096, 4096, p.STATE_DIRTY),         # tail, clipped to the export
+    ]
+    dirty_runs.sort()
+    model = StatusModel({CONTEXT_ID: [(0, size, 0)], DIRTY_ID: dirty_runs}, {})
+
+    def script(conn: Conn) -> None:
+        conn.handshake(size=size, offer=BOTH)
+        model.serve(conn)
+
+    with fake(script).client(dirty_bitmap="bm0") as client:
+        assert list(client.dirty_ranges(65536)) == [
+            (0, 65536), (131072, 131072), (512 * 1024, 65536), (MiB, 4096)]
+        # a window in the middle: clipped to what was asked
+        assert list(client.dirty_ranges(65536, 50, 200 * 1024)) == [
+            (50, 65536 - 50), (131072, 50 + 200 * 1024 - 131072)]
+        # dirty bytes only outside the window do not count
+        assert list(client.dirty_ranges(65536, 4096, 120 * 1024)) == []
+        # a block size that joins everything in reach
+        assert list(client.dirty_ranges(512 * 1024)) == [(0, MiB + 4096)]
+        assert list(client.dirty_ranges(4096, size - 4096)) == [(size - 4096, 4096)]
+        with pytest.raises(UsageError, match="outside the export"):
+            client.dirty_ranges(4096, size - 4096, 4097)
+        with pytest.raises(UsageError, match="block size must be positive"):
+            client.dirty_ranges(0)
+        assert list(client.dirty_ranges(4096, 100, 0)) == []
+
+
+def test_contexts_answering_different_lengths_each_continue_on_their_own(fake):
+    size = 4 * MiB
+    base_runs: Runs = [(0, MiB, 0), (MiB, 3 * MiB, p.STATE_ZERO | p.STATE_HOLE)]
+    dirty_runs: Runs = [(0, 3 * MiB, 0), (3 * MiB, 65536, p.STATE_DIRTY),
+                        (3 * MiB + 65536, MiB - 65536, 0)]
+    # base:allocation answers at most 1.5 MiB per chunk, the bitmap 2.5 MiB
+    model = StatusModel({DIRTY_ID: dirty_runs, CONTEXT_ID: base_runs},
+                        {CONTEXT_ID: 3 * MiB // 2, DIRTY_ID: 5 * MiB // 2})
+
+    def script(conn: Conn) -> None:
+        conn.handshake(size=size, offer=BOTH)
+        model.serve(conn)
+
+    with fake(script).client(dirty_bitmap="bm0") as client:
+        assert list(client.dirty_ranges(65536)) == [(3 * MiB, 65536)]
+        dirty_walk = [(r.offset, r.length) for r in model.requests]
+        del model.requests[:]
+        assert list(client.data_ranges(65536)) == [(0, MiB)]
+        assert list(client.block_status()) == [
+            Extent(0, MiB, 0), Extent(MiB, 3 * MiB, p.STATE_ZERO | p.STATE_HOLE)]
+        base_walk = [(r.offset, r.length) for r in model.requests[:3]]
+    assert dirty_walk == [(0, size), (5 * MiB // 2, size - 5 * MiB // 2)]
+    assert base_walk == [(0, size), (3 * MiB // 2, size - 3 * MiB // 2),
+                         (3 * MiB, MiB)]
+
+
+def test_dirty_walk_over_a_disk_larger_than_4_gib(fake):
+    size = 9 * GiB + 12 * 4096
+    dirty_spots = [(5 * 4096, 4096), (3 * GiB - 4096, 8192), (8 * GiB + 65536, 3 * 4096),
+                   (size - 4096, 4096)]
+    dirty_runs: Runs = []
+    pos = 0
+    for start, length in dirty_spots:
+        dirty_runs += [(pos, start - pos, 0), (start, length, p.STATE_DIRTY)]
+        pos = start + length
+    dirty_runs = [r for r in dirty_runs if r[1]]
+    # the server also shortens every dirty chunk to 1 GiB + 4 KiB
+    model = StatusModel({CONTEXT_ID: [(0, size, 0)], DIRTY_ID: dirty_runs},
+                        {DIRTY_ID: GiB + 4096})
+
+    def script(conn: Conn) -> None:
+        conn.handshake(size=size, offer=BOTH, block_sizes=(512, 4096, 32 * MiB))
+        model.serve(conn)
+
+    with fake(script).client(dirty_bitmap="bm0") as client:
+        got = list(client.dirty_ranges(65536))
+    assert got == [(0, 65536), (3 * GiB - 65536, 131072), (8 * GiB + 65536, 65536),
+                   (9 * GiB, 12 * 4096)]
+    lengths = [r.length for r in model.requests]
+    assert max(lengths) < 1 << 31
+    assert all(r.offset % 512 == 0 and r.length % 512 == 0 for r in model.requests)
+    # each request starts where the dirty chunk before it stopped
+    for prev, nxt in zip(model.requests, model.requests[1:]):
+        assert nxt.offset == prev.offset + min(prev.length, GiB + 4096)
+    assert model.requests[-1].offset + model.requests[-1].length == size
+
+
+def _dirty_status_against(fake, reply: Callable[[Conn, Request], None]) -> str:
+    def script(conn: Conn) -> None:
+        conn.handshake(size=MiB, offer=BOTH)
+        req = conn.read_request()
+        reply(conn, req)
+        conn.wait_closed()
+
+    client = fake(script).client(dirty_bitmap="bm0")
+    with pytest.raises(ExportError) as info:
+        list(client.dirty_ranges(65536))
+    text = assert_one_line(info.value)
+    with pytest.raises(ExportError, match="unusable"):
+        client.read(0, 1)
+    client.close()
+    return text
+
+
+def test_reply_without_the_dirty_chunk_is_a_protocol_error(fake):
+    text = _dirty_status_against(
+        fake, lambda c, r: c.status(r.cookie, [(r.length, 0)], context=CONTEXT_ID))
+    assert "block-status reply without extents for qemu:dirty-bitmap:bm0" in text
+
+
+def test_reply_without_the_allocation_chunk_is_a_protocol_error(fake):
+    text = _dirty_status_against(
+        fake, lambda c, r: c.status(r.cookie, [(r.length, 1)], context=DIRTY_ID))
+    assert "block-status reply without extents for base:allocation" in text
+
+
+def test_two_dirty_chunks_for_one_request_are_a_protocol_error(fake):
+    def reply(conn: Conn, req: Request) -> None:
+        conn.status(req.cookie, [(65536, 1)], context=DIRTY_ID, done=False)
+        conn.status(req.cookie, [(req.length, 0)], context=CONTEXT_ID, done=False)
+        conn.status(req.cookie, [(65536, 0)], context=DIRTY_ID)
+
+    text = _dirty_status_against(fake, reply)
+    assert "two block-status chunks for one context (qemu:dirty-bitmap:bm0)" in text
+
+
+def test_chunk_for_an_unknown_context_is_a_protocol_error(fake):
+    def reply(conn: Conn, req: Request) -> None:
+        conn.status(req.cookie, [(req.length, 0)], context=CONTEXT_ID, done=False)
+        conn.status(req.cookie, [(req.length, 1)], context=DIRTY_ID + 1)
+
+    text = _dirty_status_against(fake, reply)
+    assert f"block status for unknown metadata context {DIRTY_ID + 1}" in text
+
+
+def test_dirty_chunk_longer_than_asked_is_a_protocol_error(fake):
+    def reply(conn: Conn, req: Request) -> None:
+        conn.status(req.cookie, [(req.length, 0)], context=CONTEXT_ID, done=False)
+        conn.status(req.cookie, [(req.length, 1), (512, 0)], context=DIRTY_ID)
+
+    text = _dirty_status_against(fake, reply)
+    assert f"describes {MiB + 512} bytes for a request of {MiB} (qemu:dirty-bitmap:bm0)" in text
+
+
+def test_error_reply_to_block_status_keeps_the_connection(fake):
+    def script(conn: Conn) -> None:
+        conn.handshake(size=MiB, offer=BOTH)
+        req = conn.read_request()
+        # one context answered, then the error: the missing chunk is no violation
+        conn.status(req.cookie, [(req.length, 0)], context=CONTEXT_ID, done=False)
+        conn.error(req.cookie, p.NBD_EIO, "bitmap read failed")
+        StatusModel({CONTEXT_ID: [(0, MiB, 0)], DIRTY_ID: [(0, MiB, 1)]}, {}).serve(conn)
+
+    with fake(script).client(dirty_bitmap="bm0") as client:
+        with pytest.raises(ExportError, match="EIO.*bitmap read failed") as info:
+            list(client.dirty_ranges(65536))
+        assert info.value.errno == errno.EIO
+        assert list(client.dirty_ranges(65536)) == [(0, MiB)]
+
+
+def test_same_id_for_both_contexts_is_refused(fake):
+    def script(conn: Conn) -> None:
+        conn.handshake(offer={p.META_BASE_ALLOCATION: CONTEXT_ID, DIRTY: CONTEXT_ID})
+        conn.wait_closed()
+
+    with pytest.raises(ExportError, match="same metadata context id 7"):
+        fake(script).client(dirty_bitmap="bm0")
+
+
+def test_invalid_dirty_bitmap_name_is_a_usage_error():
+    left, right = socket.socketpair()
+    with left, right:
+        for bad in ("", "x" * 4096):
+            with pytest.raises(UsageError, match="invalid dirty bitmap name"):
+                NbdClient(left, dirty_bitmap=bad)
 
 
 # ---------------------------------------------------------------------------

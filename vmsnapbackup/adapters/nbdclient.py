@@ -4,9 +4,12 @@ Why our own: there is no NBD client on PyPI (libnbd's bindings come only from
 distributions), and the backup's hot loop needs exactly one thing done well:
 read large ranges into reusable buffers, several requests in flight, and skip
 holes.  This module speaks the fixed newstyle handshake, ``NBD_OPT_GO`` with
-block-size negotiation, structured replies and the ``base:allocation``
-metadata context, and the READ / WRITE / WRITE_ZEROES / FLUSH / BLOCK_STATUS
-commands (spec: NetworkBlockDevice/nbd ``doc/proto.md``).
+block-size negotiation, structured replies, the ``base:allocation``
+metadata context (and, when asked, QEMU's ``qemu:dirty-bitmap:<name>`` next
+to it, so that a later backup reads only the blocks written since the
+bitmap was created), and the READ / WRITE / WRITE_ZEROES / FLUSH /
+BLOCK_STATUS commands (spec: NetworkBlockDevice/nbd ``doc/proto.md``; the
+dirty-bitmap context: QEMU ``docs/interop/nbd.txt``).
 
 Everything the server sends is checked before it is trusted: a length is
 compared with what was asked before anything is allocated or received, every
@@ -235,7 +238,7 @@ class _Request:
     """One command sent and not yet completely answered."""
 
     __slots__ = ("cookie", "cmd", "offset", "length", "view", "filled", "done",
-                 "error", "message", "extents", "status_seen", "errors_seen")
+                 "error", "message", "statuses", "errors_seen")
 
     def __init__(self, cookie: int, cmd: int, offset: int, length: int,
                  view: Optional[memoryview]) -> None:
@@ -249,8 +252,8 @@ class _Request:
         self.done = False
         self.error = 0  # NBD error value of the first error chunk, 0 if none
         self.message = ""
-        self.extents: Optional[List[Tuple[int, int]]] = None
-        self.status_seen = False
+        # BLOCK_STATUS: (length, flags) descriptors per metadata context id.
+        self.statuses: Dict[int, List[Tuple[int, int]]] = {}
         self.errors_seen = 0
 
     def fail(self, error: int, message: str) -> None:
@@ -321,10 +324,15 @@ class NbdClient:
         depth: int = DEFAULT_DEPTH,
         structured_replies: bool = True,
         block_status: bool = True,
+        dirty_bitmap: Optional[str] = None,
         peer: Optional[str] = None,
     ) -> None:
         if depth < 1:
             raise UsageError("NBD pipeline depth must be at least 1")
+        if dirty_bitmap is not None and (
+                not dirty_bitmap
+                or len(p.dirty_bitmap_context(dirty_bitmap).encode("utf-8")) > p.MAX_STRING):
+            raise UsageError(f"invalid dirty bitmap name {dirty_bitmap!r}")
         self._sock: Optional[socket.socket] = sock
         self._peer = peer or "NBD server"
         self._timeout = timeout
@@ -340,6 +348,9 @@ class NbdClient:
         self._scratch = memoryview(bytearray(_SCRATCH_SIZE))
         self._structured = False
         self._context_id: Optional[int] = None
+        #: The dirty bitmap asked for, and its context id once the server chose it.
+        self.dirty_bitmap = dirty_bitmap
+        self._dirty_context_id: Optional[int] = None
         self._size = 0
         self._flags = 0
         self._block_sizes = BlockSizes(p.DEFAULT_MIN_BLOCK, p.DEFAULT_PREFERRED_BLOCK,
@@ -351,8 +362,10 @@ class NbdClient:
             self._close_socket()
             raise
         log.debug("%s export %r: size %d, flags 0x%x, block sizes %s, structured %s, "
-                  "base:allocation %s", self._peer, export_name, self._size, self._flags,
-                  self._block_sizes, self._structured, self._context_id is not None)
+                  "base:allocation %s, dirty bitmap %r %s", self._peer, export_name,
+                  self._size, self._flags, self._block_sizes, self._structured,
+                  self._context_id is not None, dirty_bitmap,
+                  self._dirty_context_id is not None)
 
     # -- constructors -------------------------------------------------------
 
@@ -432,6 +445,16 @@ class NbdClient:
     def can_block_status(self) -> bool:
         """True when ``base:allocation`` was negotiated (holes can be skipped)."""
         return self._context_id is not None
+
+    @property
+    def can_dirty_status(self) -> bool:
+        """True when the server selected ``qemu:dirty-bitmap:<dirty_bitmap>``.
+
+        False when no bitmap was asked for, and also when the export does not
+        carry it: the server simply leaves an unknown context out, and only
+        the caller knows whether that means "read everything".
+        """
+        return self._dirty_context_id is not None
 
     @property
     def read_only(self) -> bool:
@@ -567,8 +590,8 @@ class NbdClient:
             return
         if want_structured:
             self._structured = self._simple_option(p.OPT_STRUCTURED_REPLY, b"")
-        if self._structured and want_status:
-            self._set_meta_context(name)
+        if self._structured and (want_status or self.dirty_bitmap is not None):
+            self._set_meta_context(name, want_status)
         if not self._go(name):
             self._export_name_option(name)
 
@@ -609,32 +632,55 @@ class NbdClient:
             return False
         raise self._fail(f"unexpected reply type {rtype} to option {option}")
 
-    def _set_meta_context(self, name: bytes) -> None:
-        query = p.META_BASE_ALLOCATION.encode()
-        data = (p.U32.pack(len(name)) + name + p.U32.pack(1)
-                + p.U32.pack(len(query)) + query)
+    def _set_meta_context(self, name: bytes, want_allocation: bool) -> None:
+        """Ask for every context we want in one option (a second SET would replace the first)."""
+        dirty = (p.dirty_bitmap_context(self.dirty_bitmap)
+                 if self.dirty_bitmap is not None else None)
+        queries = [q for q in (p.META_BASE_ALLOCATION if want_allocation else None, dirty)
+                   if q is not None]
+        data = p.U32.pack(len(name)) + name + p.U32.pack(len(queries))
+        for query in queries:
+            encoded = query.encode("utf-8")
+            data += p.U32.pack(len(encoded)) + encoded
         self._send_option(p.OPT_SET_META_CONTEXT, data)
         for _ in range(_MAX_OPTION_REPLIES):
             rtype, payload = self._option_reply(p.OPT_SET_META_CONTEXT)
             if rtype == p.REP_ACK:
+                if payload:
+                    raise self._fail("ACK to SET_META_CONTEXT carries data")
+                if self._context_id is not None and self._context_id == self._dirty_context_id:
+                    raise self._fail(f"server gave {p.META_BASE_ALLOCATION} and {dirty} the "
+                                     f"same metadata context id {self._context_id}")
                 return
             if rtype == p.REP_META_CONTEXT:
                 if len(payload) < p.U32.size + 1:
                     raise self._fail("metadata context reply too short")
                 (context_id,) = p.U32.unpack_from(payload)
                 context = bytes(payload[p.U32.size:]).decode("utf-8", "replace")
-                if context == p.META_BASE_ALLOCATION:
+                if context == p.META_BASE_ALLOCATION and want_allocation:
                     self._context_id = context_id
+                elif context == dirty:
+                    self._dirty_context_id = context_id
                 else:
                     log.debug("NBD server selected unasked metadata context %r", context)
                 continue
             if rtype & p.REP_FLAG_ERROR:
-                log.debug("NBD server refused base:allocation: %s",
+                log.debug("NBD server refused metadata contexts %s: %s", queries,
                           self._option_error(p.OPT_SET_META_CONTEXT, rtype, payload))
-                self._context_id = None
+                self._context_id = self._dirty_context_id = None
                 return
             raise self._fail(f"unexpected reply type {rtype} to SET_META_CONTEXT")
         raise self._fail("too many replies to SET_META_CONTEXT")
+
+    def _context_name(self, context_id: int) -> str:
+        if context_id == self._context_id:
+            return p.META_BASE_ALLOCATION
+        if context_id == self._dirty_context_id and self.dirty_bitmap is not None:
+            return p.dirty_bitmap_context(self.dirty_bitmap)
+        return f"metadata context {context_id}"
+
+    def _negotiated_contexts(self) -> List[int]:
+        return [c for c in (self._context_id, self._dirty_context_id) if c is not None]
 
     def _go(self, name: bytes) -> bool:
         """NBD_OPT_GO; False if the server does not know the option."""
@@ -799,8 +845,12 @@ class NbdClient:
                 if request.cmd == p.CMD_READ and request.filled != request.length:
                     raise _ProtocolViolation(
                         f"read reply ended after {request.filled} of {request.length} bytes")
-                if request.cmd == p.CMD_BLOCK_STATUS and not request.status_seen:
-                    raise _ProtocolViolation("block-status reply without extents")
+                if request.cmd == p.CMD_BLOCK_STATUS:
+                    for context_id in self._negotiated_contexts():
+                        if context_id not in request.statuses:
+                            raise _ProtocolViolation(
+                                f"block-status reply without extents for "
+                                f"{self._context_name(context_id)}")
             self._complete(request)
 
     def _content_range(self, request: _Request, offset: int, length: int,
@@ -851,11 +901,11 @@ class NbdClient:
             raise _ProtocolViolation(f"block-status chunk too large ({length} bytes)")
         payload = self._recv_bytes(length, "reading block status")
         (context_id,) = p.BLOCK_STATUS_HEAD.unpack_from(payload)
-        if context_id != self._context_id:
+        if context_id not in self._negotiated_contexts():
             raise _ProtocolViolation(f"block status for unknown metadata context {context_id}")
-        if request.status_seen:
-            raise _ProtocolViolation("two block-status chunks for one context")
-        request.status_seen = True
+        if context_id in request.statuses:
+            raise _ProtocolViolation(f"two block-status chunks for one context "
+                                     f"({self._context_name(context_id)})")
         extents: List[Tuple[int, int]] = []
         total = 0
         for ext_len, ext_flags in p.BLOCK_DESCRIPTOR.iter_unpack(memoryview(payload)[head:]):
@@ -865,8 +915,9 @@ class NbdClient:
             extents.append((ext_len, ext_flags))
         if total > request.length:
             raise _ProtocolViolation(
-                f"block status describes {total} bytes for a request of {request.length}")
-        request.extents = extents
+                f"block status describes {total} bytes for a request of {request.length} "
+                f"({self._context_name(context_id)})")
+        request.statuses[context_id] = extents
 
     def _error_chunk(self, request: _Request, rtype: int, length: int) -> None:
         head = p.ERROR_HEAD.size
@@ -1060,6 +1111,29 @@ class NbdClient:
 
     # -- block status -------------------------------------------------------
 
+    def _status_walk(self, context_id: int, offset: int,
+                     end: int) -> Iterator[Tuple[int, int, int]]:
+        """``(offset, length, flags)`` of one context's descriptors, clipped to the range.
+
+        Requests stay below 2 GiB and are aligned to the minimum block size;
+        each next request starts where *this context's* chunk stopped (with
+        two contexts negotiated the server answers both, and the chunks may
+        cover different lengths, so the other context's chunk is ignored).
+        """
+        minimum = self._block_sizes.minimum
+        limit = _MAX_STATUS_REQUEST - _MAX_STATUS_REQUEST % minimum
+        pos = offset - offset % minimum
+        while pos < end:
+            query_end = min(-(-end // minimum) * minimum, self._size, pos + limit)
+            request = self._submit(p.CMD_BLOCK_STATUS, pos, query_end - pos)
+            self._wait_all([request], lambda r: f"block status of {r.length} bytes "
+                                                f"at offset {r.offset}")
+            for ext_len, ext_flags in request.statuses[context_id]:
+                ext_start, ext_end = max(pos, offset), min(pos + ext_len, end)
+                pos += ext_len
+                if ext_start < ext_end:
+                    yield ext_start, ext_end - ext_start, ext_flags
+
     def block_status(self, offset: int = 0, length: Optional[int] = None, *,
                      merge: bool = True) -> Iterator[Extent]:
         """Extents of ``[offset, offset + length)`` (default: to the end) in order.
@@ -1078,29 +1152,16 @@ class NbdClient:
         if self._context_id is None:
             yield Extent(offset, length, 0)
             return
-        minimum = self._block_sizes.minimum
-        limit = _MAX_STATUS_REQUEST - _MAX_STATUS_REQUEST % minimum
         current: Optional[Extent] = None
-        pos = offset - offset % minimum
-        while pos < end:
-            query_end = min(-(-end // minimum) * minimum, self._size, pos + limit)
-            request = self._submit(p.CMD_BLOCK_STATUS, pos, query_end - pos)
-            self._wait_all([request], lambda r: f"block status of {r.length} bytes "
-                                                f"at offset {r.offset}")
-            assert request.extents is not None
-            for ext_len, ext_flags in request.extents:
-                ext_start, ext_end = max(pos, offset), min(pos + ext_len, end)
-                pos += ext_len
-                if ext_start >= ext_end:
-                    continue
-                extent = Extent(ext_start, ext_end - ext_start, ext_flags)
-                if current is None:
-                    current = extent
-                elif merge and current.flags == ext_flags:
-                    current = Extent(current.offset, current.length + extent.length, ext_flags)
-                else:
-                    yield current
-                    current = extent
+        for ext_start, ext_len, ext_flags in self._status_walk(self._context_id, offset, end):
+            extent = Extent(ext_start, ext_len, ext_flags)
+            if current is None:
+                current = extent
+            elif merge and current.flags == ext_flags:
+                current = Extent(current.offset, current.length + ext_len, ext_flags)
+            else:
+                yield current
+                current = extent
         if current is not None:
             yield current
 
@@ -1117,22 +1178,38 @@ class NbdClient:
             raise UsageError("block size must be positive")
         if length is None:
             length = self._size - offset
+        spans = ((e.offset, e.length) for e in self.block_status(offset, length)
+                 if not e.reads_as_zero)
+        yield from _whole_blocks(spans, block_size, offset, offset + length)
+
+    def dirty_ranges(self, block_size: int, offset: int = 0,
+                     length: Optional[int] = None) -> Iterator[Tuple[int, int]]:
+        """``(offset, length)`` ranges the dirty bitmap marks, widened to whole blocks.
+
+        The incremental backup's read list: every run with ``NBD_STATE_DIRTY``
+        in the ``qemu:dirty-bitmap:<dirty_bitmap>`` context is widened to
+        multiples of ``block_size`` (counted from 0), neighbours are joined,
+        and the result is clipped to the range asked and the export (the
+        same shape as :meth:`data_ranges`).  Blocks outside these ranges were
+        not written since the bitmap began.  Raises UsageError at once (not
+        on the first ``next``) when the context was not negotiated (see
+        :attr:`can_dirty_status`) or the range is bad, so the mistake shows
+        where the call is made.
+        """
+        if block_size < 1:
+            raise UsageError("block size must be positive")
+        if self._dirty_context_id is None:
+            asked = ("no dirty bitmap was asked for" if self.dirty_bitmap is None else
+                     f"the server did not offer {p.dirty_bitmap_context(self.dirty_bitmap)}")
+            raise UsageError(f"{self._peer}: no dirty ranges: {asked}")
+        if length is None:
+            length = self._size - offset
+        self._check_range(offset, length, "dirty status")
         end = offset + length
-        start_run: Optional[int] = None
-        end_run = 0
-        for extent in self.block_status(offset, length):
-            if extent.reads_as_zero:
-                continue
-            lo = max(extent.offset - extent.offset % block_size, offset)
-            hi = min(-(-extent.end // block_size) * block_size, end)
-            if start_run is not None and lo <= end_run:
-                end_run = max(end_run, hi)
-                continue
-            if start_run is not None:
-                yield start_run, end_run - start_run
-            start_run, end_run = lo, hi
-        if start_run is not None:
-            yield start_run, end_run - start_run
+        spans = ((start, run) for start, run, flags
+                 in self._status_walk(self._dirty_context_id, offset, end)
+                 if flags & p.STATE_DIRTY)
+        return _whole_blocks(spans, block_size, offset, end)
 
     # -- writing ------------------------------------------------------------
 
@@ -1301,6 +1378,24 @@ class NbdClient:
     def __repr__(self) -> str:
         return (f"<NbdClient {self._peer} export={self.export_name!r} size={self._size} "
                 f"{'closed' if self._sock is None else 'open'}>")
+
+
+def _whole_blocks(spans: Iterable[Tuple[int, int]], block_size: int, start: int,
+                  end: int) -> Iterator[Tuple[int, int]]:
+    """Widen ordered ``(offset, length)`` spans to whole blocks, join, clip to [start, end)."""
+    run_start: Optional[int] = None
+    run_end = 0
+    for offset, length in spans:
+        lo = max(offset - offset % block_size, start)
+        hi = min(-(-(offset + length) // block_size) * block_size, end)
+        if run_start is not None and lo <= run_end:
+            run_end = max(run_end, hi)
+            continue
+        if run_start is not None:
+            yield run_start, run_end - run_start
+        run_start, run_end = lo, hi
+    if run_start is not None:
+        yield run_start, run_end - run_start
 
 
 def connect(target: "str | NbdAddress", export_name: Optional[str] = None,

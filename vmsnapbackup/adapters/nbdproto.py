@@ -128,6 +128,19 @@ META_BASE_ALLOCATION = "base:allocation"
 STATE_HOLE = 1 << 0
 STATE_ZERO = 1 << 1
 
+# -- qemu:dirty-bitmap:<name> metadata context (QEMU's docs/interop/nbd.txt) -
+#: Prefix of the context that exposes a dirty bitmap named in the export
+#: (``block-export-add ... bitmaps``, ``qemu-nbd -B``).
+META_DIRTY_BITMAP_PREFIX = "qemu:dirty-bitmap:"
+#: In that context, descriptor status bit 0 means "dirty" (set since the
+#: bitmap was created or last cleared); other bits are reserved.
+STATE_DIRTY = 1 << 0
+
+
+def dirty_bitmap_context(bitmap: str) -> str:
+    """The metadata context name under which QEMU serves dirty bitmap ``bitmap``."""
+    return META_DIRTY_BITMAP_PREFIX + bitmap
+
 # -- limits -----------------------------------------------------------------
 MAX_STRING = 4096  # the spec's limit for names and messages
 #: Default request limits a careful client keeps to when the server gave none
