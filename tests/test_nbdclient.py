@@ -917,6 +917,33 @@ def test_same_id_for_both_contexts_is_refused(fake):
         fake(script).client(dirty_bitmap="bm0")
 
 
+def test_dirty_bitmap_without_allocation_asks_only_for_the_bitmap(fake):
+    def script(conn: Conn) -> None:
+        conn.handshake(offer=BOTH)
+        seen.extend(conn.meta_queries)
+        conn.wait_closed()
+
+    seen: List[List[str]] = []
+    server = fake(script)
+    with server.client(block_status=False, dirty_bitmap="bm0") as client:
+        assert client.can_dirty_status and not client.can_block_status
+    server.finish()
+    assert seen == [[DIRTY]]
+
+
+def test_ack_with_payload_to_set_meta_context_is_refused(fake):
+    def script(conn: Conn) -> None:
+        conn.greeting()
+        conn.read_option()
+        conn.option_reply(p.OPT_STRUCTURED_REPLY, p.REP_ACK)
+        conn.read_option()
+        conn.option_reply(p.OPT_SET_META_CONTEXT, p.REP_ACK, b"junk")
+        conn.wait_closed()
+
+    with pytest.raises(ExportError, match="ACK to SET_META_CONTEXT carries data"):
+        fake(script).client(dirty_bitmap="bm0")
+
+
 def test_invalid_dirty_bitmap_name_is_a_usage_error():
     left, right = socket.socketpair()
     with left, right:
