@@ -404,3 +404,19 @@ def test_checksum_and_digest_binding(tmp_path) -> None:
 def test_missing_file_is_corrupt(tmp_path) -> None:
     with pytest.raises(CorruptFileError, match="missing"):
         read_check_table(tmp_path / "nope.vsbt")
+
+
+def test_take_from_copies_values_and_covers_blocks() -> None:
+    from vmsnapbackup.core.checktable import CheckTableBuilder
+    bs = 4096
+    size = 5 * bs + 100
+    src = CheckTableBuilder(size, bs)
+    src.hash_into(0, bytes(range(256)) * (size // 256) + bytes(size % 256))
+    table1 = src.finish()
+    b = CheckTableBuilder(size, bs)
+    b.hash_into(0, b"\x01" * (2 * bs))
+    assert list(b.take_from(table1, 2 * bs, size - 2 * bs)) == [2, 3, 4, 5]
+    t = b.finish()   # complete: nothing missing
+    assert [t.value(i) == table1.value(i) for i in range(6)] == [False, False] + [True] * 4
+    with pytest.raises(UsageError):
+        b.take_from(CheckTableBuilder(size + bs, bs).table, 0, bs)

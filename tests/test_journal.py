@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -108,3 +109,10 @@ def test_newer_journal_is_incompatible(tmp_path: Path) -> None:
     p.write_text(json.dumps(dict(SPEC, version=2)))
     with pytest.raises(IncompatibleFormatError, match="journal format version 2 is newer"):
         Journal(p).read()
+
+
+def test_checkpoint_is_optional_and_round_trips() -> None:
+    e = JournalEntry.from_dict(SPEC, "j")
+    assert e.checkpoint is None and "checkpoint" not in json.loads(e.to_json())
+    withcp = dataclasses.replace(e, checkpoint="vmsnapbackup-p3-deadbeef")
+    assert JournalEntry.from_json(withcp.to_json(), "j").checkpoint == "vmsnapbackup-p3-deadbeef"

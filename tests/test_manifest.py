@@ -337,3 +337,46 @@ def test_timestamps() -> None:
 def test_canonical_uuid() -> None:
     assert mf.canonical_uuid(UUID.upper()) == UUID
     assert mf.canonical_uuid("web1") is None
+
+
+# --- optional fields added within version 1 (FORMAT §12) ----------------------------------
+
+def test_dirty_bitmap_fields_round_trip_and_are_optional() -> None:
+    obj = spec_manifest()
+    obj["disks"][0]["dirty_bitmap"] = "vmsnapbackup-p1-0a1b2c3d"
+    obj["disks"][0]["blocks"]["unchanged"] = 7
+    m = mf.from_json(resealed(obj), PATH)
+    d = m.disk("vda")
+    assert d.dirty_bitmap == "vmsnapbackup-p1-0a1b2c3d" and d.blocks.unchanged == 7
+    again = json.loads(mf.to_json(m))
+    assert again["disks"][0]["dirty_bitmap"] == "vmsnapbackup-p1-0a1b2c3d"
+    assert again["disks"][0]["blocks"]["unchanged"] == 7
+    # absent (a manifest written before the amendment): no bitmap, nothing skipped, and a
+    # re-serialisation adds neither key, so its checksum stays what it was
+    plain = mf.from_json(dump(spec_manifest()), PATH)
+    assert plain.disk("vda").dirty_bitmap is None and plain.disk("vda").blocks.unchanged == 0
+    assert "dirty_bitmap" not in json.loads(mf.to_json(plain))["disks"][0]
+
+
+@pytest.mark.parametrize("name", ["", "other-tool-cp", "vmsnapbackup-", 7, "vmsnapbackup-a/b"])
+def test_a_foreign_checkpoint_name_is_corrupt(name: Any) -> None:
+    obj = spec_manifest()
+    obj["disks"][0]["dirty_bitmap"] = name
+    with pytest.raises(CorruptFileError, match="dirty_bitmap"):
+        mf.from_json(resealed(obj), PATH)
+
+
+def test_generation_checkpoint_round_trips_and_is_optional() -> None:
+    disks = {"vda": mf.GenerationDisk(virtual_size=2**20, base_format="qcow2",
+                                      base="base.qcow2", table="table-000001.vsbt",
+                                      table_digest="0" * 32)}
+    rec = mf.GenerationRecord(generation=1, first_point=1, created="2026-11-25T13:00:00.123Z",
+                              block_size=65536, disks=disks,
+                              checkpoint="vmsnapbackup-p1-0a1b2c3d")
+    assert mf.GenerationRecord.from_json(rec.to_json(), PATH) == rec
+    obj = json.loads(rec.to_json())
+    del obj["checkpoint"]
+    assert mf.GenerationRecord.from_dict(obj, PATH).checkpoint is None
+    obj["checkpoint"] = "not-ours"
+    with pytest.raises(CorruptFileError, match="checkpoint"):
+        mf.GenerationRecord.from_dict(obj, PATH)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator, Tuple
 
-__all__ = ["block_runs"]
+__all__ = ["block_runs", "complement_runs", "intersect_runs", "Run"]
 
 
 def block_runs(indexes: Iterable[int], max_count: int = 0) -> Iterator[Tuple[int, int]]:
@@ -28,3 +28,34 @@ def block_runs(indexes: Iterable[int], max_count: int = 0) -> Iterator[Tuple[int
             start = prev = i
     if start is not None:
         yield start, prev - start + 1
+
+
+Run = Tuple[int, int]
+
+
+def complement_runs(runs: Iterable[Run], size: int) -> Iterator[Run]:
+    """The gaps of sorted, non-overlapping ``(offset, length)`` runs within ``[0, size)``."""
+    pos = 0
+    for offset, length in runs:
+        if offset > pos:
+            yield pos, min(offset, size) - pos
+        pos = max(pos, offset + length)
+        if pos >= size:
+            return
+    if pos < size:
+        yield pos, size - pos
+
+
+def intersect_runs(a: Iterable[Run], b: Iterable[Run]) -> Iterator[Run]:
+    """Where two lists of sorted, non-overlapping runs overlap (a merge, one pass)."""
+    ia, ib = iter(a), iter(b)
+    ra, rb = next(ia, None), next(ib, None)
+    while ra is not None and rb is not None:
+        lo = max(ra[0], rb[0])
+        hi = min(ra[0] + ra[1], rb[0] + rb[1])
+        if lo < hi:
+            yield lo, hi - lo
+        if ra[0] + ra[1] <= rb[0] + rb[1]:
+            ra = next(ia, None)
+        else:
+            rb = next(ib, None)

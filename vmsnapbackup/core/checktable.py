@@ -309,6 +309,23 @@ class CheckTableBuilder:
         self._covered[span.start:span.stop] = True
         return span
 
+    def take_from(self, other: CheckTable, offset: int, length: int) -> range:
+        """Copy ``other``'s values for ``[offset, offset+length)``: blocks known unchanged.
+
+        Used for the blocks a dirty bitmap says were not written since
+        ``other`` was built, so they need no read.  ``other`` must describe the
+        same disk with the same block size.
+        """
+        if (other.disk_size, other.block_size) != (self.table.disk_size, self.table.block_size):
+            raise UsageError(
+                f"cannot take values from a table of a {other.disk_size}-byte disk with "
+                f"{other.block_size}-byte blocks into one of {self.table.disk_size} bytes with "
+                f"{self.table.block_size}-byte blocks")
+        span = self.table._block_span(offset, length, "unchanged extent")
+        self.table._values[span.start:span.stop] = other._values[span.start:span.stop]
+        self._covered[span.start:span.stop] = True
+        return span
+
     def first_missing(self) -> Optional[int]:
         """Index of the first block neither hashed nor marked a hole, or None."""
         missing = np.flatnonzero(~self._covered)

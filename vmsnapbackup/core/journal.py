@@ -94,9 +94,11 @@ class JournalEntry:
     disks: Mapping[str, JournalDisk] = field(default_factory=dict)
     daemon: Optional[JournalDaemon] = None
     files: Tuple[str, ...] = ()
+    #: a checkpoint this backup creates for its new generation (FORMAT §9)
+    checkpoint: Optional[str] = None
 
     def to_dict(self) -> Dict[str, Any]:
-        return {
+        d = {
             "format": JOURNAL_FORMAT, "version": FORMAT_VERSION,
             "operation": self.operation, "pid": self.pid, "host": self.host,
             "started": self.started, "point": self.point, "generation": self.generation,
@@ -105,6 +107,9 @@ class JournalEntry:
             "daemon": self.daemon.to_dict() if self.daemon else None,
             "files": list(self.files),
         }
+        if self.checkpoint is not None:  # optional within version 1 (FORMAT §12)
+            d["checkpoint"] = self.checkpoint
+        return d
 
     def to_json(self) -> bytes:
         d = self.to_dict()
@@ -144,6 +149,7 @@ class JournalEntry:
             disks=disks,
             daemon=daemon,
             files=tuple(files),
+            checkpoint=f.checkpoint("checkpoint"),
         )
 
     @classmethod

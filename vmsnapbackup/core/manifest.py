@@ -105,6 +105,9 @@ _TIMESTAMP_PARTS = re.compile(
 #: xvda, ...) and never let one be ".", ".." or contain a slash.
 _TARGET = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _FILENAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+#: Names of the libvirt checkpoints (and their bitmaps) this tool creates (§4).
+CHECKPOINT_PREFIX = "vmsnapbackup-"
+CHECKPOINT_NAME = re.compile(re.escape(CHECKPOINT_PREFIX) + r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 JsonDict = Dict[str, Any]
 #: a file name, only ever used in messages
@@ -302,6 +305,15 @@ class Fields:
             self.fail(key, f"not a plain file name: {v!r}")
         return v
 
+    def checkpoint(self, key: str) -> Optional[str]:
+        """A checkpoint name of ours; an absent key reads as null (an optional v1 field)."""
+        v = self.obj.get(key)
+        if v is None:
+            return None
+        if not isinstance(v, str) or not CHECKPOINT_NAME.fullmatch(v):
+            self.fail(key, f"not a vmsnapbackup checkpoint name: {v!r}")
+        return v
+
     def sub(self, key: str) -> "Fields":
         v = self.raw(key)
         if not isinstance(v, dict):
@@ -433,15 +445,20 @@ class GenerationRecord:
     block_size: int
     disks: Mapping[str, GenerationDisk]
     algorithm: str = ALGORITHM
+    #: the libvirt checkpoint made just before the first snapshot (None: none)
+    checkpoint: Optional[str] = None
 
     def to_dict(self) -> JsonDict:
-        return {
+        d = {
             "format": GENERATION_FORMAT, "version": FORMAT_VERSION,
             "generation": self.generation, "first_point": self.first_point,
             "created": self.created, "block_size": self.block_size,
             "algorithm": self.algorithm,
             "disks": {t: d.to_dict() for t, d in sorted(self.disks.items())},
         }
+        if self.checkpoint is not None:  # optional within version 1 (FORMAT §12)
+            d["checkpoint"] = self.checkpoint
+        return d
 
     def to_json(self) -> bytes:
         return record_bytes(_validated(self.to_dict(), GenerationRecord))
@@ -467,6 +484,7 @@ class GenerationRecord:
             block_size=f.block_size("block_size"),
             disks=disks,
             algorithm=algorithm,
+            checkpoint=f.checkpoint("checkpoint"),
         )
 
     @classmethod
@@ -489,14 +507,19 @@ class BlockCounts:
     holes: int
     changed: int
     zero: int
+    unchanged: int = 0   # not read: the dirty bitmap showed them unwritten since table 1
 
     def to_dict(self) -> JsonDict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not self.unchanged:  # optional within version 1 (FORMAT §12)
+            del d["unchanged"]
+        return d
 
     @classmethod
     def from_fields(cls, f: Fields) -> "BlockCounts":
+        unchanged = f.integer("unchanged") if f.obj.get("unchanged") is not None else 0
         return cls(total=f.integer("total"), read=f.integer("read"), holes=f.integer("holes"),
-                   changed=f.integer("changed"), zero=f.integer("zero"))
+                   changed=f.integer("changed"), zero=f.integer("zero"), unchanged=unchanged)
 
 
 @dataclass(frozen=True)
@@ -540,6 +563,8 @@ class PointDisk:
     blocks: BlockCounts
     bytes_written: int
     seconds: Mapping[str, float] = field(default_factory=dict)
+    #: the bitmap that let the pass skip unwritten blocks (None: every data block was read)
+    dirty_bitmap: Optional[str] = None
 
     @property
     def is_base(self) -> bool:
@@ -550,6 +575,8 @@ class PointDisk:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["blocks"] = self.blocks.to_dict()
         d["seconds"] = dict(self.seconds)
+        if self.dirty_bitmap is None:  # optional within version 1 (FORMAT §12)
+            del d["dirty_bitmap"]
         return d
 
     @classmethod
@@ -576,6 +603,7 @@ class PointDisk:
             blocks=BlockCounts.from_fields(f.sub("blocks")),
             bytes_written=f.integer("bytes_written"),
             seconds=seconds,
+            dirty_bitmap=f.checkpoint("dirty_bitmap"),
         )
         if (d.difference is None) != (d.difference_digest is None):
             f.fail("difference_digest", "difference and difference_digest must both be set "
