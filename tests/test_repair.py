@@ -1,6 +1,7 @@
 """Repair planning without libvirt: facts in, actions out (and the pool half on real files)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -459,3 +460,34 @@ def test_disk_back_on_image_refuses_what_is_not_our_overlay_on_top() -> None:
         disk_back_on_image(DOMAIN_XML, "vdb", "/img/other.qcow2", ImageRef(RAW, "raw"))
     with pytest.raises(RepairNeededError, match="not in the domain"):
         disk_back_on_image(DOMAIN_XML, "vdz", OVL, ImageRef(RAW, "raw"))
+
+
+# --- checkpoints (dirty bitmaps) ----------------------------------------------------------
+
+CP_OLD, CP_NEW = "vmsnapbackup-p1-00aa00aa", "vmsnapbackup-p3-11bb11bb"
+
+
+def test_offline_merge_deletes_every_checkpoint_of_ours_first() -> None:
+    """qemu-img commit does not carry dirty bitmaps: none of ours may be trusted after it."""
+    from vmsnapbackup.workflows.repair import DELETE_CHECKPOINT
+    f = facts(active=False, journal=journal(),
+              disks=(disk("vda", OVL, chain=[(IMG, "qcow2")]),),
+              existing=frozenset([IMG, OVL]), backing={OVL: ImageRef(IMG, "qcow2")},
+              checkpoints=(CP_OLD, CP_NEW), pool=PoolFacts(
+                  generation_checkpoints=frozenset([CP_OLD])))
+    assert kinds(plan(f)) == [(DELETE_CHECKPOINT, CP_OLD), (DELETE_CHECKPOINT, CP_NEW),
+                              (OFFLINE_COMMIT, "vda"), (CLEAR_JOURNAL, "journal.json")]
+
+
+def test_checkpoint_of_an_unsealed_generation_is_deleted_and_a_sealed_one_kept() -> None:
+    from vmsnapbackup.workflows.repair import DELETE_CHECKPOINT
+    entry = dataclasses.replace(journal(), checkpoint=CP_NEW)
+    base = dict(journal=entry, disks=(disk("vda", OVL, chain=[(IMG, "qcow2")]),),
+                existing=frozenset([IMG, OVL]), checkpoints=(CP_OLD, CP_NEW))
+    unsealed = facts(pool=PoolFacts(generation_checkpoints=frozenset([CP_OLD])), **base)
+    assert kinds(plan(unsealed)) == [(COMMIT, "vda"), (DELETE_CHECKPOINT, CP_NEW),
+                                     (CLEAR_JOURNAL, "journal.json")]
+    sealed = facts(pool=PoolFacts(generation_checkpoints=frozenset([CP_NEW])), **base)
+    assert kinds(plan(sealed)) == [(COMMIT, "vda"), (CLEAR_JOURNAL, "journal.json")]
+    gone = facts(pool=PoolFacts(), **{**base, "checkpoints": (CP_OLD,)})
+    assert kinds(plan(gone)) == [(COMMIT, "vda"), (CLEAR_JOURNAL, "journal.json")]

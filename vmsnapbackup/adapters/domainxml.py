@@ -33,6 +33,7 @@ __all__ = [
     "overlay_path",
     "is_our_overlay",
     "overlay_id",
+    "checkpoint_xml",
     "snapshot_xml",
 ]
 
@@ -298,6 +299,30 @@ def snapshot_xml(overlays: Mapping[str, str], all_targets: Sequence[str]) -> str
             ET.SubElement(el, "source", file=overlays[target])
         else:
             ET.SubElement(disks_el, "disk", name=target, snapshot="no")
+    return ET.tostring(root, encoding="unicode")
+
+
+def checkpoint_xml(name: str, bitmap_targets: Sequence[str], all_targets: Sequence[str],
+                   description: str = "") -> str:
+    """The ``<domaincheckpoint>`` that gives ``bitmap_targets`` a persistent dirty bitmap.
+
+    Every other disk is listed with ``checkpoint='no'``, for the reason
+    :func:`snapshot_xml` lists them: libvirt's default would try a bitmap on
+    a raw disk or a cdrom and fail the whole checkpoint.
+    """
+    unknown = [t for t in bitmap_targets if t not in all_targets]
+    if unknown:
+        raise NotFoundError(f"disk {', '.join(map(repr, unknown))} not found in the domain")
+    root = ET.Element("domaincheckpoint")
+    ET.SubElement(root, "name").text = name
+    if description:
+        ET.SubElement(root, "description").text = description
+    disks_el = ET.SubElement(root, "disks")
+    for target in all_targets:
+        if target in bitmap_targets:
+            ET.SubElement(disks_el, "disk", name=target, checkpoint="bitmap", bitmap=name)
+        else:
+            ET.SubElement(disks_el, "disk", name=target, checkpoint="no")
     return ET.tostring(root, encoding="unicode")
 
 

@@ -42,6 +42,7 @@ from vmsnapbackup.adapters.domainxml import (
     ImageRef,
     SkippedDisk,
     backup_disks,
+    checkpoint_xml,
     find_disk,
     is_our_overlay,
     overlay_id,
@@ -567,6 +568,52 @@ class Hypervisor:
                 [p.path for p in disk.backing_chain],
             )
         return disk.top
+
+
+    # -- checkpoints (persistent dirty bitmaps) --------------------------------
+
+    def checkpoint_names(self, dom: libvirt.virDomain) -> List[str]:
+        """Names of the domain's libvirt checkpoints (ours and anybody else's)."""
+        with _libvirt_errors(f"list of checkpoints of domain '{self.domain_name(dom)}'"):
+            return sorted(str(cp.getName()) for cp in dom.listAllCheckpoints(0))
+
+    def create_checkpoint(self, dom: libvirt.virDomain, name: str,
+                          bitmap_targets: Sequence[str], description: str = "") -> None:
+        """A checkpoint with a bitmap named ``name`` on ``bitmap_targets`` (running domain).
+
+        From here on QEMU marks every write to those disks in the bitmap, and
+        libvirt carries the bitmap through our snapshot/commit cycle (it
+        re-creates it in the overlay and merges it back on commit).
+        """
+        what = f"checkpoint {name} of domain '{self.domain_name(dom)}'"
+        xml = checkpoint_xml(name, bitmap_targets, [d.target for d in self.disks(dom)],
+                             description)
+        with _libvirt_errors(what):
+            dom.checkpointCreateXML(xml, 0)
+        log.info("domain '%s': checkpoint %s on %s", self.domain_name(dom), name,
+                 ", ".join(bitmap_targets))
+
+    def delete_checkpoint(self, dom: libvirt.virDomain, name: str) -> bool:
+        """Delete checkpoint ``name`` with its bitmaps; False when there is none.
+
+        libvirt 9 deletes bitmaps only from a running domain; of a shut-off
+        one only the checkpoint's metadata goes, so nobody trusts the bitmap
+        any more, and the bitmap itself stays in the image (harmless, and
+        removable with ``qemu-img bitmap --remove``).
+        """
+        what = f"deleting checkpoint {name} of domain '{self.domain_name(dom)}'"
+        try:
+            cp = dom.checkpointLookupByName(name, 0)
+        except libvirt.libvirtError as err:
+            if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
+                return False
+            raise HypervisorError(f"{what}: {_libvirt_message(err)}") from err
+        flags = 0 if self.is_active(dom) else libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY
+        with _libvirt_errors(what):
+            cp.delete(flags)
+        log.info("domain '%s': deleted checkpoint %s%s", self.domain_name(dom), name,
+                 "" if not flags else " (metadata only: the domain is shut off)")
+        return True
 
 
 def _same_path(a: Optional[str], b: Optional[str]) -> bool:

@@ -34,6 +34,9 @@ def register(sub: "argparse._SubParsersAction") -> None:
                    help="format of a new base volume (default qcow2)")
     p.add_argument("--overlay-dir", metavar="DIR",
                    help="put the snapshot overlays here instead of beside each image")
+    p.add_argument("--no-dirty-bitmaps", dest="dirty_bitmaps", action="store_false",
+                   help="neither create a libvirt checkpoint for a new generation nor use one: "
+                   "read every data block")
     add_json_option(p)
     p.set_defaults(run=run)
 
@@ -54,7 +57,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         args.domain, ctx.pool, uri=ctx.uri, disks=args.disks, quiesce=args.quiesce,
         new_generation=args.new_generation, threshold=args.threshold,
         block_size=args.block_size, base_format=args.base_format,
-        overlay_dir=args.overlay_dir, progress=None if ctx.json else ctx.progress())
+        overlay_dir=args.overlay_dir, progress=None if ctx.json else ctx.progress(),
+        dirty_bitmaps=args.dirty_bitmaps)
     ctx.emit(result.to_dict(), _text(result))
     return 0
 
@@ -65,8 +69,10 @@ def _text(r: BackupResult) -> str:
              f"{r.seconds.get('total', 0):.1f} s"]
     for d in r.disks:
         b = d.blocks
-        lines.append(f"  {d.target}: {b.get('read', 0)} of {b.get('total', 0)} blocks read, "
-                     f"{b.get('changed', 0)} stored ({b.get('zero', 0)} zero), "
+        skipped = (f" ({b['unchanged']} unchanged by the dirty bitmap)"
+                   if b.get("unchanged") else "")
+        lines.append(f"  {d.target}: {b.get('read', 0)} of {b.get('total', 0)} blocks read"
+                     f"{skipped}, {b.get('changed', 0)} stored ({b.get('zero', 0)} zero), "
                      f"{size_text(d.bytes_written)} written")
     for target, reason in r.skipped:
         lines.append(f"  {target}: skipped ({reason})")

@@ -42,6 +42,7 @@ from ..errors import (
 )
 from ..progress import ProgressCallback
 from .diskpass import PassStats, run_disk_pass
+from .dirtymap import new_checkpoint_name, unchanged_blocks_disagree
 from .parallel import run_all
 from .interrupt import interruptible
 
@@ -110,6 +111,7 @@ class _DiskWork:
     table: Optional[CheckTable] = None    # this point's table, built by the pass
     stats: Optional[PassStats] = None
     commit_seconds: float = 0.0
+    dirty_bitmap: Optional[str] = None    # the bitmap the pass trusted to skip reads
 
 
 def backup(
@@ -125,12 +127,18 @@ def backup(
     base_format: str = "qcow2",
     overlay_dir: Optional[str] = None,
     progress: Optional[ProgressCallback] = None,
+    dirty_bitmaps: bool = True,
 ) -> BackupResult:
     """Back up ``domain`` (name, UUID or id) into ``pool`` (a path or a libvirt pool name).
 
     ``quiesce`` None asks the guest agent and falls back to a crash-consistent
     snapshot; True insists; False never asks.  Returns once the point is sealed
     and the domain runs on its original images again.
+
+    ``dirty_bitmaps`` lets a running domain's new generation start with a
+    libvirt checkpoint, whose bitmap later points use to skip reading what
+    was not written (see :mod:`.dirtymap` for when it is trusted).  False
+    creates no checkpoint and reads every data block.
     """
     validate_block_size(block_size)
     if base_format not in BASE_FORMATS:
@@ -159,7 +167,7 @@ def backup(
                              quiesce=quiesce, new_generation=new_generation,
                              threshold=threshold, block_size=block_size,
                              base_format=base_format, overlay_dir=overlay_dir,
-                             progress=progress)
+                             progress=progress, dirty_bitmaps=dirty_bitmaps)
             result = run.execute()
     refresh_pool(libvirt_pool, uri)
     result.skipped = [(s.disk.target, s.reason) for s in skipped]
@@ -201,7 +209,8 @@ class _BackupRun:
     def __init__(self, hv: Hypervisor, dom: Any, store: DomainStore, name: str, uuid: str,
                  disks: List[Disk], pool_dir: Path, *, quiesce: Optional[bool],
                  new_generation: bool, threshold: float, block_size: int, base_format: str,
-                 overlay_dir: Optional[str], progress: Optional[ProgressCallback]) -> None:
+                 overlay_dir: Optional[str], progress: Optional[ProgressCallback],
+                 dirty_bitmaps: bool = True) -> None:
         self.hv, self.dom, self.store = hv, dom, store
         self.name, self.uuid, self.pool_dir = name, uuid, pool_dir
         self.work = [_DiskWork(d) for d in disks]
@@ -222,6 +231,10 @@ class _BackupRun:
         self.snapshot_mono = 0.0
         self.overlay_seconds = 0.0
         self.domain_xml = ""
+        self.dirty_bitmaps = dirty_bitmaps
+        self.checkpoint: Optional[str] = None          # made by this backup for its new generation
+        self.distrusted: Optional[str] = None          # a bitmap that failed its check
+        self.previous_checkpoint: Optional[str] = None  # the generation's we continue or replace
 
     # -- the happy path ------------------------------------------------------
 
@@ -276,8 +289,11 @@ class _BackupRun:
 
     def _run(self) -> None:
         if self.active:
+            self._checkpoint_if_new_generation()
             self._snapshot()
+            bitmap = self._usable_bitmap()
         else:
+            bitmap = None
             for w in self.work:
                 w.image, w.image_format = w.disk.source or "", w.disk.format or "raw"
             self.snapshot_at = utc_now()
@@ -286,8 +302,9 @@ class _BackupRun:
             self.journal.update(step="read", daemon=JournalDaemon(
                 pid=daemon.pid, runtime_dir=daemon.runtime_dir))
             for w in self.work:
-                w.source_export = daemon.export_image(w.image, w.image_format,
-                                                      name=f"src-{w.disk.target}", direct=True)
+                w.source_export = daemon.export_image(
+                    w.image, w.image_format, name=f"src-{w.disk.target}", direct=True,
+                    bitmap=bitmap if w.image_format == "qcow2" else None)
                 w.size = w.source_export.size
             self._plan_generation()
             volumes = [self._open_volume(daemon, w) for w in self.work]
@@ -300,6 +317,7 @@ class _BackupRun:
         if self.active:
             self._commit_all()
         self._seal()
+        self._retire_checkpoints()
 
     def _snapshot(self) -> None:
         snap_id = f"p{self.point}-{secrets.token_hex(3)}"
@@ -321,10 +339,108 @@ class _BackupRun:
             w.image, w.image_format = frozen.path, frozen.format or w.disk.format or "raw"
         log.info("domain %s: %s snapshot in %.3f s", self.name, self.consistency, snap.seconds)
 
+    # -- checkpoints (dirty bitmaps) -------------------------------------------
+
+    def _checkpoint_if_new_generation(self) -> None:
+        """Before the snapshot of a new generation's first point, start its bitmap.
+
+        Made *before* the snapshot, the bitmap marks a few writes that the
+        base volume already holds, which only costs reads; made after, it
+        would miss writes the base does not hold.  Whether a generation
+        starts is known here for every reason but a resized disk (the sizes
+        come from the exports); such a generation just gets no checkpoint.
+        """
+        if not self.dirty_bitmaps:
+            return
+        reason, _, _ = self._generation_verdict(sizes=False)
+        targets = [w.disk.target for w in self.work if (w.disk.format or "") == "qcow2"]
+        if reason is None or not targets:
+            return
+        name = new_checkpoint_name(self.point)
+        self.journal.update(checkpoint=name)   # FORMAT §9: named before it exists
+        try:
+            self.hv.create_checkpoint(self.dom, name, targets,
+                                      f"vmsnapbackup: writes since point {self.point} into "
+                                      f"{self.pool_dir}")
+        except HypervisorError as exc:
+            log.warning("domain %s: no checkpoint for the new generation (%s); its later "
+                        "points read every data block", self.name, exc)
+            self.journal.update(checkpoint=None)
+            return
+        self.checkpoint = name
+
+    def _usable_bitmap(self) -> Optional[str]:
+        """The current generation's checkpoint, if libvirt still has it (else None)."""
+        if not self.dirty_bitmaps:
+            return None
+        current = self.store.current_generation()
+        if current is None:
+            return None
+        try:
+            name = self.store.read_generation(current).checkpoint
+        except VmSnapBackupError:
+            return None
+        self.previous_checkpoint = name
+        if name is None:
+            return None
+        try:
+            present = name in self.hv.checkpoint_names(self.dom)
+        except HypervisorError as exc:
+            log.warning("domain %s: cannot list its checkpoints (%s): reading every data block",
+                        self.name, exc)
+            return None
+        if not present:
+            log.info("domain %s: checkpoint %s of generation %d is gone (deleted, or the "
+                     "domain migrated): reading every data block", self.name, name, current)
+            return None
+        return name
+
+    def _trusted_dirty_runs(self, w: _DiskWork, src: NbdClient) -> Optional[List[Tuple[int, int]]]:
+        """The bitmap's dirty runs for this disk, or None when every block must be read."""
+        if w.table1 is None or not src.can_dirty_status:
+            return None
+        dirty = list(src.dirty_ranges(self.block_size))
+        doubt = unchanged_blocks_disagree(src, w.table1, dirty)
+        if doubt is not None:
+            log.warning("domain %s: dirty bitmap %s of %s cannot be trusted (%s): reading "
+                        "every data block, and the checkpoint is deleted", self.name,
+                        src.dirty_bitmap, w.disk.target, doubt)
+            self.distrusted = src.dirty_bitmap
+            return None
+        w.dirty_bitmap = src.dirty_bitmap
+        return dirty
+
+    def _retire_checkpoints(self) -> None:
+        """After the seal: drop the checkpoint a new generation replaced, or one that lied.
+
+        Best effort: a checkpoint left behind costs QEMU a bitmap to keep,
+        never a wrong backup (only the generation record's checkpoint is
+        ever trusted, and only after its checks).
+        """
+        retire = set()
+        if self.new_gen and self.previous_checkpoint and \
+                self.previous_checkpoint != self.checkpoint:
+            retire.add(self.previous_checkpoint)
+        if self.distrusted:
+            retire.add(self.distrusted)
+        for name in sorted(retire):
+            try:
+                self.hv.delete_checkpoint(self.dom, name)
+            except HypervisorError as exc:
+                log.warning("domain %s: checkpoint %s not deleted: %s", self.name, name, exc)
+
     def _plan_generation(self) -> None:
         """Continue the current generation, or start a new one (FORMAT §4 says when)."""
-        reason = self._new_generation_reason()
+        reason, current, rec = self._generation_verdict(sizes=True)
         if reason is None:
+            assert current is not None and rec is not None
+            self.generation, self.gen_record = current, rec
+            self.journal.update(generation=current, new_generation=False)
+            if self.checkpoint is not None:
+                # cannot happen (the same verdict without sizes said "new"), but a
+                # checkpoint no generation names must not outlive this backup
+                self.distrusted = self.checkpoint
+                self.checkpoint = None
             return
         log.info("domain %s: new generation (%s)", self.name, reason)
         self.new_gen = True
@@ -343,26 +459,33 @@ class _BackupRun:
         self.journal.update(generation=self.generation, new_generation=True,
                             files=[self.store.relpath(gen_dir)])
 
-    def _new_generation_reason(self) -> Optional[str]:
+    def _generation_verdict(self, sizes: bool) -> Tuple[Optional[str], Optional[int],
+                                                         Optional[GenerationRecord]]:
+        """Why a new generation starts (None: continue ``current`` with record ``rec``).
+
+        ``sizes`` False leaves out the one reason that needs the exports (a
+        resized disk): the verdict before the snapshot.
+        """
         if self.force_new:
-            return "asked for"
+            return "asked for", None, None
         current = self.store.current_generation()
         if current is None:
-            return "first backup"
+            return "first backup", None, None
         try:
             rec = self.store.read_generation(current)
         except VmSnapBackupError as exc:
-            return f"generation {current} is unreadable: {exc}"
+            return f"generation {current} is unreadable: {exc}", None, None
         targets = {w.disk.target for w in self.work}
         if set(rec.disks) != targets:
             return (f"disks changed ({', '.join(sorted(rec.disks))} -> "
-                    f"{', '.join(sorted(targets))})")
+                    f"{', '.join(sorted(targets))})"), None, None
         if rec.block_size != self.block_size:
-            return f"block size changed ({rec.block_size} -> {self.block_size})"
+            return f"block size changed ({rec.block_size} -> {self.block_size})", None, None
         for w in self.work:
-            if rec.disks[w.disk.target].virtual_size != w.size:
+            if sizes and rec.disks[w.disk.target].virtual_size != w.size:
                 return (f"disk {w.disk.target} was resized "
-                        f"({rec.disks[w.disk.target].virtual_size} -> {w.size} bytes)")
+                        f"({rec.disks[w.disk.target].virtual_size} -> {w.size} bytes)",
+                        None, None)
         latest = [p.manifest for p in self.store.points()
                   if p.manifest is not None and p.manifest.generation == current]
         if latest and not latest[-1].is_generation_start:
@@ -371,11 +494,8 @@ class _BackupRun:
                 if d.blocks.changed / total > self.threshold:
                     return (f"point {latest[-1].point} changed {d.blocks.changed} of "
                             f"{d.blocks.total} blocks of {d.target}, over the threshold "
-                            f"{self.threshold:g}")
-        self.generation = current
-        self.gen_record = rec
-        self.journal.update(generation=current, new_generation=False)
-        return None
+                            f"{self.threshold:g}"), None, None
+        return None, current, rec
 
     def _open_volume(self, daemon: StorageDaemon, w: _DiskWork) -> Export:
         """The disk's volume created and exported (QMP: in the main thread); table 1 read."""
@@ -408,11 +528,14 @@ class _BackupRun:
         """One disk's pass; runs in a thread of its own when there are several disks."""
         assert w.source_export is not None and w.volume_partial is not None
         try:
-            with NbdClient.open_unix(w.source_export.socket_path,
-                                     w.source_export.name) as src, \
+            bitmap = w.source_export.bitmap if w.table1 is not None else None
+            with NbdClient.open_unix(w.source_export.socket_path, w.source_export.name,
+                                     dirty_bitmap=bitmap) as src, \
                     NbdClient.open_unix(out.socket_path, out.name) as dst:
+                dirty = self._trusted_dirty_runs(w, src) if bitmap else None
                 w.table, w.stats = run_disk_pass(src, dst, self.block_size, w.table1,
-                                                 disk=w.disk.target, progress=progress)
+                                                 disk=w.disk.target, progress=progress,
+                                                 dirty=dirty)
                 dst.flush()
         except ExportError as exc:
             # the NBD server's ENOSPC/EROFS while writing our volume is the pool's state
@@ -431,9 +554,9 @@ class _BackupRun:
         daemon.remove_export(w.source_export, force=True)
         w.source_export = None
         s = w.stats
-        log.info("domain %s: %s read %d of %d blocks (%d holes), wrote %d (%d zero), "
-                 "%.1f MiB in %.2f s", self.name, target, s.read, s.total, s.holes, s.changed,
-                 s.zero, s.bytes_written / 2**20, s.seconds)
+        log.info("domain %s: %s read %d of %d blocks (%d holes, %d unchanged by bitmap), "
+                 "wrote %d (%d zero), %.1f MiB in %.2f s", self.name, target, s.read, s.total,
+                 s.holes, s.unchanged, s.changed, s.zero, s.bytes_written / 2**20, s.seconds)
 
     def _commit_all(self) -> None:
         self.journal.update(step="commit")
@@ -495,13 +618,14 @@ class _BackupRun:
                 table=self.store.relpath(table_path), table1_digest=table1_digest,
                 difference=diff_rel, difference_digest=diff_digest, table_digest=body_digest,
                 blocks=BlockCounts(total=s.total, read=s.read, holes=s.holes,
-                                   changed=s.changed, zero=s.zero),
+                                   changed=s.changed, zero=s.zero, unchanged=s.unchanged),
                 bytes_written=s.bytes_written,
-                seconds={"read": round(s.seconds, 3), "commit": round(w.commit_seconds, 3)}))
+                seconds={"read": round(s.seconds, 3), "commit": round(w.commit_seconds, 3)},
+                dirty_bitmap=w.dirty_bitmap))
         if self.new_gen:
             self.store.write_generation(GenerationRecord(
                 generation=g, first_point=self.point, created=self.started,
-                block_size=self.block_size, disks=gen_disks))
+                block_size=self.block_size, disks=gen_disks, checkpoint=self.checkpoint))
         manifest = PointManifest(
             point=self.point, generation=g,
             domain=DomainInfo(name=self.name, uuid=self.uuid, xml=self.domain_xml),
@@ -522,7 +646,8 @@ class _BackupRun:
                 format=w.disk.format or "raw", virtual_size=w.size,
                 volume=self.store.relpath(w.volume_final) if w.volume_final else "",
                 blocks={"total": w.stats.total, "read": w.stats.read, "holes": w.stats.holes,
-                        "changed": w.stats.changed, "zero": w.stats.zero} if w.stats else {},
+                        "unchanged": w.stats.unchanged, "changed": w.stats.changed,
+                        "zero": w.stats.zero} if w.stats else {},
                 bytes_written=w.stats.bytes_written if w.stats else 0,
                 seconds={"read": round(w.stats.seconds, 3) if w.stats else 0.0,
                          "commit": round(w.commit_seconds, 3)})
@@ -546,6 +671,7 @@ class _BackupRun:
             clean = self._commit_back() and clean
         if not self.sealed:
             clean = self._remove_created() and clean
+            self._drop_own_checkpoint()
         if clean:
             self.journal.clear()
         return clean
@@ -581,6 +707,21 @@ class _BackupRun:
                 log.error("domain %s: commit of %s failed: %s", self.name, target, err)
                 ok = False
         return ok
+
+    def _drop_own_checkpoint(self) -> None:
+        """A failed backup's checkpoint names no generation: delete it (best effort).
+
+        Left behind it would only cost QEMU a bitmap; it is never trusted, and
+        repair deletes what the journal names.
+        """
+        if self.checkpoint is None:
+            return
+        try:
+            self.hv.delete_checkpoint(self.dom, self.checkpoint)
+            self.journal.update(checkpoint=None)
+        except VmSnapBackupError as exc:
+            log.warning("domain %s: checkpoint %s of the failed backup not deleted: %s",
+                        self.name, self.checkpoint, exc)
 
     def _remove_created(self) -> bool:
         ok = True

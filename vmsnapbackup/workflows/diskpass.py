@@ -44,12 +44,12 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Deque, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Deque, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from ..core.blockruns import block_runs
+from ..core.blockruns import Run, block_runs, complement_runs, intersect_runs
 from ..core.checktable import CheckTable, CheckTableBuilder
 from ..core.difftable import changed_indexes
-from ..errors import IntegrityError, NotFoundError
+from ..errors import IntegrityError, NotFoundError, UsageError
 from ..progress import ProgressCallback, ProgressEvent, emit
 
 __all__ = ["PassStats", "RawImageSource", "run_disk_pass", "DEFAULT_CHUNK_SIZE", "READ_DEPTH",
@@ -74,25 +74,13 @@ class PassStats:
     total: int = 0      # blocks in the disk
     read: int = 0       # blocks read from the export
     holes: int = 0      # blocks the export reported as zeros (not read)
+    unchanged: int = 0  # blocks a dirty bitmap showed unwritten since table 1 (not read)
     changed: int = 0    # blocks written into the volume (first point: non-zero blocks)
     zero: int = 0       # changed blocks that are now zeros (written as zeros)
     bytes_read: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
 
-
-Run = Tuple[int, int]
-
-
-def _holes(ranges: List[Run], size: int) -> Iterator[Run]:
-    """The gaps between sorted, non-overlapping data ranges, up to ``size``."""
-    pos = 0
-    for offset, length in ranges:
-        if offset > pos:
-            yield pos, offset - pos
-        pos = max(pos, offset + length)
-    if pos < size:
-        yield pos, size - pos
 
 
 def _pieces(ranges: Iterable[Run], chunk: int) -> Iterator[Run]:
@@ -324,12 +312,18 @@ def run_disk_pass(
     disk: str = "",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: Optional[ProgressCallback] = None,
+    dirty: Optional[Sequence[Run]] = None,
 ) -> Tuple[CheckTable, PassStats]:
     """Read ``source`` once; return its check table and what was written to ``target``.
 
     ``table1`` None means this is the generation's first point and ``target``
     is a fresh base volume.  ``target`` None only hashes (verify, and the check
     after a restore).  The caller flushes and closes ``target``.
+
+    ``dirty`` (point N only): block-aligned byte runs outside which nothing
+    was written since table 1 was taken (a dirty bitmap's answer, checked by
+    the caller).  Blocks outside them are not read: their values are table
+    1's, so they can never count as changed.
     """
     started = time.monotonic()
     size = source.size
@@ -339,10 +333,19 @@ def run_disk_pass(
     chunk = max(block_size, chunk_size - chunk_size % block_size)
 
     data = list(source.data_ranges(block_size))
+    holes = list(complement_runs(data, size))
+    if dirty is not None:
+        if table1 is None:
+            raise UsageError("a dirty map needs table 1 (only point N can skip reads)")
+        dirty = list(dirty)
+        for offset, length in complement_runs(dirty, size):
+            stats.unchanged += len(builder.take_from(table1, offset, length))
+        data = list(intersect_runs(data, dirty))
+        holes = list(intersect_runs(holes, dirty))
     data_bytes = sum(length for _, length in data)
 
     # Holes first: no I/O to read, but for point N they may need zero writes.
-    for offset, length in _holes(data, size):
+    for offset, length in holes:
         span = builder.fill_zero(offset, length)
         stats.holes += len(span)
         if table1 is not None and target is not None:

@@ -54,16 +54,18 @@ from ..errors import (
     BackupInterruptedError,
     CorruptFileError,
     ExitCode,
+    HypervisorError,
     IncompatibleFormatError,
     LockedError,
     NotFoundError,
     UsageError,
     VmSnapBackupError,
 )
+from .dirtymap import is_our_checkpoint
 from .interrupt import interruptible
 
 __all__ = [
-    "STOP_DAEMON", "CANCEL_JOB", "COMMIT", "OFFLINE_COMMIT", "DELETE_OVERLAY",
+    "STOP_DAEMON", "CANCEL_JOB", "COMMIT", "OFFLINE_COMMIT", "DELETE_OVERLAY", "DELETE_CHECKPOINT",
     "REMOVE_FILE", "REMOVE_GENERATION", "CLEAR_JOURNAL", "CLEAR_INFLIGHT", "REFUSE", "SKIP",
     "RepairAction",
     "PoolFacts",
@@ -88,6 +90,7 @@ CANCEL_JOB = "cancel-block-job"
 COMMIT = "commit"
 OFFLINE_COMMIT = "offline-commit"
 DELETE_OVERLAY = "delete-overlay"
+DELETE_CHECKPOINT = "delete-checkpoint"
 REMOVE_FILE = "remove-file"
 REMOVE_GENERATION = "remove-generation"
 CLEAR_JOURNAL = "clear-journal"
@@ -151,6 +154,7 @@ class PoolFacts:
     referenced: FrozenSet[str] = frozenset()      # every path a valid manifest names
     manifest_points: FrozenSet[int] = frozenset()  # points with a manifest file, valid or not
     sealed_generations: Optional[FrozenSet[int]] = frozenset()
+    generation_checkpoints: FrozenSet[str] = frozenset()  # named by generation records
 
 
 @dataclass(frozen=True)
@@ -181,6 +185,7 @@ class DomainFacts:
     daemon_alive: bool = False
     pool: Optional[PoolFacts] = None
     stale_inflight: Optional[str] = None
+    checkpoints: Tuple[str, ...] = ()   # libvirt checkpoints of the domain with our prefix
 
 
 def _norm(path: Optional[str]) -> str:
@@ -225,7 +230,14 @@ def plan(facts: DomainFacts) -> List[RepairAction]:
                 f"stop the storage daemon pid {d.pid} left by the dead {entry.operation} "
                 "(if it still runs) and remove its runtime directory",
                 path=d.runtime_dir, pid=d.pid))
-    actions += plan_vm(facts)
+    vm = plan_vm(facts)
+    checkpoints = plan_checkpoints(facts, vm)
+    # an offline commit loses the bitmaps' view of the overlay's writes: their
+    # checkpoints go first, so a repair that dies half-way cannot leave them trusted
+    if any(a.action == OFFLINE_COMMIT for a in vm):
+        actions += checkpoints + vm
+    else:
+        actions += vm + checkpoints
     if facts.pool is not None:
         actions += plan_pool(entry, facts.pool)
     if entry is not None:
@@ -294,6 +306,32 @@ def plan_vm(facts: DomainFacts) -> List[RepairAction]:
         if recorded and not _same(recorded, top) and _norm(recorded) in facts.existing:
             out.append(_plan_unused_overlay(facts, target, recorded))
     return out
+
+
+def plan_checkpoints(facts: DomainFacts, vm: List[RepairAction]) -> List[RepairAction]:
+    """Checkpoints of ours that must go (FORMAT §4, §9).
+
+    ``qemu-img commit`` of an overlay (the offline merge) copies its data but not
+    its dirty bitmaps, so every bitmap of ours on the domain would then miss the
+    guest's writes since the snapshot: all our checkpoints are deleted, and
+    later backups read every block until a new generation makes a new one.
+    Otherwise only the checkpoint a dead backup made for a generation it never
+    sealed is deleted.
+    """
+    if any(a.action == OFFLINE_COMMIT for a in vm):
+        return [RepairAction(
+            DELETE_CHECKPOINT, name,
+            "an offline merge does not carry the overlay's writes into the dirty bitmap: "
+            "later backups must not skip reads with it", path=name)
+            for name in facts.checkpoints]
+    entry = facts.journal
+    if entry is None or entry.checkpoint is None or entry.checkpoint not in facts.checkpoints:
+        return []
+    if facts.pool is None or entry.checkpoint in facts.pool.generation_checkpoints:
+        return []
+    return [RepairAction(DELETE_CHECKPOINT, entry.checkpoint,
+                         f"made by the interrupted {entry.operation} for a generation it "
+                         "never sealed", path=entry.checkpoint)]
 
 
 def _has_our_overlay(disk: Disk) -> bool:
@@ -558,10 +596,19 @@ def _pool_facts(store: DomainStore, entry: Optional[JournalEntry]) -> PoolFacts:
             existing.add(rel)
             if p.is_dir() and not p.is_symlink():
                 dirs.add(rel)
+    named: Set[str] = set()
+    for g in store.generations():
+        try:
+            checkpoint = store.read_generation(g).checkpoint
+        except VmSnapBackupError:
+            continue
+        if checkpoint is not None:
+            named.add(checkpoint)
     return PoolFacts(
         leftovers=leftovers, journal_files=frozenset(existing), directories=frozenset(dirs),
         referenced=frozenset(referenced), manifest_points=frozenset(i.number for i in infos),
-        sealed_generations=None if damaged else frozenset(sealed))
+        sealed_generations=None if damaged else frozenset(sealed),
+        generation_checkpoints=frozenset(named))
 
 
 def _pid_exists(pid: int) -> bool:
@@ -635,6 +682,12 @@ def gather(hv: Hypervisor, dom: Any, store: Optional[DomainStore], name: str,
                 if job is not None:
                     jobs[d.target] = job
     users = offline.image_users(hv) if (entry is not None or dom is not None) else {}
+    checkpoints: Tuple[str, ...] = ()
+    if dom is not None:
+        try:
+            checkpoints = tuple(n for n in hv.checkpoint_names(dom) if is_our_checkpoint(n))
+        except HypervisorError as err:
+            log.warning("domain %s: cannot list its checkpoints: %s", name, err)
     return DomainFacts(
         name=name, uuid=uuid, host=socket.gethostname(), defined=dom is not None,
         active=active, disks=disks, config=config, journal=entry, journal_error=journal_error,
@@ -642,7 +695,7 @@ def gather(hv: Hypervisor, dom: Any, store: Optional[DomainStore], name: str,
         users=users, backing=backing, jobs=jobs,
         daemon_alive=bool(entry and entry.daemon and _pid_exists(entry.daemon.pid)),
         pool=_pool_facts(store, entry) if store is not None and journal_error is None else None,
-        stale_inflight=stale)
+        stale_inflight=stale, checkpoints=checkpoints)
 
 
 # -- carrying it out --------------------------------------------------------------------
@@ -696,6 +749,9 @@ def _execute(hv: Hypervisor, dom: Any, store: Optional[DomainStore],
         res2 = offline.offline_commit(hv, dom, action.disk or "", action.path or "",
                                       action.image)
         result = f"defined on {res2.image.path} again in {res2.seconds:.2f} s"
+    elif kind == DELETE_CHECKPOINT:
+        deleted = hv.delete_checkpoint(dom, action.path or "")
+        result = "deleted" if deleted else "already gone"
     elif kind == DELETE_OVERLAY:
         removed = offline.delete_unused_overlay(hv, action.path or "")
         result = "deleted" if removed else "already gone"
