@@ -271,8 +271,12 @@ def test_every_point_restores_exactly(tmp_path: Path, base_format: str, fmt: str
             assert d.verified and d.path == str(out / f"{d.target}.{fmt}")
             assert read_image(Path(d.path), fmt) == contents[d.target]
             assert os.stat(d.path).st_mode & 0o777 == 0o600
-        assert {(e.disk, e.phase) for e in events if e.finished} >= {
-            (t, ph) for t in contents for ph in ("restore", "check")}
+        # raw: one pass copies and checks; qcow2: qemu-img convert, then the check
+        phases = ("restore",) if fmt == "raw" else ("restore", "check")
+        assert {(e.disk, e.phase) for e in events if e.finished} == {
+            (t, ph) for t in contents for ph in phases}
+        last = {(e.disk, e.phase): e for e in events}
+        assert all(e.finished and e.done == e.total for e in last.values())
         assert sorted(os.listdir(out)) == sorted(f"{t}.{fmt}" for t in contents)
 
 
@@ -315,21 +319,35 @@ def test_existing_file_needs_force(tmp_path: Path) -> None:
     assert read_image(out / "vda.raw", "raw") == sp.contents[1]["vda"]
 
 
-def test_damaged_base_is_caught_and_kept_unverified(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_damaged_base_is_caught_and_kept_unverified(tmp_path: Path, fmt: str) -> None:
     sp = three_points(tmp_path)
     base = sp.volume(1, "vda")
     flip_byte(base, data_offset(base, "qcow2", (0, BS)))
     out = tmp_path / "out"
     with pytest.raises(VerifyMismatchError) as info:
-        restore(sp.name, sp.pool, point=2, to=out)
+        restore(sp.name, sp.pool, point=2, to=out, fmt=fmt)
     msg = str(info.value)
     assert "vda: 1 of 17 blocks differ: 0 (offset 0)" in msg
-    assert sorted(os.listdir(out)) == ["vda.raw" + UNVERIFIED_SUFFIX, "vdb.raw"]
+    assert sorted(os.listdir(out)) == [f"vda.{fmt}" + UNVERIFIED_SUFFIX, f"vdb.{fmt}"]
     result = info.value.result  # type: ignore[attr-defined]
     vda = next(d for d in result.disks if d.target == "vda")
     assert not vda.verified and vda.mismatch.indexes == (0,)
+    # the evidence: the whole image as the damaged pool reads, wrong in block 0 only
+    kept = read_image(Path(vda.path), fmt)
+    expected = sp.contents[2]["vda"]
+    assert len(kept) == len(expected) and kept[BS:] == expected[BS:] and kept[:BS] != expected[:BS]
     # point 3 rewrote block 0 in its own volume: it does not read the damaged byte
-    assert restore(sp.name, sp.pool, point=3, to=tmp_path / "out3").ok
+    assert restore(sp.name, sp.pool, point=3, to=tmp_path / "out3", fmt=fmt).ok
+
+
+def test_damaged_point_volume_is_caught(tmp_path: Path) -> None:
+    sp = three_points(tmp_path)
+    volume = sp.volume(2, "vda")
+    flip_byte(volume, data_offset(volume, "qcow2", (5 * BS, 6 * BS)) + 7)
+    with pytest.raises(VerifyMismatchError, match=r"vda: 1 of 17 blocks differ: 5 "):
+        restore(sp.name, sp.pool, point=2, to=tmp_path / "out")
+    assert sorted(os.listdir(tmp_path / "out")) == ["vda.raw" + UNVERIFIED_SUFFIX, "vdb.raw"]
 
 
 def test_damaged_difference_table_refused_before_writing(tmp_path: Path) -> None:
@@ -344,8 +362,9 @@ def test_damaged_difference_table_refused_before_writing(tmp_path: Path) -> None
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("phase", ["restore", "check"])
-def test_interrupted_restore_leaves_nothing(tmp_path: Path, phase: str) -> None:
+@pytest.mark.parametrize("fmt,phase", [("raw", "restore"), ("qcow2", "restore"),
+                                       ("qcow2", "check")])
+def test_interrupted_restore_leaves_nothing(tmp_path: Path, fmt: str, phase: str) -> None:
     import signal
 
     from vmsnapbackup.errors import BackupInterruptedError
@@ -354,13 +373,28 @@ def test_interrupted_restore_leaves_nothing(tmp_path: Path, phase: str) -> None:
     out = tmp_path / "out"
 
     def interrupt(ev) -> None:  # type: ignore[no-untyped-def]
-        if ev.phase == phase and ev.disk == "vdb":
+        if ev.phase == phase and ev.disk == "vdb" and not ev.finished:
             os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.raises(BackupInterruptedError):
-        restore(sp.name, sp.pool, point=2, to=out, progress=interrupt)
-    assert os.listdir(out) == ["vda.raw"], "vda was done; vdb's temp file is gone"
+        restore(sp.name, sp.pool, point=2, to=out, fmt=fmt, progress=interrupt)
+    assert os.listdir(out) == [f"vda.{fmt}"], "vda was done; vdb's temp file is gone"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_full_target_fails_cleanly(tmp_path: Path) -> None:
+    from faults import tmpfs
+
+    from vmsnapbackup.errors import PoolFullError
+
+    sp = SyntheticPool(tmp_path / "pool")
+    data = bytearray(4 * MiB)
+    data[:] = patterned(4 * MiB, 3)
+    sp.add_point({"vda": bytes(data)})
+    with tmpfs(tmp_path / "small", "1m") as small:
+        with pytest.raises(PoolFullError, match="No space left"):
+            restore(sp.name, sp.pool, to=small / "out")
+        assert os.listdir(small / "out") == [], "the partial image is removed"
 
 
 def test_define_rewrites_identity(tmp_path: Path, libvirt_conn) -> None:  # type: ignore[no-untyped-def]

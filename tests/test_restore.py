@@ -224,7 +224,7 @@ def test_parse_point() -> None:
 
 
 def test_result_text_and_json() -> None:
-    disk = RestoredDisk("vda", "/r/vda.raw", "raw", 64 << 20, 3 << 20, 1.25, 1.0, 0.25, True)
+    disk = RestoredDisk("vda", "/r/vda.raw", "raw", 64 << 20, 3 << 20, 1.25, 1.0, 0.2, 0.05, True)
     r = RestoreResult("web1", "u", 3, 1, "2026-11-25T13:00:00.000Z", "/r", "raw", (disk,),
                       1.5, defined=DefinedDomain("web1-copy", "u2", ("vdc",)))
     text = format_result(r)
