@@ -20,7 +20,11 @@ the disk.  Every backup and restore runs in a child process (child.py) that
 reports its own time and peak memory.  The results are printed and written
 into docs/benchmarks.md with the machine they were measured on.
 
-Run as root: ``benchmarks/run`` (see docs/benchmarks.md for the options).
+Nothing is patched or tuned for the benchmark: the children call the library
+as users do, so the figures are those of the code in the tree.
+
+Run as root: ``benchmarks/run`` (``--help`` for the options; ``--only restore``
+measures one line, making the points it needs without measuring them).
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "integration"))
 
 from benchlib import (  # noqa: E402
-    GiB, MiB, ROOT, Series, child, drop_caches, filesystem_of, machine, markdown_table,
+    GiB, ROOT, Series, child, drop_caches, filesystem_of, machine, markdown_table,
     median, random_extents, remove_tree, replace_block, text_table, timed, write_random,
 )
 import sparse_scan  # noqa: E402
@@ -50,6 +54,10 @@ DOC = ROOT / "docs" / "benchmarks.md"
 MARKER = ".vmsnapbackup-benchmark"
 
 TARGETS = {"full": 1.1, "incremental": 1.2, "restore": 1.2, "memory_mib": 200.0}
+#: The comparisons with qemu-img, in the order they run (each needs the points before it).
+COMPARISONS = ("full", "incremental", "restore")
+#: What ``--only`` may name.
+LINES = COMPARISONS + ("sparse",)
 
 
 def log(message: str) -> None:
@@ -105,7 +113,7 @@ def alternate(rep: int, a: str, b: str) -> Tuple[str, str]:
 
 
 def measure_full(dom: Any, image: Path, pool: Path, work: Path, reps: int,
-                 cold: bool, proposed: Sequence[str]) -> Tuple[Series, Series]:
+                 cold: bool) -> Tuple[Series, Series]:
     ours, ref = Series("backup (new generation)"), Series("qemu-img convert -O qcow2")
     out = work / "convert.qcow2"
     for rep in range(reps):
@@ -113,7 +121,7 @@ def measure_full(dom: Any, image: Path, pool: Path, work: Path, reps: int,
             if cold:
                 drop_caches()
             if side == "ours":
-                doc = child(*proposed, "backup", dom.name, str(pool), "--new-generation")
+                doc = child("backup", dom.name, str(pool), "--new-generation")
                 ours.seconds.append(doc["seconds"])
                 ours.extra.append(doc)
             else:
@@ -126,8 +134,7 @@ def measure_full(dom: Any, image: Path, pool: Path, work: Path, reps: int,
 
 
 def measure_incremental(dom: Any, image: Path, size: int, pool: Path, reps: int, cold: bool,
-                        rng: random.Random, fraction: float,
-                        proposed: Sequence[str]) -> Tuple[Series, Series]:
+                        rng: random.Random, fraction: float) -> Tuple[Series, Series]:
     ours = Series(f"backup N after {fraction:.0%} changed")
     ref = Series("qemu-img convert to null-co")
     for rep in range(reps):
@@ -139,7 +146,7 @@ def measure_incremental(dom: Any, image: Path, size: int, pool: Path, reps: int,
             if cold:
                 drop_caches()
             if side == "ours":
-                doc = child(*proposed, "backup", dom.name, str(pool))
+                doc = child("backup", dom.name, str(pool))
                 ours.seconds.append(doc["seconds"])
                 ours.extra.append(doc)
             else:
@@ -152,7 +159,7 @@ def measure_incremental(dom: Any, image: Path, size: int, pool: Path, reps: int,
 
 
 def measure_restore(dom: Any, pool: Path, work: Path, point: int, volume: Path, reps: int,
-                    cold: bool, proposed: Sequence[str]) -> Tuple[Series, Series]:
+                    cold: bool) -> Tuple[Series, Series]:
     ours = Series(f"restore point {point} (raw, checked)")
     ref = Series("qemu-img convert -O raw")
     out = work / "convert.raw"
@@ -162,7 +169,7 @@ def measure_restore(dom: Any, pool: Path, work: Path, point: int, volume: Path, 
             if cold:
                 drop_caches()
             if side == "ours":
-                doc = child(*proposed, "restore", dom.name, str(pool), str(point), str(outdir))
+                doc = child("restore", dom.name, str(pool), str(point), str(outdir))
                 ours.seconds.append(doc["seconds"])
                 ours.extra.append(doc)
                 remove_tree(outdir)
@@ -205,44 +212,50 @@ def phase_rows(series: Series) -> List[List[str]]:
     return rows
 
 
+def _median_of(series: Series, get: Any) -> float:
+    return median([get(d) for d in series.extra])
+
+
 def report(r: Dict[str, Any]) -> Tuple[str, str]:
-    """(text for the terminal, markdown for docs/benchmarks.md)."""
+    """(text for the terminal, markdown for docs/benchmarks.md); only the lines measured."""
     data = r["data_bytes"]
     rows = []
-    for key, ours, ref, nbytes in (("full", *r["full"], data),
-                                   ("incremental", *r["incremental"], data),
-                                   ("restore", *r["restore"], data)):
+    for key in COMPARISONS:
+        if key not in r:
+            continue
+        ours, ref = r[key]
         ratio = ours.median / ref.median
-        rows.append([ours.label, f"{ours.median:.2f} ({ours.spread()})", mbps(nbytes, ours.median),
-                     ref.label, f"{ref.median:.2f} ({ref.spread()})", mbps(nbytes, ref.median),
+        rows.append([ours.label, f"{ours.median:.2f} ({ours.spread()})", mbps(data, ours.median),
+                     ref.label, f"{ref.median:.2f} ({ref.spread()})", mbps(data, ref.median),
                      f"{ratio:.2f}", f"≤ {TARGETS[key]}", verdict(ratio, TARGETS[key])])
     header = ["ours", "s (min–max)", "MB/s", "baseline", "s (min–max)", "MB/s", "ratio",
               "target", "met"]
 
-    backups = r["full"][0].extra + r["incremental"][0].extra
-    peak = max(d["maxrss_mib"] for d in backups)
-    overlay_full = median([d["result"]["seconds"].get("on_overlay", float("nan"))
-                           for d in r["full"][0].extra])
-    overlay_incr = median([d["result"]["seconds"].get("on_overlay", float("nan"))
-                           for d in r["incremental"][0].extra])
-    commit_full = median([d["result"]["disks"][0]["seconds"]["commit"]
-                          for d in r["full"][0].extra])
-    commit_incr = median([d["result"]["disks"][0]["seconds"]["commit"]
-                          for d in r["incremental"][0].extra])
-    restores = r["restore"][0].extra
-    convert = median([d["result"]["disks"][0]["convert_seconds"] for d in restores])
-    check = median([d["result"]["disks"][0]["check_seconds"] for d in restores])
+    backup_lines = [(key, r[key][0]) for key in ("full", "incremental") if key in r]
+    other = []
+    if backup_lines:
+        peak = max(d["maxrss_mib"] for _, series in backup_lines for d in series.extra)
+        other.append(["peak memory of a backup process (max of all backups)", f"{peak:.0f} MiB",
+                      f"≤ {TARGETS['memory_mib']:.0f} MiB + tables",
+                      verdict(peak, TARGETS["memory_mib"])])
+    for key, series in backup_lines:
+        name = "full backup" if key == "full" else "backup N"
+        overlay = _median_of(series, lambda d: d["result"]["seconds"].get("on_overlay",
+                                                                           float("nan")))
+        commit = _median_of(series, lambda d: d["result"]["disks"][0]["seconds"]["commit"])
+        other.append([f"{name}: time on the overlay / commit (median)",
+                      f"{overlay:.2f} s / {commit:.2f} s", "", ""])
+    if "restore" in r:
+        ours = r["restore"][0]
+        split = [_median_of(ours, lambda d, k=k: d["result"]["disks"][0][k])
+                 for k in ("write_seconds", "sync_seconds", "check_seconds")]
+        other.append(["restore: read, hash and write / fsync / compare with table N (median)",
+                      " / ".join(f"{v:.2f} s" for v in split), "", ""])
+        cpu = [_median_of(ours, lambda d, k=k: d["cpu"][f"{k}_user"] + d["cpu"][f"{k}_sys"])
+               for k in ("self", "children")]
+        other.append(["restore: CPU s of the restore process / storage daemon (median)",
+                      f"{cpu[0]:.2f} / {cpu[1]:.2f}", "", ""])
     sp = r.get("sparse")
-    other = [
-        ["peak memory of a backup process (max of all backups)", f"{peak:.0f} MiB",
-         f"≤ {TARGETS['memory_mib']:.0f} MiB + tables", verdict(peak, TARGETS["memory_mib"])],
-        ["time on the overlay, full backup (median)", f"{overlay_full:.2f} s", "", ""],
-        ["time on the overlay, backup N (median)", f"{overlay_incr:.2f} s", "", ""],
-        ["commit, full backup / backup N (median)",
-         f"{commit_full:.2f} s / {commit_incr:.2f} s", "", ""],
-        ["restore: qemu-img convert + fsync / check of the image (median)",
-         f"{convert:.2f} s / {check:.2f} s", "", ""],
-    ]
     if sp:
         other += [
             [f"pass over a {sp['size'] / GiB / 1024:.0f} TiB sparse raw disk, "
@@ -258,39 +271,39 @@ def report(r: Dict[str, Any]) -> Tuple[str, str]:
                      TARGETS["memory_mib"])],
         ]
     other_header = ["figure", "value", "target", "met"]
-    phases_full = phase_rows(r["full"][0])
-    phases_incr = phase_rows(r["incremental"][0])
-    phase_table = [[name, full, incr] for (name, full), (_, incr)
-                   in zip(phases_full, phases_incr)]
-    for label, key in (("CPU s: backup process (user+sys)", "self"),
-                       ("CPU s: storage daemon, qemu-img (user+sys)", "children")):
-        values = []
-        for series in (r["full"][0], r["incremental"][0]):
-            values.append(median([d["cpu"][f"{key}_user"] + d["cpu"][f"{key}_sys"]
-                                  for d in series.extra]))
-        phase_table.append([label, f"{values[0]:.2f}", f"{values[1]:.2f}"])
-    phase_header = ["phase of a backup (median s)", "full", "backup N"]
+
+    tables = [text_table, markdown_table]
+    parts: List[List[str]] = [[], []]
+    for out, table in zip(parts, tables):
+        if rows:
+            out.append(table(header, rows))
+        if other:
+            out.append(table(other_header, other))
+    if backup_lines:
+        columns = [phase_rows(series) for _, series in backup_lines]
+        phase_table = [[name] + [col[i][1] for col in columns]
+                       for i, (name, _) in enumerate(columns[0])]
+        for label, key in (("CPU s: backup process (user+sys)", "self"),
+                           ("CPU s: storage daemon, qemu-img (user+sys)", "children")):
+            phase_table.append([label] + [
+                f"{_median_of(series, lambda d: d['cpu'][f'{key}_user'] + d['cpu'][f'{key}_sys']):.2f}"
+                for _, series in backup_lines])
+        phase_header = ["phase of a backup (median s)"] + [
+            "full" if key == "full" else "backup N" for key, _ in backup_lines]
+        for out, table in zip(parts, tables):
+            out.append(table(phase_header, phase_table))
 
     m = r["machine"]
-    setup = (f"Storage daemon settings {r['variant']}; "
-             f"{r['size'] / GiB:.0f} GiB qcow2 disk, {data / GiB:.2f} GiB random data in "
+    setup = (f"{r['size'] / GiB:.0f} GiB qcow2 disk, {data / GiB:.2f} GiB random data in "
              f"{r['extents']} extents, median of {r['reps']} runs, page cache "
              f"{'dropped before every run (cold)' if r['cold'] else 'kept (warm)'}; "
              f"pool and images on {r['filesystem']}")
-    text = "\n\n".join([
-        setup,
-        text_table(header, rows),
-        text_table(other_header, other),
-        text_table(phase_header, phase_table),
-    ])
+    text = "\n\n".join([setup] + parts[0])
     md = "\n\n".join([
         f"Measured {r['date']} by `benchmarks/run` ({r['wall']:.0f} s in all) on: "
         + ", ".join(f"{k} {v}" for k, v in m.items()) + ".",
         setup + ".",
-        markdown_table(header, rows),
-        markdown_table(other_header, other),
-        markdown_table(phase_header, phase_table),
-    ])
+    ] + parts[1])
     return text, md
 
 
@@ -329,9 +342,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="pool and scratch files (removed at the end)")
     parser.add_argument("--warm", action="store_true",
                         help="keep the page cache between runs instead of dropping it")
-    parser.add_argument("--proposed", default="",
-                        help="measure with storage daemon settings not yet in the tree "
-                             "(comma-separated: malloc,direct,noflush; see child.py)")
+    parser.add_argument("--only", default=",".join(LINES),
+                        help=f"comma-separated lines to measure (of {','.join(LINES)}); the "
+                             "points a line needs are still made, unmeasured.  A run of "
+                             "some lines only is never written into the docs")
     parser.add_argument("--no-sparse", action="store_true", help="skip the 1 TiB sparse pass")
     parser.add_argument("--no-doc", action="store_true",
                         help=f"do not write the results into {DOC.relative_to(ROOT)}")
@@ -345,8 +359,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("fewer than 3 runs: use --no-doc (the documented figures are medians of >= 3)",
               file=sys.stderr)
         return 2
-    proposed = ["--proposed", args.proposed] if args.proposed else []
-    variant = f"proposed: {args.proposed}" if args.proposed else "as in the tree"
+    lines = [n for n in args.only.split(",") if n]
+    unknown = sorted(set(lines) - set(LINES))
+    if unknown or not lines:
+        print(f"--only takes some of {','.join(LINES)}, not {args.only!r}", file=sys.stderr)
+        return 2
+    if args.no_sparse and "sparse" in lines:
+        lines.remove("sparse")
+    partial = set(lines) != set(LINES)
 
     import libvirt
 
@@ -370,24 +390,35 @@ def main(argv: Optional[List[str]] = None) -> int:
         t0 = time.monotonic()
         data = fill_image(image, extents, args.seed)
         log(f"domain {dom.name}: {size / GiB:.1f} GiB qcow2 with {data / GiB:.2f} GiB random "
-            f"data in {len(extents)} extents ({time.monotonic() - t0:.1f} s); {variant}")
+            f"data in {len(extents)} extents ({time.monotonic() - t0:.1f} s)")
         dom.start()
 
         results: Dict[str, Any] = {
             "size": size, "data_bytes": data, "extents": len(extents), "reps": args.reps,
             "cold": cold, "filesystem": filesystem_of(work), "machine": machine(),
-            "variant": variant,
         }
-        results["full"] = measure_full(dom, image, pool, work, args.reps, cold, proposed)
-        results["incremental"] = measure_incremental(dom, image, size, pool, args.reps, cold,
-                                                     rng, args.change, proposed)
-        last = results["incremental"][0].extra[-1]["result"]["point"]
-        volume = point_volume(pool, dom.uuid, last)
-        results["restore"] = measure_restore(dom, pool, work, last, volume, args.reps, cold,
-                                             proposed)
+        wanted = set(lines)
+        if "full" in wanted:
+            results["full"] = measure_full(dom, image, pool, work, args.reps, cold)
+        elif wanted & {"incremental", "restore"}:
+            log("full backup (not measured) ...")
+            child("backup", dom.name, str(pool), "--new-generation")
+        last = None
+        if "incremental" in wanted:
+            results["incremental"] = measure_incremental(dom, image, size, pool, args.reps,
+                                                         cold, rng, args.change)
+            last = results["incremental"][0].extra[-1]["result"]["point"]
+        elif "restore" in wanted:
+            log("backup N (not measured) ...")
+            change_blocks(dom, size, args.change, rng)
+            last = child("backup", dom.name, str(pool))["result"]["point"]
+        if "restore" in wanted:
+            volume = point_volume(pool, dom.uuid, last)
+            results["restore"] = measure_restore(dom, pool, work, last, volume, args.reps,
+                                                 cold)
         remove_domain_robustly(args.uri, dom)  # not needed any more: free memory and disk
         remove_tree(pool)
-        if not args.no_sparse:
+        if "sparse" in wanted:
             log("1 TiB sparse pass ...")
             results["sparse"] = sparse_scan.measure(work, size=1024 * GiB, data=GiB,
                                                     reps=args.reps, cold=cold)
@@ -396,10 +427,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         text, md = report(results)
         print()
         print(text)
-        if not args.no_doc:
-            key = args.proposed or "tree"
-            replace_block(DOC, f"<!-- results {key}: begin -->",
-                          f"<!-- results {key}: end -->", md)
+        if args.no_doc:
+            pass
+        elif partial:
+            print(f"\nsome lines only (--only, --no-sparse): not written into {DOC}")
+        else:
+            replace_block(DOC, "<!-- results tree: begin -->", "<!-- results tree: end -->", md)
             print(f"\nwritten into {DOC}")
         return 0
     finally:

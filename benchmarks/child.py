@@ -7,14 +7,12 @@ measurement to the next.
 
 Usage (prints one JSON document on stdout)::
 
-    child.py [--proposed LIST] backup  DOMAIN POOL [--new-generation]
-    child.py [--proposed LIST] restore DOMAIN POOL POINT OUTDIR
-    child.py [--proposed LIST] scan    IMAGE FORMAT [--block-size N]
+    child.py backup  DOMAIN POOL [--new-generation]
+    child.py restore DOMAIN POOL POINT OUTDIR
+    child.py scan    IMAGE FORMAT [--block-size N]
 
-``--proposed`` applies, to this process only, storage daemon settings that
-docs/benchmarks.md proposes for vmsnapbackup/adapters/storagedaemon.py, so
-their effect is measured on the real workflow before they land (a
-comma-separated subset of :data:`PROPOSALS`).
+It calls the library as a user's program would: nothing in it is patched or
+tuned for the benchmark, so what is measured is the code users run.
 
 Each document holds ``seconds`` (the operation itself, measured here, without
 interpreter start-up and imports), ``maxrss_mib`` (peak resident set of this
@@ -26,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import resource
 import sys
 import time
@@ -48,87 +45,6 @@ class _Timeline(logging.Handler):
             if t >= after and needle in message:
                 return t
         return None
-
-
-#: Storage daemon settings measured before they land (see docs/benchmarks.md):
-#: ``malloc``: QEMU allocates a bounce buffer per NBD request, and glibc serves
-#: every one of >= 128 KiB with a fresh mmap (page faults and zeroing, twice per
-#: MiB moved); ``direct``: read-only images are read with O_DIRECT and native AIO
-#: (no page-cache copy, many requests in flight, no eviction of the host's cache);
-#: ``noflush``: a volume being filled ignores flushes (its qcow2 metadata updates
-#: flush the file on every cluster allocation); it is made durable by the fsync
-#: of the rename that seals it; ``rawcheck``: a restore to a raw file checks it
-#: by reading the file itself (diskpass.RawImageSource) instead of an export.
-PROPOSALS = ("malloc", "direct", "noflush", "rawcheck")
-DAEMON_MALLOC = "glibc.malloc.mmap_threshold=4194304:glibc.malloc.trim_threshold=67108864"
-
-
-def apply_proposals(names: List[str]) -> None:
-    """Wrap the storage daemon's QMP calls of this process to add the proposed options."""
-    unknown = set(names) - set(PROPOSALS)
-    if unknown:
-        raise SystemExit(f"unknown proposal(s): {', '.join(sorted(unknown))}")
-    if "malloc" in names:
-        current = os.environ.get("GLIBC_TUNABLES")
-        os.environ["GLIBC_TUNABLES"] = f"{current}:{DAEMON_MALLOC}" if current else DAEMON_MALLOC
-    if "rawcheck" in names:
-        _raw_restore_check()
-    if not {"direct", "noflush"} & set(names):
-        return
-    from vmsnapbackup.adapters import storagedaemon as sd
-    from vmsnapbackup.errors import ExportError
-
-    original = sd.StorageDaemon._cmd
-    writable_files: set = set()
-
-    def _cmd(self: Any, command: str, **arguments: Any) -> Any:
-        if command != "blockdev-add":
-            return original(self, command, **arguments)
-        read_only = arguments.get("read-only", False)
-        extra: Dict[str, Any] = {}
-        if "cache" in arguments:  # the tree does it itself now
-            return original(self, command, **arguments)
-        if arguments.get("driver") in ("file", "host_device"):
-            if read_only and "direct" in names:
-                extra = {"cache": {"direct": True}, "aio": "native"}
-            elif not read_only and "noflush" in names:
-                extra = {"cache": {"no-flush": True}}
-                writable_files.add(arguments.get("node-name"))
-        elif not read_only and "noflush" in names and arguments.get("file") in writable_files:
-            extra = {"cache": {"no-flush": True}}
-        if not extra:
-            return original(self, command, **arguments)
-        try:
-            return original(self, command, **arguments, **extra)
-        except ExportError:
-            if "aio" not in extra:
-                raise
-            return original(self, command, **arguments)  # no O_DIRECT on this filesystem
-
-    sd.StorageDaemon._cmd = _cmd  # type: ignore[method-assign]
-
-
-def _raw_restore_check() -> None:
-    from vmsnapbackup.workflows import pointread
-    from vmsnapbackup.workflows import restore as restore_module
-    from vmsnapbackup.workflows.diskpass import RawImageSource, run_disk_pass
-
-    original = restore_module.hash_image
-
-    def hash_image(daemon: Any, path: Any, fmt: str, expected: Any, **kw: Any) -> Any:
-        if fmt != "raw":
-            return original(daemon, path, fmt, expected, **kw)
-        with RawImageSource.open(path) as source:
-            bad = pointread._size_mismatch(expected, source.size)
-            if bad is not None:
-                return bad
-            table, _ = run_disk_pass(source, None, expected.block_size, None,
-                                     disk=kw.get("disk", ""),
-                                     progress=pointread.with_phase(kw.get("progress"),
-                                                                   kw.get("phase", "check")))
-        return pointread.compare_tables(expected, table)
-
-    restore_module.hash_image = hash_image  # type: ignore[assignment]
 
 
 def _maxrss_mib() -> float:
@@ -228,8 +144,6 @@ def _scan(args: argparse.Namespace) -> Dict[str, Any]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--proposed", default="",
-                        help=f"comma-separated subset of {','.join(PROPOSALS)}")
     sub = parser.add_subparsers(dest="op", required=True)
     b = sub.add_parser("backup")
     b.add_argument("domain")
@@ -245,7 +159,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     s.add_argument("format")
     s.add_argument("--block-size", type=int, default=65536)
     args = parser.parse_args(argv)
-    apply_proposals([n for n in args.proposed.split(",") if n])
     doc = {"backup": _backup, "restore": _restore, "scan": _scan}[args.op](args)
     json.dump(doc, sys.stdout)
     sys.stdout.write("\n")
