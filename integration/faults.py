@@ -376,6 +376,13 @@ def assert_recovered(td: TestDomain, pool: Path, *, active: bool,
     assert extra == [], f"files no sealed point refers to: {extra}"
     assert not [p for p in store.path.rglob("*") if p.name.endswith(".partial")
                 or p.name.startswith(".")], "a partial or temp file was left"
+    # no checkpoint of ours but the one the current generation names (a dead backup's
+    # is deleted by repair; a replaced generation's by the backup that replaced it)
+    current = store.current_generation()
+    named = {store.read_generation(current).checkpoint} if current is not None else set()
+    ours = {c.getName() for c in dom.listAllCheckpoints() if c.getName().startswith(
+        "vmsnapbackup-")}
+    assert ours <= named, f"checkpoints left: {sorted(ours - named)}"
     listed = list_points(pool, domain=td.uuid)
     assert all(p.damaged is None for p in listed), listed
     if listed:

@@ -154,7 +154,7 @@ class PoolFacts:
     referenced: FrozenSet[str] = frozenset()      # every path a valid manifest names
     manifest_points: FrozenSet[int] = frozenset()  # points with a manifest file, valid or not
     sealed_generations: Optional[FrozenSet[int]] = frozenset()
-    generation_checkpoints: FrozenSet[str] = frozenset()  # named by generation records
+    generation_checkpoints: FrozenSet[str] = frozenset()  # named by generations with points
 
 
 @dataclass(frozen=True)
@@ -598,6 +598,8 @@ def _pool_facts(store: DomainStore, entry: Optional[JournalEntry]) -> PoolFacts:
                 dirs.add(rel)
     named: Set[str] = set()
     for g in store.generations():
+        if not damaged and g not in sealed:
+            continue   # repair removes a generation without a sealed point, and so its checkpoint
         try:
             checkpoint = store.read_generation(g).checkpoint
         except VmSnapBackupError:
