@@ -191,3 +191,32 @@ def test_no_dirty_bitmaps_makes_no_checkpoint(make_domain, tmp_path: Path):
     assert manifest_disk(pool, dom, 2, "vda").dirty_bitmap is None
     assert json.loads(store.manifest_path(2).read_text())["disks"][0]["blocks"].get(
         "unchanged", 0) == 0
+
+
+def test_after_a_restart_the_bitmap_is_proven_by_one_full_read(make_domain, tmp_path: Path):
+    """While the domain was shut off, anything could have written its image: the first
+    point of a new QEMU run reads everything and checks the bitmap against it; the
+    next point of that run trusts the bitmap again."""
+    dom = make_domain(disks=[DiskSpec("vda", "qcow2", 16 * MiB)])
+    model = DiskModel(dom)
+    pool = tmp_path / "pool"
+    model.write("vda", 1 * MiB, 1 * MiB, 0x71)
+    backup(dom.name, pool)
+    expected = {1: model.snapshot()}
+    cp = generation_checkpoint(pool, dom)
+    dom.shutoff()
+    dom.start()
+    model.write("vda", 5 * MiB, 64 * KiB, 0x72)
+    backup(dom.name, pool)
+    expected[2] = model.snapshot()
+    m1, m2 = (Pool.open(pool).domain(dom.uuid).read_manifest(n) for n in (1, 2))
+    assert m1.qemu_run and m2.qemu_run and m1.qemu_run != m2.qemu_run
+    vda2 = m2.disk("vda")
+    assert vda2.dirty_bitmap is None and vda2.blocks.unchanged == 0 and vda2.blocks.changed == 1
+    assert our_checkpoints(dom) == [cp]             # proven right: kept
+    model.write("vda", 6 * MiB, 64 * KiB, 0x73)
+    backup(dom.name, pool)
+    expected[3] = model.snapshot()
+    vda3 = manifest_disk(pool, dom, 3, "vda")
+    assert vda3.dirty_bitmap == cp and vda3.blocks.unchanged > 0 and vda3.blocks.changed == 2
+    assert_points_match(pool, dom.uuid, expected, tmp_path)

@@ -106,3 +106,13 @@ def test_a_pass_with_a_right_bitmap_builds_the_same_table_as_a_full_read(image: 
     assert table == table_of(image)
     assert stats.unchanged == BLOCKS + 1 - 6
     assert stats.read + stats.holes == 6
+
+
+def test_change_outside_names_a_change_the_bitmap_missed(image: Path) -> None:
+    table1 = table_of(image)
+    write_at(image, 30 * BS, b"\x04" * BS)
+    write_at(image, 90 * BS, b"\x05" * BS)
+    table = table_of(image)
+    assert dirtymap.change_outside(table1, table, [(30 * BS, BS), (90 * BS, BS)]) is None
+    assert dirtymap.change_outside(table1, table, [(30 * BS, BS)]) == 90
+    assert dirtymap.change_outside(table1, table, []) == 30

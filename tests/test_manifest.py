@@ -380,3 +380,13 @@ def test_generation_checkpoint_round_trips_and_is_optional() -> None:
     obj["checkpoint"] = "not-ours"
     with pytest.raises(CorruptFileError, match="checkpoint"):
         mf.GenerationRecord.from_dict(obj, PATH)
+
+
+def test_qemu_run_round_trips_and_is_optional() -> None:
+    obj = spec_manifest()
+    obj["qemu_run"] = "5e1c0000-0000-4000-8000-000000000000:17"
+    m = mf.from_json(resealed(obj), PATH)
+    assert m.qemu_run == obj["qemu_run"]
+    assert json.loads(mf.to_json(m))["qemu_run"] == obj["qemu_run"]
+    plain = mf.from_json(dump(spec_manifest()), PATH)
+    assert plain.qemu_run is None and "qemu_run" not in json.loads(mf.to_json(plain))

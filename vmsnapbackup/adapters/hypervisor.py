@@ -572,6 +572,22 @@ class Hypervisor:
 
     # -- checkpoints (persistent dirty bitmaps) --------------------------------
 
+    def qemu_run(self, dom: libvirt.virDomain) -> Optional[str]:
+        """Which QEMU process runs the domain: ``<host boot id>:<domain id>`` (None: shut off).
+
+        libvirt gives a domain a new id each time it starts, and ids restart
+        after a host reboot, hence the boot id.  A dirty bitmap can only miss
+        writes made while no QEMU had the image open, that is between two runs.
+        """
+        try:
+            with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+                boot = f.read().strip()
+        except OSError:
+            return None
+        with _libvirt_errors(f"id of domain '{self.domain_name(dom)}'"):
+            ident = int(dom.ID())
+        return f"{boot}:{ident}" if ident > 0 else None
+
     def checkpoint_names(self, dom: libvirt.virDomain) -> List[str]:
         """Names of the domain's libvirt checkpoints (ours and anybody else's)."""
         with _libvirt_errors(f"list of checkpoints of domain '{self.domain_name(dom)}'"):

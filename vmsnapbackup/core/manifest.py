@@ -628,6 +628,8 @@ class PointManifest:
     consistency: str
     disks: Tuple[PointDisk, ...]
     status: str = STATUS_COMPLETE
+    #: the QEMU process that ran the domain at the snapshot (§7): "<boot id>:<domain id>"
+    qemu_run: Optional[str] = None
 
     @property
     def is_generation_start(self) -> bool:
@@ -649,6 +651,8 @@ class PointManifest:
             "finished": self.finished, "consistency": self.consistency,
             "disks": [x.to_dict() for x in self.disks],
         }
+        if self.qemu_run is not None:  # optional within version 1 (FORMAT §12)
+            d["qemu_run"] = self.qemu_run
         if with_checksum:
             d["checksum"] = manifest_checksum(d)
         return d
@@ -693,6 +697,7 @@ class PointManifest:
             consistency=f.choice("consistency", CONSISTENCIES),
             disks=tuple(disks),
             status=status,
+            qemu_run=f.text("qemu_run") if obj.get("qemu_run") is not None else None,
         )
 
     @classmethod

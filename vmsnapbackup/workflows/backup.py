@@ -42,7 +42,7 @@ from ..errors import (
 )
 from ..progress import ProgressCallback
 from .diskpass import PassStats, run_disk_pass
-from .dirtymap import new_checkpoint_name, unchanged_blocks_disagree
+from .dirtymap import change_outside, new_checkpoint_name, unchanged_blocks_disagree
 from .parallel import run_all
 from .interrupt import interruptible
 
@@ -235,6 +235,8 @@ class _BackupRun:
         self.checkpoint: Optional[str] = None          # made by this backup for its new generation
         self.distrusted: Optional[str] = None          # a bitmap that failed its check
         self.previous_checkpoint: Optional[str] = None  # the generation's we continue or replace
+        self.qemu_run: Optional[str] = None             # the QEMU run at the snapshot
+        self.bitmap_proven = False   # the generation's last point was in this QEMU run
 
     # -- the happy path ------------------------------------------------------
 
@@ -332,6 +334,10 @@ class _BackupRun:
                                 quiesce=self.quiesce)
         self.snapshot_mono = time.monotonic()
         self.snapshot_at = utc_now()
+        try:
+            self.qemu_run = self.hv.qemu_run(self.dom)
+        except HypervisorError as exc:
+            log.warning("domain %s: cannot tell its QEMU run (%s)", self.name, exc)
         self.consistency = "quiesced" if snap.quiesced else "crash-consistent"
         for w in self.work:
             w.overlay = snap.overlays[w.disk.target]
@@ -393,13 +399,20 @@ class _BackupRun:
             log.info("domain %s: checkpoint %s of generation %d is gone (deleted, or the "
                      "domain migrated): reading every data block", self.name, name, current)
             return None
+        points = [p.manifest for p in self.store.points()
+                  if p.manifest is not None and p.manifest.generation == current]
+        last_run = points[-1].qemu_run if points else None
+        self.bitmap_proven = self.qemu_run is not None and last_run == self.qemu_run
+        if not self.bitmap_proven:
+            log.info("domain %s: first point of generation %d since QEMU started: reading "
+                     "every data block to prove bitmap %s", self.name, current, name)
         return name
 
-    def _trusted_dirty_runs(self, w: _DiskWork, src: NbdClient) -> Optional[List[Tuple[int, int]]]:
+    def _trusted_dirty_runs(self, w: _DiskWork, src: NbdClient,
+                            dirty: List[Tuple[int, int]]) -> Optional[List[Tuple[int, int]]]:
         """The bitmap's dirty runs for this disk, or None when every block must be read."""
-        if w.table1 is None or not src.can_dirty_status:
+        if w.table1 is None or not self.bitmap_proven:
             return None
-        dirty = list(src.dirty_ranges(self.block_size))
         doubt = unchanged_blocks_disagree(src, w.table1, dirty)
         if doubt is not None:
             log.warning("domain %s: dirty bitmap %s of %s cannot be trusted (%s): reading "
@@ -409,6 +422,21 @@ class _BackupRun:
             return None
         w.dirty_bitmap = src.dirty_bitmap
         return dirty
+
+    def _prove_bitmap(self, w: _DiskWork, name: Optional[str],
+                      marked: List[Tuple[int, int]]) -> None:
+        """After a full read: did the bitmap see every change since table 1?"""
+        assert w.table1 is not None and w.table is not None
+        block = change_outside(w.table1, w.table, marked)
+        if block is None:
+            log.info("domain %s: bitmap %s of %s agrees with a full read", self.name, name,
+                     w.disk.target)
+            return
+        log.warning("domain %s: block %d of %s changed since the generation's first point "
+                    "but bitmap %s missed it (the image was written behind QEMU's back?): "
+                    "the checkpoint is deleted, later points read every data block",
+                    self.name, block, w.disk.target, name)
+        self.distrusted = name
 
     def _retire_checkpoints(self) -> None:
         """After the seal: drop the checkpoint a new generation replaced, or one that lied.
@@ -532,10 +560,14 @@ class _BackupRun:
             with NbdClient.open_unix(w.source_export.socket_path, w.source_export.name,
                                      dirty_bitmap=bitmap) as src, \
                     NbdClient.open_unix(out.socket_path, out.name) as dst:
-                dirty = self._trusted_dirty_runs(w, src) if bitmap else None
+                marked = (list(src.dirty_ranges(self.block_size))
+                          if bitmap and src.can_dirty_status else None)
+                dirty = self._trusted_dirty_runs(w, src, marked) if marked is not None else None
                 w.table, w.stats = run_disk_pass(src, dst, self.block_size, w.table1,
                                                  disk=w.disk.target, progress=progress,
                                                  dirty=dirty)
+                if marked is not None and dirty is None and self.distrusted is None:
+                    self._prove_bitmap(w, src.dirty_bitmap, marked)
                 dst.flush()
         except ExportError as exc:
             # the NBD server's ENOSPC/EROFS while writing our volume is the pool's state
@@ -630,7 +662,7 @@ class _BackupRun:
             point=self.point, generation=g,
             domain=DomainInfo(name=self.name, uuid=self.uuid, xml=self.domain_xml),
             started=self.started, snapshot_at=self.snapshot_at, finished=utc_now(),
-            consistency=self.consistency, disks=tuple(disks))
+            consistency=self.consistency, disks=tuple(disks), qemu_run=self.qemu_run)
         self.journal.add_files([self.store.relpath(self.store.manifest_path(self.point))])
         self.store.write_manifest(manifest)
         self.sealed = True

@@ -18,6 +18,10 @@ wrong:
   behind);
 * QEMU holds the bitmap intact (persistent, not ``inconsistent``): checked by
   the storage daemon when it exports it;
+* the generation's previous point was taken in the same QEMU run (FORMAT
+  §7 ``qemu_run``): writes behind QEMU's back need the image closed, so the
+  first point after a start reads everything and :func:`change_outside`
+  proves the bitmap against that full read (or the checkpoint is deleted);
 * :func:`unchanged_blocks_disagree`: every block the bitmap calls unwritten
   that now reads as a hole must have been zeros in table 1, and a random
   sample of the others is read and must hash to table 1's values.
@@ -36,9 +40,11 @@ import numpy as np
 
 from ..core.blockruns import Run, block_runs, complement_runs, intersect_runs
 from ..core.checktable import CheckTable, hash_blocks, zero_value
+from ..core.difftable import changed_indexes
 from ..core.manifest import CHECKPOINT_PREFIX
 
 __all__ = ["new_checkpoint_name", "is_our_checkpoint", "unchanged_blocks_disagree",
+           "change_outside",
            "SAMPLE_FRACTION", "SAMPLE_MIN", "SAMPLE_MAX"]
 
 log = logging.getLogger(__name__)
@@ -111,3 +117,18 @@ def unchanged_blocks_disagree(source: Any, table1: CheckTable, dirty: Sequence[R
                         "bitmap calls it unwritten")
     log.debug("dirty bitmap agrees with table 1 on %d sampled unwritten blocks", want)
     return None
+
+
+def change_outside(table1: CheckTable, table: CheckTable, dirty: Sequence[Run]) -> Optional[int]:
+    """The first block that differs from table 1 but is clean in the bitmap, or None.
+
+    ``table`` comes from a full read, so this proves (or refutes) that the
+    bitmap saw every write since table 1 until now.
+    """
+    bs = table1.block_size
+    marked = np.zeros(table1.count, dtype=np.bool_)
+    for offset, length in dirty:
+        marked[offset // bs:-(-(offset + length) // bs)] = True
+    changed = changed_indexes(table1, table)
+    outside = changed[~marked[changed.astype(np.intp)]]
+    return int(outside[0]) if outside.size else None
