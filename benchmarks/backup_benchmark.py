@@ -255,6 +255,8 @@ def report(r: Dict[str, Any]) -> Tuple[str, str]:
                for k in ("self", "children")]
         other.append(["restore: CPU s of the restore process / storage daemon (median)",
                       f"{cpu[0]:.2f} / {cpu[1]:.2f}", "", ""])
+        other.append(["restore: peak memory of the restore process (max)",
+                      f"{max(d['maxrss_mib'] for d in ours.extra):.0f} MiB", "", ""])
     sp = r.get("sparse")
     if sp:
         other += [
