@@ -587,3 +587,36 @@ def test_export_serves_an_intact_bitmap_and_refuses_others(tmp_path: Path, run_b
         # the exports refused a bitmap still serve the data
         qemu_io(bad.uri, "read -P 0x5a 1M 64k", read_only=True)
     assert_cleaned(d)
+
+
+def _open_flags(pid: int, path: Path) -> List[int]:
+    """The open flags of every descriptor of ``pid`` on ``path``."""
+    flags = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != str(path):
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                line = next(x for x in f if x.startswith("flags:"))
+        except (FileNotFoundError, StopIteration):
+            continue
+        flags.append(int(line.split()[1], 8))
+    return flags
+
+
+def test_direct_export_reads_the_backing_image_with_o_direct_too(tmp_path: Path,
+                                                                 run_base: str) -> None:
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    pattern_image(base, "qcow2", 4 * MiB, ["write -P 0x31 0 1M"])
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top))
+    with StorageDaemon(run_base, tag="direct") as d:
+        exp = d.export_image(str(top), "qcow2", name="top", direct=True)
+        assert d.pid is not None
+        for image in (top, base):
+            flags = _open_flags(d.pid, image)
+            assert flags and all(f & os.O_DIRECT for f in flags), (image, [oct(f) for f in flags])
+        qemu_io(exp.uri, "read -P 0x31 0 1M", read_only=True)
+        plain = d.export_image(str(base), "qcow2", name="plain")
+        assert plain.name == "plain"
+        assert any(not f & os.O_DIRECT for f in _open_flags(d.pid, base))
+    assert_cleaned(d)

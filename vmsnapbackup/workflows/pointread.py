@@ -290,7 +290,7 @@ def read_daemon(tag: str, runtime_base: Optional[str] = None) -> Iterator[Storag
 
 @contextlib.contextmanager
 def _exported(daemon: StorageDaemon, path: Path, fmt: str) -> Iterator[NbdClient]:
-    export = daemon.export_image(os.fspath(path), fmt)
+    export = daemon.export_image(os.fspath(path), fmt, direct=True)   # read once, end to end
     try:
         with NbdClient.open_unix(export.socket_path, export.name) as client:
             yield client
