@@ -7,8 +7,11 @@ to it on the same filesystem, and measures, median of ``--reps`` (>= 3):
 1. a full backup (new generation) against ``qemu-img convert -O qcow2`` of the
    same image into the same directory;
 2. backup N after 1 % of the blocks changed (scattered 4 KiB - 1 MiB guest
-   writes) against reading the image's allocated data once
-   (``qemu-img convert`` into a ``null-co`` target);
+   writes), reading all allocated data (``--no-dirty-bitmaps``), against
+   reading the image's allocated data once (``qemu-img convert`` into a
+   ``null-co`` target);
+   and the same with the generation's dirty bitmap (the default), which reads
+   only the blocks written since the generation's first point;
 3. restore of point N against ``qemu-img convert -O raw`` of its point volume;
 4. peak memory of the backup process, the time the domain ran on the overlay
    and the time of the commit;
@@ -53,9 +56,9 @@ DOC = ROOT / "docs" / "benchmarks.md"
 #: Created by us in the bench directory: only a directory holding it is ever removed.
 MARKER = ".vmsnapbackup-benchmark"
 
-TARGETS = {"full": 1.1, "incremental": 1.2, "restore": 1.2, "memory_mib": 200.0}
+TARGETS = {"full": 1.1, "incremental": 1.2, "bitmap": 1.2, "restore": 1.2, "memory_mib": 200.0}
 #: The comparisons with qemu-img, in the order they run (each needs the points before it).
-COMPARISONS = ("full", "incremental", "restore")
+COMPARISONS = ("full", "incremental", "bitmap", "restore")
 #: What ``--only`` may name.
 LINES = COMPARISONS + ("sparse",)
 
@@ -134,9 +137,14 @@ def measure_full(dom: Any, image: Path, pool: Path, work: Path, reps: int,
 
 
 def measure_incremental(dom: Any, image: Path, size: int, pool: Path, reps: int, cold: bool,
-                        rng: random.Random, fraction: float) -> Tuple[Series, Series]:
-    ours = Series(f"backup N after {fraction:.0%} changed")
+                        rng: random.Random, fraction: float,
+                        bitmaps: bool = False) -> Tuple[Series, Series]:
+    if bitmaps:
+        ours = Series(f"backup N after {fraction:.0%} changed, dirty bitmap")
+    else:
+        ours = Series(f"backup N after {fraction:.0%} changed, full read")
     ref = Series("qemu-img convert to null-co")
+    flags = [] if bitmaps else ["--no-dirty-bitmaps"]
     for rep in range(reps):
         t0 = time.monotonic()
         writes, blocks = change_blocks(dom, size, fraction, rng)
@@ -146,14 +154,14 @@ def measure_incremental(dom: Any, image: Path, size: int, pool: Path, reps: int,
             if cold:
                 drop_caches()
             if side == "ours":
-                doc = child("backup", dom.name, str(pool))
+                doc = child("backup", dom.name, str(pool), *flags)
                 ours.seconds.append(doc["seconds"])
                 ours.extra.append(doc)
             else:
                 ref.seconds.append(timed(["qemu-img", "convert", "-U", "-f", "qcow2", "-n",
                                           str(image), "--target-image-opts",
                                           f"driver=null-co,size={size}"]))
-        log(f"backup N {rep + 1}/{reps}: ours {ours.seconds[-1]:.2f} s, "
+        log(f"{ours.label} {rep + 1}/{reps}: ours {ours.seconds[-1]:.2f} s, "
             f"qemu-img {ref.seconds[-1]:.2f} s")
     return ours, ref
 
@@ -231,7 +239,7 @@ def report(r: Dict[str, Any]) -> Tuple[str, str]:
     header = ["ours", "s (min–max)", "MB/s", "baseline", "s (min–max)", "MB/s", "ratio",
               "target", "met"]
 
-    backup_lines = [(key, r[key][0]) for key in ("full", "incremental") if key in r]
+    backup_lines = [(key, r[key][0]) for key in ("full", "incremental", "bitmap") if key in r]
     other = []
     if backup_lines:
         peak = max(d["maxrss_mib"] for _, series in backup_lines for d in series.extra)
@@ -239,12 +247,22 @@ def report(r: Dict[str, Any]) -> Tuple[str, str]:
                       f"≤ {TARGETS['memory_mib']:.0f} MiB + tables",
                       verdict(peak, TARGETS["memory_mib"])])
     for key, series in backup_lines:
-        name = "full backup" if key == "full" else "backup N"
+        name = {"full": "full backup", "incremental": "backup N",
+                "bitmap": "backup N, dirty bitmap"}[key]
         overlay = _median_of(series, lambda d: d["result"]["seconds"].get("on_overlay",
                                                                            float("nan")))
         commit = _median_of(series, lambda d: d["result"]["disks"][0]["seconds"]["commit"])
         other.append([f"{name}: time on the overlay / commit (median)",
                       f"{overlay:.2f} s / {commit:.2f} s", "", ""])
+    for key, series in backup_lines:
+        if key == "full":
+            continue
+        read = _median_of(series, lambda d: d["result"]["disks"][0]["blocks"]["read"])
+        kept = _median_of(series, lambda d: d["result"]["disks"][0]["blocks"].get("unchanged", 0))
+        total = series.extra[0]["result"]["disks"][0]["blocks"]["total"]
+        other.append([f"{ {'incremental': 'backup N', 'bitmap': 'backup N, dirty bitmap'}[key]}: "
+                      "blocks read / taken from table 1 unread (median)",
+                      f"{read:.0f} / {kept:.0f} of {total}", "", ""])
     if "restore" in r:
         ours = r["restore"][0]
         split = [_median_of(ours, lambda d, k=k: d["result"]["disks"][0][k])
@@ -291,7 +309,8 @@ def report(r: Dict[str, Any]) -> Tuple[str, str]:
                 f"{_median_of(series, lambda d: d['cpu'][f'{key}_user'] + d['cpu'][f'{key}_sys']):.2f}"
                 for _, series in backup_lines])
         phase_header = ["phase of a backup (median s)"] + [
-            "full" if key == "full" else "backup N" for key, _ in backup_lines]
+            {"full": "full", "incremental": "backup N", "bitmap": "backup N, bitmap"}[key]
+            for key, _ in backup_lines]
         for out, table in zip(parts, tables):
             out.append(table(phase_header, phase_table))
 
@@ -402,15 +421,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         wanted = set(lines)
         if "full" in wanted:
             results["full"] = measure_full(dom, image, pool, work, args.reps, cold)
-        elif wanted & {"incremental", "restore"}:
+        elif wanted & {"incremental", "bitmap", "restore"}:
             log("full backup (not measured) ...")
             child("backup", dom.name, str(pool), "--new-generation")
         last = None
-        if "incremental" in wanted:
-            results["incremental"] = measure_incremental(dom, image, size, pool, args.reps,
-                                                         cold, rng, args.change)
-            last = results["incremental"][0].extra[-1]["result"]["point"]
-        elif "restore" in wanted:
+        for key in ("incremental", "bitmap"):
+            if key in wanted:
+                results[key] = measure_incremental(dom, image, size, pool, args.reps, cold,
+                                                   rng, args.change, bitmaps=key == "bitmap")
+                last = results[key][0].extra[-1]["result"]["point"]
+        if last is None and "restore" in wanted:
             log("backup N (not measured) ...")
             change_blocks(dom, size, args.change, rng)
             last = child("backup", dom.name, str(pool))["result"]["point"]

@@ -7,7 +7,7 @@ measurement to the next.
 
 Usage (prints one JSON document on stdout)::
 
-    child.py backup  DOMAIN POOL [--new-generation]
+    child.py backup  DOMAIN POOL [--new-generation] [--no-dirty-bitmaps]
     child.py restore DOMAIN POOL POINT OUTDIR
     child.py scan    IMAGE FORMAT [--block-size N]
 
@@ -104,7 +104,8 @@ def _backup(args: argparse.Namespace) -> Dict[str, Any]:
     root.setLevel(logging.DEBUG)
     cpu = _cpu()
     start = time.monotonic()
-    result = backup(args.domain, args.pool, new_generation=args.new_generation)
+    result = backup(args.domain, args.pool, new_generation=args.new_generation,
+                    dirty_bitmaps=args.dirty_bitmaps)
     end = time.monotonic()
     return {"seconds": end - start, "maxrss_mib": _maxrss_mib(), "cpu": _cpu_used(cpu),
             "phases": _phases(timeline, start, end), "result": result.to_dict()}
@@ -149,6 +150,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     b.add_argument("domain")
     b.add_argument("pool")
     b.add_argument("--new-generation", action="store_true")
+    b.add_argument("--no-dirty-bitmaps", dest="dirty_bitmaps", action="store_false")
     r = sub.add_parser("restore")
     r.add_argument("domain")
     r.add_argument("pool")
