@@ -116,6 +116,9 @@ def test_later_points_read_only_the_dirty_blocks(running_domain: TestDomain, tmp
     assert r5.new_generation
     cp5 = generation_checkpoint(pool, dom)
     assert cp5 != cp and our_checkpoints(dom) == [cp5]
+    # one without bitmaps retires it too, and makes none
+    backup(dom.name, pool, new_generation=True, dirty_bitmaps=False)
+    assert our_checkpoints(dom) == []
 
 
 def test_a_bitmap_that_missed_writes_is_not_trusted(make_domain, tmp_path: Path):

@@ -234,7 +234,7 @@ class _BackupRun:
         self.dirty_bitmaps = dirty_bitmaps
         self.checkpoint: Optional[str] = None          # made by this backup for its new generation
         self.distrusted: Optional[str] = None          # a bitmap that failed its check
-        self.previous_checkpoint: Optional[str] = None  # the generation's we continue or replace
+        self.previous_checkpoint: Optional[str] = None  # the one a new generation replaces
         self.qemu_run: Optional[str] = None             # the QEMU run at the snapshot
         self.bitmap_proven = False   # the generation's last point was in this QEMU run
 
@@ -380,13 +380,7 @@ class _BackupRun:
         if not self.dirty_bitmaps:
             return None
         current = self.store.current_generation()
-        if current is None:
-            return None
-        try:
-            name = self.store.read_generation(current).checkpoint
-        except VmSnapBackupError:
-            return None
-        self.previous_checkpoint = name
+        name = self._current_checkpoint()
         if name is None:
             return None
         try:
@@ -407,6 +401,16 @@ class _BackupRun:
             log.info("domain %s: first point of generation %d since QEMU started: reading "
                      "every data block to prove bitmap %s", self.name, current, name)
         return name
+
+    def _current_checkpoint(self) -> Optional[str]:
+        """The checkpoint the current generation names (None: none, or unreadable)."""
+        current = self.store.current_generation()
+        if current is None:
+            return None
+        try:
+            return self.store.read_generation(current).checkpoint
+        except VmSnapBackupError:
+            return None
 
     def _trusted_dirty_runs(self, w: _DiskWork, src: NbdClient,
                             dirty: List[Tuple[int, int]]) -> Optional[List[Tuple[int, int]]]:
@@ -473,6 +477,7 @@ class _BackupRun:
         log.info("domain %s: new generation (%s)", self.name, reason)
         self.new_gen = True
         self.gen_record = None
+        self.previous_checkpoint = self._current_checkpoint()
         before = set(self.store.generations())
         try:
             self.generation = self.store.allocate_generation([w.disk.target for w in self.work])
