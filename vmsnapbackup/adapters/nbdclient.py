@@ -50,6 +50,7 @@ from typing import (
     Tuple,
 )
 
+from ..core.blockruns import whole_block_runs
 from ..errors import ExportError, UsageError
 from . import nbdproto as p
 
@@ -1180,7 +1181,7 @@ class NbdClient:
             length = self._size - offset
         spans = ((e.offset, e.length) for e in self.block_status(offset, length)
                  if not e.reads_as_zero)
-        yield from _whole_blocks(spans, block_size, offset, offset + length)
+        yield from whole_block_runs(spans, block_size, offset, offset + length)
 
     def dirty_ranges(self, block_size: int, offset: int = 0,
                      length: Optional[int] = None) -> Iterator[Tuple[int, int]]:
@@ -1209,7 +1210,7 @@ class NbdClient:
         spans = ((start, run) for start, run, flags
                  in self._status_walk(self._dirty_context_id, offset, end)
                  if flags & p.STATE_DIRTY)
-        return _whole_blocks(spans, block_size, offset, end)
+        return whole_block_runs(spans, block_size, offset, end)
 
     # -- writing ------------------------------------------------------------
 
@@ -1379,23 +1380,6 @@ class NbdClient:
         return (f"<NbdClient {self._peer} export={self.export_name!r} size={self._size} "
                 f"{'closed' if self._sock is None else 'open'}>")
 
-
-def _whole_blocks(spans: Iterable[Tuple[int, int]], block_size: int, start: int,
-                  end: int) -> Iterator[Tuple[int, int]]:
-    """Widen ordered ``(offset, length)`` spans to whole blocks, join, clip to [start, end)."""
-    run_start: Optional[int] = None
-    run_end = 0
-    for offset, length in spans:
-        lo = max(offset - offset % block_size, start)
-        hi = min(-(-(offset + length) // block_size) * block_size, end)
-        if run_start is not None and lo <= run_end:
-            run_end = max(run_end, hi)
-            continue
-        if run_start is not None:
-            yield run_start, run_end - run_start
-        run_start, run_end = lo, hi
-    if run_start is not None:
-        yield run_start, run_end - run_start
 
 
 def connect(target: "str | NbdAddress", export_name: Optional[str] = None,

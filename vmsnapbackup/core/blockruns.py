@@ -5,9 +5,9 @@ few requests as possible: one per run of neighbours rather than one per block.
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Tuple
+from typing import Iterable, Iterator, Optional, Tuple
 
-__all__ = ["block_runs", "complement_runs", "intersect_runs", "Run"]
+__all__ = ["block_runs", "complement_runs", "intersect_runs", "whole_block_runs", "Run"]
 
 
 def block_runs(indexes: Iterable[int], max_count: int = 0) -> Iterator[Tuple[int, int]]:
@@ -59,3 +59,25 @@ def intersect_runs(a: Iterable[Run], b: Iterable[Run]) -> Iterator[Run]:
             ra = next(ia, None)
         else:
             rb = next(ib, None)
+
+
+def whole_block_runs(spans: Iterable[Run], block_size: int, start: int,
+                     end: int) -> Iterator[Run]:
+    """Ordered ``(offset, length)`` spans widened to whole blocks, joined, clipped to [start, end).
+
+    What an NBD extent list becomes before a pass reads it: a block only partly
+    inside an extent must be read whole, or its value would hash part of it.
+    """
+    run_start: Optional[int] = None
+    run_end = 0
+    for offset, length in spans:
+        lo = max(offset - offset % block_size, start)
+        hi = min(-(-(offset + length) // block_size) * block_size, end)
+        if run_start is not None and lo <= run_end:
+            run_end = max(run_end, hi)
+            continue
+        if run_start is not None:
+            yield run_start, run_end - run_start
+        run_start, run_end = lo, hi
+    if run_start is not None:
+        yield run_start, run_end - run_start

@@ -46,7 +46,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Deque, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from ..core.blockruns import Run, block_runs, complement_runs, intersect_runs
+from ..core.blockruns import (
+    Run, block_runs, complement_runs, intersect_runs, whole_block_runs,
+)
 from ..core.checktable import CheckTable, CheckTableBuilder
 from ..core.difftable import changed_indexes
 from ..errors import IntegrityError, NotFoundError, UsageError
@@ -273,19 +275,7 @@ class RawImageSource:
 
     def data_ranges(self, block_size: int) -> Iterator[Run]:
         """The data extents widened to whole blocks and joined (as NbdClient.data_ranges)."""
-        run_start: Optional[int] = None
-        run_end = 0
-        for offset, length in self._extents():
-            lo = offset - offset % block_size
-            hi = min(-(-(offset + length) // block_size) * block_size, self.size)
-            if run_start is not None and lo <= run_end:
-                run_end = max(run_end, hi)
-                continue
-            if run_start is not None:
-                yield run_start, run_end - run_start
-            run_start, run_end = lo, hi
-        if run_start is not None:
-            yield run_start, run_end - run_start
+        return whole_block_runs(self._extents(), block_size, 0, self.size)
 
     def read_chunks(self, ranges: Iterable[Run], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
                     depth: Optional[int] = None) -> Iterator[Tuple[int, memoryview]]:
