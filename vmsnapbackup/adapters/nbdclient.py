@@ -1381,7 +1381,6 @@ class NbdClient:
                 f"{'closed' if self._sock is None else 'open'}>")
 
 
-
 def connect(target: "str | NbdAddress", export_name: Optional[str] = None,
             **options: object) -> NbdClient:
     """Connect to a URI, an :class:`NbdAddress`, or a unix socket path.
