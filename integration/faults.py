@@ -339,7 +339,7 @@ def unreferenced_pool_files(pool: Path, uuid: str) -> List[str]:
 
 
 def assert_recovered(td: TestDomain, pool: Path, *, active: bool,
-                     pool_writable: bool = True) -> List[int]:
+                     pool_writable: bool = True, other_pools: Sequence[Path] = ()) -> List[int]:
     """The issue's invariants once a fault was dealt with; returns the listed points.
 
     The domain is (not) running on its original images, live and in its
@@ -347,7 +347,8 @@ def assert_recovered(td: TestDomain, pool: Path, *, active: bool,
     daemon, no runtime directory, no in-flight record; the pool has no journal
     and nothing a sealed point does not need; ``verify`` passes on what ``list``
     shows; a further ``repair`` has nothing to do (asked only of a writable pool:
-    repair takes the domain's lock, which needs a write).
+    repair takes the domain's lock, which needs a write).  No checkpoint of ours is
+    left but those the current generations of ``pool`` and ``other_pools`` name.
     """
     dom = td.dom
     assert bool(dom.isActive()) == active, f"domain active: {bool(dom.isActive())}"
@@ -378,8 +379,15 @@ def assert_recovered(td: TestDomain, pool: Path, *, active: bool,
                 or p.name.startswith(".")], "a partial or temp file was left"
     # no checkpoint of ours but the one the current generation names (a dead backup's
     # is deleted by repair; a replaced generation's by the backup that replaced it)
-    current = store.current_generation()
-    named = {store.read_generation(current).checkpoint} if current is not None else set()
+    named = set()
+    for p in (pool, *other_pools):
+        try:
+            part = Pool.open(p).domain(td.uuid)
+        except NotFoundError:
+            continue
+        current = part.current_generation()
+        if current is not None:
+            named.add(part.read_generation(current).checkpoint)
     ours = {c.getName() for c in dom.listAllCheckpoints() if c.getName().startswith(
         "vmsnapbackup-")}
     assert ours <= named, f"checkpoints left: {sorted(ours - named)}"

@@ -503,10 +503,11 @@ def test_second_backup_into_another_pool_refused_during_a_backup(
     child.resume()
     out = child.outcome()
     assert out.get("point") == 1, out
-    assert assert_recovered(td, pool_a, active=running) == [1]
-    assert assert_recovered(td, pool_b, active=running) == []
+    assert assert_recovered(td, pool_a, active=running, other_pools=[pool_b]) == [1]
+    assert assert_recovered(td, pool_b, active=running, other_pools=[pool_a]) == []
     result = backup(td.name, pool_b)
-    assert assert_recovered(td, pool_b, active=running) == [result.point]
+    assert assert_recovered(td, pool_b, active=running,
+                            other_pools=[pool_a]) == [result.point]
     snap = model.snapshot()
     assert_points(pool_a, td.uuid, {1: snap}, tmp_path)
     assert_points(pool_b, td.uuid, {result.point: snap}, tmp_path)
