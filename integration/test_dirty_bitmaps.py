@@ -223,3 +223,45 @@ def test_after_a_restart_the_bitmap_is_proven_by_one_full_read(make_domain, tmp_
     vda3 = manifest_disk(pool, dom, 3, "vda")
     assert vda3.dirty_bitmap == cp and vda3.blocks.unchanged > 0 and vda3.blocks.changed == 2
     assert_points_match(pool, dom.uuid, expected, tmp_path)
+
+
+def test_a_distrusted_bitmap_stays_distrusted_when_its_deletion_fails(
+        make_domain, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Injected fault: libvirt refuses to delete the checkpoint that failed its check.
+    The point records no QEMU run, so the next point proves the bitmap again (and
+    deletes it then) instead of trusting it."""
+    from vmsnapbackup.adapters.hypervisor import Hypervisor
+    from vmsnapbackup.errors import HypervisorError
+
+    dom = make_domain(disks=[DiskSpec("vda", "qcow2", 16 * MiB)])
+    model = DiskModel(dom)
+    pool = tmp_path / "pool"
+    model.write("vda", 1 * MiB, 2 * MiB, 0x81)
+    backup(dom.name, pool)
+    expected = {1: model.snapshot()}
+    cp = generation_checkpoint(pool, dom)
+    dom.shutoff()
+    image = str(dom.disks["vda"])
+    subprocess.run(["qemu-img", "bitmap", "--disable", image, cp], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x82 {2 * MiB} 64k", image],
+                   check=True, capture_output=True)
+    subprocess.run(["qemu-img", "bitmap", "--enable", image, cp], check=True)
+    model.disks["vda"][2 * MiB:2 * MiB + 64 * KiB] = b"\x82" * 64 * KiB
+    dom.start()
+
+    def refuse(self, dom_, name):  # type: ignore[no-untyped-def]
+        raise HypervisorError(f"deleting checkpoint {name}: injected failure")
+
+    with monkeypatch.context() as m:
+        m.setattr(Hypervisor, "delete_checkpoint", refuse)
+        backup(dom.name, pool)
+    expected[2] = model.snapshot()
+    assert our_checkpoints(dom) == [cp]
+    assert Pool.open(pool).domain(dom.uuid).read_manifest(2).qemu_run is None
+
+    model.write("vda", 9 * MiB, 64 * KiB, 0x83)
+    backup(dom.name, pool)                          # same QEMU run, but nothing proven
+    expected[3] = model.snapshot()
+    assert manifest_disk(pool, dom, 3, "vda").dirty_bitmap is None
+    assert our_checkpoints(dom) == []
+    assert_points_match(pool, dom.uuid, expected, tmp_path)

@@ -667,7 +667,10 @@ class _BackupRun:
             point=self.point, generation=g,
             domain=DomainInfo(name=self.name, uuid=self.uuid, xml=self.domain_xml),
             started=self.started, snapshot_at=self.snapshot_at, finished=utc_now(),
-            consistency=self.consistency, disks=tuple(disks), qemu_run=self.qemu_run)
+            consistency=self.consistency, disks=tuple(disks),
+            # a bitmap that failed a check is deleted after the seal; should that fail,
+            # no run recorded means the next point proves it by a full read again
+            qemu_run=None if self.distrusted else self.qemu_run)
         self.journal.add_files([self.store.relpath(self.store.manifest_path(self.point))])
         self.store.write_manifest(manifest)
         self.sealed = True
