@@ -107,6 +107,10 @@ _event_loop_lock = threading.Lock()
 _event_loop_started = False
 
 
+#: How long a backup waits for a restarted libvirtd before it leaves the commit to repair.
+RECONNECT_DEADLINE = 60.0
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
@@ -199,12 +203,58 @@ class Hypervisor:
         self.conn = conn
         self._waiters: Dict[Tuple[str, str], _JobWaiter] = {}
         self._waiters_lock = threading.Lock()
-        with _libvirt_errors(f"cannot watch block jobs on {uri}"):
-            self._callback_id: Optional[int] = conn.domainEventRegisterAny(
+        self._callback_id: Optional[int] = None
+        self._watch_block_jobs()
+
+    # -- connection -------------------------------------------------------
+
+    def _watch_block_jobs(self) -> None:
+        with _libvirt_errors(f"cannot watch block jobs on {self.uri}"):
+            self._callback_id = self.conn.domainEventRegisterAny(
                 None, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._on_block_job, None
             )
 
-    # -- connection -------------------------------------------------------
+    def revive(self, dom: libvirt.virDomain, deadline: float = RECONNECT_DEADLINE
+               ) -> libvirt.virDomain:
+        """``dom`` on a live connection: reconnect first if libvirtd went away meanwhile.
+
+        A libvirtd restart (a package upgrade, an admin) closes every client
+        connection while the domains keep running -- on our overlays, in the
+        middle of a backup.  The backup needs libvirt again only to commit, so
+        it revives the connection there instead of leaving the commit to a
+        repair.  Waits up to ``deadline`` seconds for libvirtd to answer.
+        """
+        try:
+            if self.conn.isAlive():
+                return dom
+        except libvirt.libvirtError:
+            pass
+        uuid = dom.UUIDString()   # kept in the object: no call to the dead daemon
+        log.warning("the connection to %s was lost (libvirtd restarted?); reconnecting",
+                    self.uri)
+        try:
+            self.close()
+        except Exception:  # the old connection is dead: nothing to release cleanly
+            log.debug("closing the dead connection", exc_info=True)
+        try:
+            conn = Retrying(
+                retry=retry_if_exception(lambda e: isinstance(e, libvirt.libvirtError)),
+                stop=stop_after_delay(deadline),
+                wait=wait_exponential(multiplier=0.1, max=2.0),
+                reraise=True,
+            )(libvirt.open, self.uri)
+        except libvirt.libvirtError as err:
+            raise HypervisorError(
+                f"lost the connection to {self.uri} and could not reconnect within "
+                f"{deadline:.0f} s: {_libvirt_message(err)}") from err
+        self.conn = conn
+        try:
+            conn.setKeepAlive(5, 3)
+        except libvirt.libvirtError as err:
+            log.debug("keepalive on %s: %s", self.uri, _libvirt_message(err))
+        self._watch_block_jobs()
+        log.info("reconnected to %s", self.uri)
+        return self.find_domain(uuid)
 
     def close(self) -> None:
         if self._callback_id is not None:

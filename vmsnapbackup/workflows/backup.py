@@ -317,6 +317,7 @@ class _BackupRun:
                 self._close_volume(daemon, w, out)
         # every export is gone with the daemon: the frozen images are free to commit into
         if self.active:
+            self.dom = self.hv.revive(self.dom)   # libvirtd may have restarted meanwhile
             self._commit_all()
         self._seal()
         self._retire_checkpoints()
@@ -719,6 +720,7 @@ class _BackupRun:
     def _commit_back(self) -> bool:
         ok = True
         try:
+            self.dom = self.hv.revive(self.dom)
             live = {d.target: d for d in self.hv.disks(self.dom)}
             active = self.hv.is_active(self.dom)
         except VmSnapBackupError as err:
