@@ -114,6 +114,20 @@ class _DiskWork:
     dirty_bitmap: Optional[str] = None    # the bitmap the pass trusted to skip reads
 
 
+@dataclass(frozen=True)
+class _CurrentGeneration:
+    """The generation a backup may continue, read once: the pool lock keeps it still."""
+
+    number: Optional[int] = None
+    record: Optional[GenerationRecord] = None
+    unreadable: Optional[str] = None          # why the record could not be read
+    latest: Optional[PointManifest] = None    # its newest sealed point
+
+    @property
+    def checkpoint(self) -> Optional[str]:
+        return self.record.checkpoint if self.record is not None else None
+
+
 def backup(
     domain: str,
     pool: Union[str, "os.PathLike[str]"],
@@ -237,6 +251,7 @@ class _BackupRun:
         self.previous_checkpoint: Optional[str] = None  # the one a new generation replaces
         self.qemu_run: Optional[str] = None             # the QEMU run at the snapshot
         self.bitmap_proven = False   # the generation's last point was in this QEMU run
+        self.current = _CurrentGeneration()
 
     # -- the happy path ------------------------------------------------------
 
@@ -290,6 +305,7 @@ class _BackupRun:
         return self.hv.domain_xml(self.dom)
 
     def _run(self) -> None:
+        self.current = self._read_current()
         if self.active:
             self._checkpoint_if_new_generation()
             self._snapshot()
@@ -378,11 +394,8 @@ class _BackupRun:
 
     def _usable_bitmap(self) -> Optional[str]:
         """The current generation's checkpoint, if libvirt still has it (else None)."""
-        if not self.dirty_bitmaps:
-            return None
-        current = self.store.current_generation()
-        name = self._current_checkpoint()
-        if name is None:
+        name = self.current.checkpoint
+        if not self.dirty_bitmaps or name is None:
             return None
         try:
             present = name in self.hv.checkpoint_names(self.dom)
@@ -392,33 +405,24 @@ class _BackupRun:
             return None
         if not present:
             log.info("domain %s: checkpoint %s of generation %d is gone (deleted, or the "
-                     "domain migrated): reading every data block", self.name, name, current)
+                     "domain migrated): reading every data block", self.name, name,
+                     self.current.number)
             return None
-        points = [p.manifest for p in self.store.points()
-                  if p.manifest is not None and p.manifest.generation == current]
-        last_run = points[-1].qemu_run if points else None
+        latest = self.current.latest
+        last_run = latest.qemu_run if latest is not None else None
         self.bitmap_proven = self.qemu_run is not None and last_run == self.qemu_run
         if not self.bitmap_proven:
             log.info("domain %s: first point of generation %d since QEMU started: reading "
-                     "every data block to prove bitmap %s", self.name, current, name)
+                     "every data block to prove bitmap %s", self.name, self.current.number,
+                     name)
         return name
 
-    def _current_checkpoint(self) -> Optional[str]:
-        """The checkpoint the current generation names (None: none, or unreadable)."""
-        current = self.store.current_generation()
-        if current is None:
-            return None
-        try:
-            return self.store.read_generation(current).checkpoint
-        except VmSnapBackupError:
-            return None
-
-    def _trusted_dirty_runs(self, w: _DiskWork, src: NbdClient,
-                            dirty: List[Tuple[int, int]]) -> Optional[List[Tuple[int, int]]]:
+    def _trusted_dirty_runs(self, w: _DiskWork, src: NbdClient, dirty: List[Tuple[int, int]],
+                            data: List[Tuple[int, int]]) -> Optional[List[Tuple[int, int]]]:
         """The bitmap's dirty runs for this disk, or None when every block must be read."""
         if w.table1 is None or not self.bitmap_proven:
             return None
-        doubt = unchanged_blocks_disagree(src, w.table1, dirty)
+        doubt = unchanged_blocks_disagree(src, w.table1, dirty, data=data)
         if doubt is not None:
             log.warning("domain %s: dirty bitmap %s of %s cannot be trusted (%s): reading "
                         "every data block, and the checkpoint is deleted", self.name,
@@ -469,16 +473,11 @@ class _BackupRun:
             assert current is not None and rec is not None
             self.generation, self.gen_record = current, rec
             self.journal.update(generation=current, new_generation=False)
-            if self.checkpoint is not None:
-                # cannot happen (the same verdict without sizes said "new"), but a
-                # checkpoint no generation names must not outlive this backup
-                self.distrusted = self.checkpoint
-                self.checkpoint = None
             return
         log.info("domain %s: new generation (%s)", self.name, reason)
         self.new_gen = True
         self.gen_record = None
-        self.previous_checkpoint = self._current_checkpoint()
+        self.previous_checkpoint = self.current.checkpoint
         before = set(self.store.generations())
         try:
             self.generation = self.store.allocate_generation([w.disk.target for w in self.work])
@@ -502,13 +501,11 @@ class _BackupRun:
         """
         if self.force_new:
             return "asked for", None, None
-        current = self.store.current_generation()
+        current, rec = self.current.number, self.current.record
         if current is None:
             return "first backup", None, None
-        try:
-            rec = self.store.read_generation(current)
-        except VmSnapBackupError as exc:
-            return f"generation {current} is unreadable: {exc}", None, None
+        if rec is None:
+            return f"generation {current} is unreadable: {self.current.unreadable}", None, None
         targets = {w.disk.target for w in self.work}
         if set(rec.disks) != targets:
             return (f"disks changed ({', '.join(sorted(rec.disks))} -> "
@@ -520,16 +517,28 @@ class _BackupRun:
                 return (f"disk {w.disk.target} was resized "
                         f"({rec.disks[w.disk.target].virtual_size} -> {w.size} bytes)",
                         None, None)
-        latest = [p.manifest for p in self.store.points()
-                  if p.manifest is not None and p.manifest.generation == current]
-        if latest and not latest[-1].is_generation_start:
-            for d in latest[-1].disks:
+        latest = self.current.latest
+        if latest is not None and not latest.is_generation_start:
+            for d in latest.disks:
                 total = max(d.blocks.total, 1)
                 if d.blocks.changed / total > self.threshold:
-                    return (f"point {latest[-1].point} changed {d.blocks.changed} of "
+                    return (f"point {latest.point} changed {d.blocks.changed} of "
                             f"{d.blocks.total} blocks of {d.target}, over the threshold "
                             f"{self.threshold:g}"), None, None
         return None, current, rec
+
+    def _read_current(self) -> _CurrentGeneration:
+        """The current generation's record and newest point, read once per backup."""
+        number = self.store.current_generation()
+        if number is None:
+            return _CurrentGeneration()
+        try:
+            record = self.store.read_generation(number)
+        except VmSnapBackupError as exc:
+            return _CurrentGeneration(number, unreadable=str(exc))
+        sealed = [p.manifest for p in self.store.points()
+                  if p.manifest is not None and p.manifest.generation == number]
+        return _CurrentGeneration(number, record, latest=sealed[-1] if sealed else None)
 
     def _open_volume(self, daemon: StorageDaemon, w: _DiskWork) -> Export:
         """The disk's volume created and exported (QMP: in the main thread); table 1 read."""
@@ -566,12 +575,14 @@ class _BackupRun:
             with NbdClient.open_unix(w.source_export.socket_path, w.source_export.name,
                                      dirty_bitmap=bitmap) as src, \
                     NbdClient.open_unix(out.socket_path, out.name) as dst:
-                marked = (list(src.dirty_ranges(self.block_size))
-                          if bitmap and src.can_dirty_status else None)
-                dirty = self._trusted_dirty_runs(w, src, marked) if marked is not None else None
+                marked = data = dirty = None
+                if bitmap and src.can_dirty_status:
+                    marked = list(src.dirty_ranges(self.block_size))
+                    data = list(src.data_ranges(self.block_size))   # once, for check and pass
+                    dirty = self._trusted_dirty_runs(w, src, marked, data)
                 w.table, w.stats = run_disk_pass(src, dst, self.block_size, w.table1,
                                                  disk=w.disk.target, progress=progress,
-                                                 dirty=dirty)
+                                                 dirty=dirty, data=data)
                 if marked is not None and dirty is None and self.distrusted is None:
                     self._prove_bitmap(w, src.dirty_bitmap, marked)
                 dst.flush()
