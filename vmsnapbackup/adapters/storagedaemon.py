@@ -690,33 +690,14 @@ class StorageDaemon:
             # lets WRITE_ZEROES with MAY_TRIM leave holes (raw) or zero clusters (qcow2)
             common["discard"] = "unmap"
         file_node_args = {"driver": driver, "node-name": file_node, "filename": path, **common}
-        if direct:
-            try:
-                self._cmd("blockdev-add", _image=path, **file_node_args,
-                          cache={"direct": True}, aio="native")
-            except errors.ExportError as err:
-                if "Invalid argument" not in str(err):  # EINVAL: no O_DIRECT on this filesystem
-                    raise
-                log.info("[%s] %s: no O_DIRECT here, reading through the page cache",
-                         self.tag, path)
-                direct = False
-        if not direct:
-            self._cmd("blockdev-add", _image=path, **file_node_args)
+        direct = self._add_node(path, file_node_args, direct,
+                                cache={"direct": True}, aio="native")
         try:
-            format_args = {"driver": fmt, "node-name": node, "file": file_node, **common}
-            if direct:
-                # the backing images QEMU opens below this node (a point volume's base)
-                # inherit the cache mode: without it the base, read once end to end,
-                # went through the page cache and cost twice the time
-                try:
-                    self._cmd("blockdev-add", _image=path, **format_args,
-                              cache={"direct": True})
-                except errors.ExportError as err:
-                    if "Invalid argument" not in str(err):   # a backing without O_DIRECT
-                        raise
-                    self._cmd("blockdev-add", _image=path, **format_args)
-            else:
-                self._cmd("blockdev-add", _image=path, **format_args)
+            # the backing images QEMU opens below the format node (a point volume's
+            # base) inherit its cache mode: without it the base, read once end to
+            # end, went through the page cache and cost twice the time
+            self._add_node(path, {"driver": fmt, "node-name": node, "file": file_node,
+                                  **common}, direct, cache={"direct": True})
             export_args: Dict[str, Any] = {"type": "nbd", "id": export_id, "node-name": node,
                                            "name": name, "writable": writable}
             refused = None
@@ -762,6 +743,26 @@ class StorageDaemon:
             self.tag, path, fmt, "writable" if writable else "read-only", size, export.uri,
         )
         return export
+
+    def _add_node(self, path: str, args: Dict[str, Any], direct: bool,
+                  **direct_options: Any) -> bool:
+        """``blockdev-add``, with ``direct_options`` (O_DIRECT) when ``direct``.
+
+        A filesystem without O_DIRECT (tmpfs) answers EINVAL: the node is then
+        added without them, reading through the page cache.  Returns whether
+        the node reads directly.
+        """
+        if direct:
+            try:
+                self._cmd("blockdev-add", _image=path, **args, **direct_options)
+                return True
+            except errors.ExportError as err:
+                if "Invalid argument" not in str(err):
+                    raise
+                log.info("[%s] %s: no O_DIRECT here, reading through the page cache",
+                         self.tag, path)
+        self._cmd("blockdev-add", _image=path, **args)
+        return False
 
     def _undo(self, action: Callable[[], Any]) -> None:
         try:

@@ -73,18 +73,20 @@ def is_our_checkpoint(name: str) -> bool:
 
 
 def unchanged_blocks_disagree(source: Any, table1: CheckTable, dirty: Sequence[Run],
-                              *, rng: Optional[random.Random] = None) -> Optional[str]:
+                              *, data: Optional[Sequence[Run]] = None,
+                              rng: Optional[random.Random] = None) -> Optional[str]:
     """Why the bitmap's "unwritten" blocks cannot be trusted, or None when they pass.
 
     ``source`` is the export of the frozen image (``size``, ``data_ranges``,
-    ``read_chunks``); ``dirty`` the bitmap's runs, aligned to table 1's blocks.
+    ``read_chunks``); ``dirty`` the bitmap's runs, aligned to table 1's blocks;
+    ``data`` its data ranges, when the caller already has them.
     """
     bs = table1.block_size
     size = source.size
     if size != table1.disk_size:
         return f"the disk is {size} bytes, table 1 describes {table1.disk_size}"
     clean = list(complement_runs(dirty, size))
-    data = list(source.data_ranges(bs))
+    data = list(source.data_ranges(bs)) if data is None else list(data)
     zero_row = np.frombuffer(zero_value(bs), dtype=np.uint8)
     values = table1.values
     # a hole where table 1 had data means a write the bitmap did not see (a discard)
@@ -98,15 +100,24 @@ def unchanged_blocks_disagree(source: Any, table1: CheckTable, dirty: Sequence[R
         if stop > full_stop and not table1.is_zero(stop - 1):
             return (f"block {stop - 1} reads as a hole but held data in table 1, "
                     "and the bitmap calls it unwritten")
-    candidates: List[int] = []
-    for offset, length in intersect_runs(clean, data):
-        candidates.extend(range(offset // bs, -(-(offset + length) // bs)))
-    if not candidates:
+    # the unwritten data blocks, as block spans: a list of them could hold one Python
+    # int per block of the disk; ranks drawn from their count are mapped to indexes
+    spans = [(offset // bs, -(-(offset + length) // bs))
+             for offset, length in intersect_runs(clean, data)]
+    total = sum(stop - first for first, stop in spans)
+    if not total:
         return None
-    want = min(len(candidates), max(SAMPLE_MIN, min(SAMPLE_MAX,
-                                                    int(len(candidates) * SAMPLE_FRACTION))))
+    want = min(total, max(SAMPLE_MIN, min(SAMPLE_MAX, int(total * SAMPLE_FRACTION))))
     chooser = rng or random.SystemRandom()
-    sample = sorted(chooser.sample(candidates, want))
+    sample: List[int] = []
+    walk = iter(spans)
+    first, stop = next(walk)
+    passed = 0   # blocks in the spans before the current one
+    for rank in sorted(chooser.sample(range(total), want)):
+        while rank >= passed + stop - first:
+            passed += stop - first
+            first, stop = next(walk)
+        sample.append(first + rank - passed)
     ranges = [(i * bs, min(n * bs, size - i * bs)) for i, n in block_runs(sample, 16)]
     for offset, view in source.read_chunks(ranges, chunk_size=16 * bs):
         hashed = hash_blocks(view, bs, offset // bs)

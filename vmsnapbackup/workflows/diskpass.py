@@ -303,6 +303,7 @@ def run_disk_pass(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: Optional[ProgressCallback] = None,
     dirty: Optional[Sequence[Run]] = None,
+    data: Optional[Sequence[Run]] = None,
 ) -> Tuple[CheckTable, PassStats]:
     """Read ``source`` once; return its check table and what was written to ``target``.
 
@@ -313,7 +314,8 @@ def run_disk_pass(
     ``dirty`` (point N only): block-aligned byte runs outside which nothing
     was written since table 1 was taken (a dirty bitmap's answer, checked by
     the caller).  Blocks outside them are not read: their values are table
-    1's, so they can never count as changed.
+    1's, so they can never count as changed.  ``data``: the source's
+    ``data_ranges(block_size)``, when the caller already walked them.
     """
     started = time.monotonic()
     size = source.size
@@ -322,7 +324,7 @@ def run_disk_pass(
     stats = PassStats(total=table.count)
     chunk = max(block_size, chunk_size - chunk_size % block_size)
 
-    data = list(source.data_ranges(block_size))
+    data = list(source.data_ranges(block_size) if data is None else data)
     holes = list(complement_runs(data, size))
     if dirty is not None:
         if table1 is None:
