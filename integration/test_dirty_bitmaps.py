@@ -51,6 +51,19 @@ def manifest_disk(pool: Path, dom: TestDomain, point: int, target: str):  # type
     return Pool.open(pool).domain(dom.uuid).read_manifest(point).disk(target)
 
 
+def write_behind_qemus_back(dom: TestDomain, model: DiskModel, bitmap: str, offset: int,
+                            pattern: int) -> None:
+    """64 KiB written into vda offline with ``bitmap`` disabled: a write it never sees."""
+    dom.shutoff()
+    image = str(dom.disks["vda"])
+    subprocess.run(["qemu-img", "bitmap", "--disable", image, bitmap], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P {pattern:#x} {offset} 64k",
+                    image], check=True, capture_output=True)
+    subprocess.run(["qemu-img", "bitmap", "--enable", image, bitmap], check=True)
+    model.disks["vda"][offset:offset + 64 * KiB] = bytes([pattern]) * 64 * KiB
+    dom.start()
+
+
 def seed(model: DiskModel) -> None:
     """Data the base point holds: 8 MiB on vda (128 blocks), some of vdb."""
     model.write("vda", 8 * MiB, 8 * MiB, 0x11)
@@ -129,15 +142,7 @@ def test_a_bitmap_that_missed_writes_is_not_trusted(make_domain, tmp_path: Path)
     backup(dom.name, pool)
     point1 = model.snapshot()
     cp = generation_checkpoint(pool, dom)
-    # behind QEMU's back: the bitmap disabled while the image is written offline
-    dom.shutoff()
-    image = str(dom.disks["vda"])
-    subprocess.run(["qemu-img", "bitmap", "--disable", image, cp], check=True)
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x42 {2 * MiB} 64k", image],
-                   check=True, capture_output=True)
-    subprocess.run(["qemu-img", "bitmap", "--enable", image, cp], check=True)
-    model.disks["vda"][2 * MiB:2 * MiB + 64 * KiB] = b"\x42" * 64 * KiB
-    dom.start()
+    write_behind_qemus_back(dom, model, cp, 2 * MiB, 0x42)
     model.write("vda", 8 * MiB, 64 * KiB, 0x43)     # a write the bitmap does see
 
     r2 = backup(dom.name, pool)
@@ -240,14 +245,7 @@ def test_a_distrusted_bitmap_stays_distrusted_when_its_deletion_fails(
     backup(dom.name, pool)
     expected = {1: model.snapshot()}
     cp = generation_checkpoint(pool, dom)
-    dom.shutoff()
-    image = str(dom.disks["vda"])
-    subprocess.run(["qemu-img", "bitmap", "--disable", image, cp], check=True)
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x82 {2 * MiB} 64k", image],
-                   check=True, capture_output=True)
-    subprocess.run(["qemu-img", "bitmap", "--enable", image, cp], check=True)
-    model.disks["vda"][2 * MiB:2 * MiB + 64 * KiB] = b"\x82" * 64 * KiB
-    dom.start()
+    write_behind_qemus_back(dom, model, cp, 2 * MiB, 0x82)
 
     def refuse(self, dom_, name):  # type: ignore[no-untyped-def]
         raise HypervisorError(f"deleting checkpoint {name}: injected failure")
