@@ -8,6 +8,8 @@ from typing import List
 
 import pytest
 
+from poolfake import fake_backup, point_manifest
+
 from vmsnapbackup.core import manifest as mf
 from vmsnapbackup.core.journal import JournalDisk, JournalEntry
 from vmsnapbackup.core.pool import DomainStore, Pool, parse_number_name
@@ -22,7 +24,6 @@ from vmsnapbackup.errors import (
 
 UUID = "3f2a4b6c-1d2e-4f30-8a9b-0c1d2e3f4a5b"
 UUID2 = "9b1c4b6c-1d2e-4f30-8a9b-0c1d2e3f4a5b"
-D = "ab" * 16
 
 
 def mode(p: Path) -> int:
@@ -37,50 +38,10 @@ def put(p: Path, data: bytes = b"x") -> Path:
     return p
 
 
-def make_manifest(store: DomainStore, point: int, generation: int, first: bool,
-                  first_point: int, targets=("vda",)) -> mf.PointManifest:
-    disks = []
-    for t in targets:
-        base = store.relpath(store.base_volume_path(generation, t, "qcow2"))
-        disks.append(mf.PointDisk(
-            target=t, source=f"/img/{t}.qcow2", format="qcow2", virtual_size=1 << 20,
-            block_size=65536,
-            volume=base if first else store.relpath(store.point_volume_path(generation, t, point)),
-            volume_format="qcow2", base=base, base_format="qcow2",
-            table=store.relpath(store.table_path(generation, t, first_point)), table1_digest=D,
-            difference=None if first else store.relpath(store.difference_path(generation, t, point)),
-            difference_digest=None if first else D, table_digest=D,
-            blocks=mf.BlockCounts(16, 16, 0, 1, 0), bytes_written=65536,
-            seconds={"read": 0.1}))
-    return mf.PointManifest(
-        point=point, generation=generation,
-        domain=mf.DomainInfo(name="web1", uuid=store.uuid, xml="<domain/>"),
-        started=mf.utc_now(), snapshot_at=mf.utc_now(), finished=mf.utc_now(),
-        consistency="crash-consistent", disks=tuple(disks))
-
-
 def backup(store: DomainStore, new_generation: bool = False, targets=("vda",)) -> int:
     """What a backup does to the pool, in §10's order (without the hypervisor)."""
-    with store.lock("backup"):
-        n = store.allocate_point()
-        g = store.current_generation()
-        if g is None or new_generation:
-            g = store.allocate_generation(targets)
-            for t in targets:
-                put(store.base_volume_path(g, t, "qcow2"))
-                put(store.table_path(g, t, n))
-            store.write_generation(mf.GenerationRecord(
-                generation=g, first_point=n, created=mf.utc_now(), block_size=65536,
-                disks={t: mf.GenerationDisk(1 << 20, "qcow2", "base.qcow2",
-                                            f"table-{n:06d}.vsbt", D) for t in targets}))
-            store.write_manifest(make_manifest(store, n, g, True, n, targets))
-        else:
-            first = store.read_generation(g).first_point
-            for t in targets:
-                put(store.point_volume_path(g, t, n))
-                put(store.difference_path(g, t, n))
-            store.write_manifest(make_manifest(store, n, g, False, first, targets))
-    return n
+    return fake_backup(store, lambda p, _size: put(p), new_generation=new_generation,
+                       targets=targets, seconds={"read": 0.1})
 
 
 @pytest.fixture
@@ -296,7 +257,7 @@ def test_write_manifest_refuses_missing_files_and_overwrite(store: DomainStore) 
     backup(store)
     with store.lock("backup"):
         n = store.allocate_point()
-        m = make_manifest(store, n, 1, False, 1)
+        m = point_manifest(store, n, 1, 1, seconds={"read": 0.1})
         with pytest.raises(IntegrityError, match="missing"):
             store.write_manifest(m)
         assert not store.manifest_path(n).exists()

@@ -11,15 +11,15 @@ from typing import Dict, List, Sequence
 
 import pytest
 
+import poolfake
+
 from vmsnapbackup.cli import main
-from vmsnapbackup.core import manifest as mf
 from vmsnapbackup.core.journal import JournalDisk, JournalEntry
 from vmsnapbackup.core.pool import DomainStore, Pool
 from vmsnapbackup.errors import LockedError, NotFoundError, RepairNeededError, UsageError
 from vmsnapbackup.workflows.prune import prune
 
 UUID = "3f2a4b6c-1d2e-4f30-8a9b-0c1d2e3f4a5b"
-D = "ab" * 16
 LOCAL = dt.datetime.now().astimezone().tzinfo
 
 
@@ -39,51 +39,12 @@ def put(p: Path, size: int) -> None:
     os.chmod(p, 0o600)
 
 
-def manifest(store: DomainStore, point: int, gen: int, first_point: int, when: dt.datetime,
-             targets: Sequence[str]) -> mf.PointManifest:
-    first = point == first_point
-    disks = []
-    for t in targets:
-        base = store.relpath(store.base_volume_path(gen, t, "qcow2"))
-        disks.append(mf.PointDisk(
-            target=t, source=f"/img/{t}.qcow2", format="qcow2", virtual_size=1 << 20,
-            block_size=65536,
-            volume=base if first else store.relpath(store.point_volume_path(gen, t, point)),
-            volume_format="qcow2", base=base, base_format="qcow2",
-            table=store.relpath(store.table_path(gen, t, first_point)), table1_digest=D,
-            difference=None if first else store.relpath(store.difference_path(gen, t, point)),
-            difference_digest=None if first else D, table_digest=D,
-            blocks=mf.BlockCounts(16, 16, 0, 1, 0), bytes_written=65536, seconds={}))
-    return mf.PointManifest(
-        point=point, generation=gen,
-        domain=mf.DomainInfo(name="web1", uuid=store.uuid, xml="<domain/>"),
-        started=stamp(when), snapshot_at=stamp(when), finished=stamp(when),
-        consistency="crash-consistent", disks=tuple(disks))
-
-
 def fake_backup(store: DomainStore, when: dt.datetime, new_generation: bool = False,
                 targets: Sequence[str] = ("vda", "vdb")) -> int:
     """The pool side of a backup, in FORMAT §10 order, with a chosen timestamp."""
-    with store.lock("backup"):
-        n = store.allocate_point()
-        g = store.current_generation()
-        if g is None or new_generation:
-            g = store.allocate_generation(targets)
-            for t in targets:
-                put(store.base_volume_path(g, t, "qcow2"), 256 * 1024)
-                put(store.table_path(g, t, n), 8192)
-            store.write_generation(mf.GenerationRecord(
-                generation=g, first_point=n, created=stamp(when), block_size=65536,
-                disks={t: mf.GenerationDisk(1 << 20, "qcow2", "base.qcow2",
-                                            f"table-{n:06d}.vsbt", D) for t in targets}))
-            store.write_manifest(manifest(store, n, g, n, when, targets))
-        else:
-            first = store.read_generation(g).first_point
-            for t in targets:
-                put(store.point_volume_path(g, t, n), 64 * 1024)
-                put(store.difference_path(g, t, n), 4096)
-            store.write_manifest(manifest(store, n, g, first, when, targets))
-    return n
+    return poolfake.fake_backup(
+        store, put, new_generation=new_generation, targets=targets, when=stamp(when),
+        sizes={"base": 256 * 1024, "table": 8192, "volume": 64 * 1024, "difference": 4096})
 
 
 @pytest.fixture
