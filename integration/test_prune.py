@@ -7,13 +7,13 @@ bytes the guest had at its snapshot, and a generation with no point left is gone
 """
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Dict
 
 import pytest
 
 from domains import DiskModel, TestDomain
+from test_backup import convert
 
 from vmsnapbackup.adapters.nbdclient import NbdClient
 from vmsnapbackup.cli import main
@@ -26,13 +26,6 @@ from vmsnapbackup.workflows.prune import prune
 pytestmark = pytest.mark.integration
 
 MiB = 2**20
-
-
-def convert(volume: Path, out: Path) -> bytes:
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(volume), str(out)], check=True)
-    data = out.read_bytes()
-    out.unlink()
-    return data
 
 
 def take_points(dom: TestDomain, pool: Path) -> Dict[int, Dict[str, bytes]]:

@@ -5,8 +5,6 @@ interface as the NBD export: size, data_ranges, read_chunks).
 """
 from __future__ import annotations
 
-import fcntl
-import os
 import random
 from pathlib import Path
 
