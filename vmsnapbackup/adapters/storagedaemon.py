@@ -128,7 +128,7 @@ def _default_runtime_base() -> str:
     return str(runtime_root())
 
 
-def _qemu_opt(value: str) -> str:
+def qemu_opt(value: str) -> str:
     """Escape a value for QEMU's ``key=value,...`` option syntax."""
     return value.replace(",", ",,")
 
@@ -403,7 +403,7 @@ class StorageDaemon:
         argv = [
             self._binary,
             "--chardev",
-            f"socket,path={_qemu_opt(self.qmp_socket)},server=on,wait=off,id=vsbqmp",
+            f"socket,path={qemu_opt(self.qmp_socket)},server=on,wait=off,id=vsbqmp",
             "--monitor",
             "chardev=vsbqmp",
             "--pidfile",
@@ -955,21 +955,27 @@ def _process_alive(pid: int) -> bool:
     return False
 
 
-def _is_daemon_of(pid: int, runtime_dir: str) -> bool:
-    """True if ``pid`` is a qemu-storage-daemon started with sockets in ``runtime_dir``.
+def daemon_arguments(pid: int) -> Optional[List[str]]:
+    """The arguments of ``pid`` if it is a running qemu-storage-daemon, else None.
 
-    Guards against PID reuse: a journal may name a PID that now belongs to
-    some unrelated process.
+    What a caller matches against the sockets or files it started a daemon
+    with, so that a PID from a journal or a pid file, reused since by some
+    unrelated process, is never taken for ours.  A zombie has no command line.
     """
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = [a.decode("utf-8", "surrogateescape") for a in f.read().split(b"\0") if a]
     except OSError:
-        return False
+        return None
     if not argv or "qemu-storage-daemon" not in os.path.basename(argv[0]):
-        return False
+        return None
+    return argv[1:]
+
+
+def _is_daemon_of(pid: int, runtime_dir: str) -> bool:
+    """True if ``pid`` is a qemu-storage-daemon started with sockets in ``runtime_dir``."""
     needle = os.path.join(os.path.normpath(runtime_dir), "")
-    return any(needle in a for a in argv[1:])
+    return any(needle in a for a in daemon_arguments(pid) or ())
 
 
 def _is_exiting_daemon(pid: int) -> bool:

@@ -77,7 +77,7 @@ import tenacity
 
 from ..adapters.domainxml import DOMAIN_NAME_RE, new_domain_xml, set_disk_source
 from ..adapters.hypervisor import Hypervisor, connect
-from ..adapters.storagedaemon import StorageDaemon
+from ..adapters.storagedaemon import StorageDaemon, daemon_arguments, qemu_opt
 from ..adapters.storagepool import resolve_pool
 from ..core.atomic import atomic_write_json, read_optional
 from ..core.manifest import PointDisk, PointManifest, utc_now
@@ -302,21 +302,17 @@ def _note_files(note: Dict[str, Any]) -> List[str]:
 
 # --- boot: the daemon ---------------------------------------------------------------------------
 
-def _qemu_opt(value: str) -> str:
-    return value.replace(",", ",,")
-
-
 def _daemon_argv(bdir: Path, note: Dict[str, Any]) -> List[str]:
     argv = ["qemu-storage-daemon"]
     for i, (target, d) in enumerate(sorted(dict(note["disks"]).items())):
         argv += ["--blockdev", f"driver=file,node-name=vsbf{i},"
-                 f"filename={_qemu_opt(d['volume'])},read-only=on",
+                 f"filename={qemu_opt(d['volume'])},read-only=on",
                  "--blockdev", f"driver={d['format']},node-name=vsbd{i},file=vsbf{i},"
                  "read-only=on"]
-    argv += ["--nbd-server", f"addr.type=unix,addr.path={_qemu_opt(str(bdir / _SOCKET))}"]
+    argv += ["--nbd-server", f"addr.type=unix,addr.path={qemu_opt(str(bdir / _SOCKET))}"]
     for i, (target, d) in enumerate(sorted(dict(note["disks"]).items())):
         argv += ["--export", f"type=nbd,id=vsbe{i},node-name=vsbd{i},"
-                 f"name={_qemu_opt(d['export'])},writable=off"]
+                 f"name={qemu_opt(d['export'])},writable=off"]
     argv += ["--pidfile", str(bdir / _PIDFILE), "--daemonize"]
     return argv
 
@@ -331,17 +327,8 @@ def _daemon_pid(bdir: Path) -> Optional[int]:
 
 def _is_our_daemon(pid: int, bdir: Path) -> bool:
     """A live qemu-storage-daemon whose command line names this boot's socket."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = [a.decode("utf-8", "surrogateescape") for a in f.read().split(b"\0") if a]
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    if state == b"Z" or not argv or "qemu-storage-daemon" not in os.path.basename(argv[0]):
-        return False
-    needle = f"addr.path={_qemu_opt(str(bdir / _SOCKET))}"
-    return any(needle in a for a in argv[1:])
+    needle = f"addr.path={qemu_opt(str(bdir / _SOCKET))}"
+    return any(needle in a for a in daemon_arguments(pid) or ())
 
 
 def _start_daemon(bdir: Path, note: Dict[str, Any], owner: Optional[Tuple[int, int]]) -> int:
