@@ -28,6 +28,7 @@ import libvirt
 
 from vmsnapbackup.adapters.domainxml import Disk, ImageRef, find_disk, is_our_overlay
 from vmsnapbackup.adapters.hypervisor import Hypervisor
+from vmsnapbackup.core.atomic import fsync_path
 from vmsnapbackup.errors import HypervisorError, RepairNeededError, UsageError
 
 __all__ = [
@@ -247,14 +248,6 @@ def disk_back_on_image(xml: str, target: str, overlay: str, image: ImageRef,
     raise RepairNeededError(f"disk '{target}' is not in the domain's definition")
 
 
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _qemu_img_commit(overlay: str, image: ImageRef) -> None:
     # -b names the image we checked, so qemu-img cannot pick another one; it also
     # implies -d (the overlay is not emptied: we delete it after the redefine).
@@ -301,7 +294,7 @@ def offline_commit(hv: Hypervisor, dom: "libvirt.virDomain", target: str, overla
         raise RepairNeededError(f"backing image {image.path} of overlay {overlay} is missing"
                                 ) from None
     _qemu_img_commit(overlay, image)
-    _fsync_file(image.path)
+    fsync_path(image.path)
     log.info("domain '%s': merged overlay %s into %s", name, overlay, image.path)
 
     flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE

@@ -33,6 +33,7 @@ __all__ = [
     "atomic_write_json",
     "durable_rename",
     "fsync_dir",
+    "fsync_path",
     "make_private_dir",
     "is_temp_name",
     "temp_path_for",
@@ -101,7 +102,7 @@ def fsync_dir(path: PathLike) -> None:
         os.close(fd)
 
 
-def _fsync_path(path: PathLike) -> None:
+def fsync_path(path: PathLike) -> None:
     """fsync a file by name; works on a read-only open under Linux."""
     fd = os.open(os.fspath(path), os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -223,7 +224,7 @@ def durable_rename(src: PathLike, dst: PathLike) -> None:
     """
     s, d = Path(src), Path(dst)
     try:
-        _fsync_path(s)
+        fsync_path(s)
         os.replace(s, d)
     except OSError as err:
         _raise_mapped(err, d)

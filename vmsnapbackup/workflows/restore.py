@@ -63,7 +63,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from ..adapters import storagepool
 from ..adapters.nbdclient import NbdClient
 from ..adapters.domainxml import DOMAIN_NAME_RE, new_domain_xml, parse_disks, set_disk_source
-from ..core.atomic import durable_rename, fsync_dir
+from ..core.atomic import durable_rename, fsync_dir, fsync_path
 from ..core.manifest import PointDisk, PointManifest
 from ..errors import (
     CorruptFileError,
@@ -402,14 +402,6 @@ def _convert(volume: Path, volume_format: str, out: Path, fmt: str, size: int, d
     emit(progress, ProgressEvent(disk, "restore", size, size, finished=True))
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _unlink_quietly(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
@@ -606,7 +598,7 @@ def _convert_then_check(plan: _Plan, fmt: str, daemon: Any, tmp: Path, timing: _
     _convert(plan.volume, d.volume_format, tmp, fmt, d.virtual_size, d.target, progress)
     os.chmod(tmp, 0o600)  # a disk's contents are as private as the pool's
     t1 = time.monotonic()
-    _fsync_file(tmp)
+    fsync_path(tmp)
     t2 = time.monotonic()
     mismatch = hash_image(daemon, tmp, fmt, plan.tables.table, disk=d.target,
                           phase="check", progress=progress)
