@@ -38,7 +38,7 @@ def test_spec_example_reads(tmp_path: Path) -> None:
     assert e.daemon == JournalDaemon(5678, "/run/vmsnapbackup/x")
     assert e.disks["vda"].overlay.endswith("3f2a.qcow2")
     assert e.files == ("generations/000001/vda/point-000003.qcow2.partial",)
-    assert json.loads(e.to_json()) == SPEC
+    assert json.loads(e.to_json()) == {**SPEC, "version": 2}  # read v1, written v2
 
 
 def test_write_update_add_files_clear(tmp_path: Path) -> None:
@@ -106,8 +106,8 @@ def test_truncated_and_flipped_journal(tmp_path: Path) -> None:
 
 def test_newer_journal_is_incompatible(tmp_path: Path) -> None:
     p = tmp_path / "journal.json"
-    p.write_text(json.dumps(dict(SPEC, version=2)))
-    with pytest.raises(IncompatibleFormatError, match="journal format version 2 is newer"):
+    p.write_text(json.dumps(dict(SPEC, version=3)))
+    with pytest.raises(IncompatibleFormatError, match="journal format version 3 is newer"):
         Journal(p).read()
 
 

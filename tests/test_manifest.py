@@ -84,13 +84,64 @@ def test_first_point_of_generation_reads() -> None:
     assert m.disks[0].volume == m.disks[0].base and m.disks[0].difference_digest is None
 
 
-def test_written_manifest_has_spec_checksum_and_round_trips() -> None:
+def spec_checksum_v2(data: bytes) -> str:
+    """The version-2 rule of §7.3, written out independently: the file ends with the
+    checksum member; hash every byte before its 32 hex digits."""
+    assert data.endswith(b'"\n}\n')
+    head = data[:-36]
+    assert head.endswith(b'"checksum": "')
+    return xxhash.xxh3_128_hexdigest(head)
+
+
+def hand_written_v2(obj: Dict[str, Any]) -> bytes:
+    """A version-2 manifest serialised differently from the code (compact, unsorted
+    keys, UTF-8 left unescaped): the checksum must not care how the body is written."""
+    body = {k: v for k, v in obj.items() if k != "checksum"}
+    body["version"] = 2
+    text = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+    head = (text[:-1] + ',"checksum": "').encode("utf-8")
+    return head + xxhash.xxh3_128_hexdigest(head).encode() + b'"\n}\n'
+
+
+def test_written_manifest_is_version_2_with_spec_checksum_and_round_trips() -> None:
     m = mf.from_json(dump(spec_manifest()), PATH)
+    assert m.version == 1
     data = mf.to_json(m)
     obj = json.loads(data)
-    assert obj["checksum"] == spec_checksum(obj)
-    assert obj == spec_manifest()
-    assert mf.from_json(data, PATH) == m
+    assert obj["version"] == 2
+    assert obj["checksum"] == spec_checksum_v2(data)
+    assert {k: v for k, v in obj.items() if k not in ("checksum", "version")} == \
+        {k: v for k, v in spec_manifest().items() if k not in ("checksum", "version")}
+    again = mf.from_json(data, PATH)
+    assert again == m and again.version == 2
+
+
+def test_version_2_checksum_is_over_the_stored_bytes() -> None:
+    obj = spec_manifest()
+    obj["domain"]["xml"] = "<domain><description>caf\u00e9</description></domain>"
+    data = hand_written_v2(obj)
+    m = mf.from_json(data, PATH)
+    assert m.version == 2 and "caf\u00e9" in m.domain.xml
+    # same JSON value, other bytes: the checksum no longer matches
+    spaced = data.replace(b'"point":3', b'"point": 3', 1)
+    assert json.loads(spaced) == json.loads(data)
+    with pytest.raises(CorruptFileError, match="checksum mismatch"):
+        mf.from_json(spaced, PATH)
+    # the version-1 rule does not pass for a version-2 file
+    v1_sealed = dict(json.loads(data))
+    v1_sealed["checksum"] = spec_checksum(v1_sealed)
+    with pytest.raises(CorruptFileError, match="checksum"):
+        mf.from_json(dump(v1_sealed), PATH)
+
+
+def test_version_2_checksum_member_must_close_the_file() -> None:
+    data = mf.to_json(mf.from_json(dump(spec_manifest()), PATH))
+    obj = json.loads(data)
+    moved = json.dumps(obj, indent=2, sort_keys=True).encode() + b"\n"   # checksum not last
+    with pytest.raises(CorruptFileError, match="does not end with its checksum"):
+        mf.from_json(moved, PATH)
+    with pytest.raises(CorruptFileError):
+        mf.from_json(data + b"\n", PATH)
 
 
 def test_to_json_refuses_an_invalid_manifest() -> None:
@@ -114,11 +165,13 @@ def test_truncated_manifest_is_corrupt_and_named() -> None:
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_any_flipped_bit_is_caught_or_harmless(data: st.DataObject) -> None:
-    raw = bytearray(dump(spec_manifest()))
+    v1 = dump(spec_manifest())
+    stored = data.draw(st.sampled_from([v1, mf.to_json(mf.from_json(v1, PATH))]))
+    raw = bytearray(stored)
     i = data.draw(st.integers(0, len(raw) - 1))
     bit = data.draw(st.integers(0, 7))
     raw[i] ^= 1 << bit
-    original = mf.from_json(dump(spec_manifest()), PATH)
+    original = mf.from_json(stored, PATH)
     try:
         got = mf.from_json(bytes(raw), PATH)
     except CorruptFileError as err:
@@ -153,10 +206,10 @@ def test_other_record_kind_is_foreign() -> None:
 
 def test_newer_version_is_incompatible() -> None:
     obj = spec_manifest()
-    obj["version"] = 2
+    obj["version"] = 3
     obj["newfield"] = {"whatever": 1}
-    with pytest.raises(IncompatibleFormatError, match=r"version 2 is newer than this "
-                       r"vmsnapbackup \(1\); upgrade"):
+    with pytest.raises(IncompatibleFormatError, match=r"version 3 is newer than this "
+                       r"vmsnapbackup \(2\); upgrade"):
         mf.from_json(resealed(obj), PATH)
 
 
@@ -211,6 +264,17 @@ WRONG_TYPES = [
     (("disks", 0, "difference"), None), (("disks", 0, "blocks", "zero"), -3),
     (("disks", 0, "blocks"), [1, 2]), (("disks", 0, "seconds", "read"), "1.9"),
     (("disks", 0, "bytes_written"), 1e9),
+    # names from a pool reach paths and XML: validated at parse time (FORMAT §13)
+    (("domain", "name"), "../../escaped"), (("domain", "name"), "a\nb"),
+    (("domain", "name"), ".."), (("disks", 0, "source"), "images/web1.qcow2"),
+    (("disks", 0, "format"), "qcow2 -o x"), (("qemu_run",), "x; rm"),
+    # a path must be the one §1 gives this point, generation and disk
+    (("disks", 0, "volume"), "generations/000001/vda/point-000004.qcow2"),
+    (("disks", 0, "volume"), "generations/000002/vda/point-000003.qcow2"),
+    (("disks", 0, "difference"), "generations/000001/vdb/diff-000003.vsbd"),
+    (("disks", 0, "base"), "generations/000001/vda/base.raw"),
+    (("disks", 0, "table"), "generations/000001/vda/point-000003.qcow2"),
+    (("disks", 0, "table"), "points/000001.json"),
 ]
 
 
@@ -281,8 +345,8 @@ RECORDS = [
 
 @pytest.mark.parametrize("cls,obj,kind", RECORDS, ids=lambda x: getattr(x, "__name__", ""))
 def test_record_round_trip(cls: Any, obj: Dict[str, Any], kind: str) -> None:
-    rec = cls.from_json(json.dumps(obj).encode(), "/p/f.json")
-    assert json.loads(rec.to_json()) == obj
+    rec = cls.from_json(json.dumps(obj).encode(), "/p/f.json")   # version 1 reads
+    assert json.loads(rec.to_json()) == dict(obj, version=2)     # and is written as 2
     assert cls.from_json(rec.to_json(), "/p/f.json") == rec
 
 
@@ -303,7 +367,7 @@ def test_record_corruption(cls: Any, obj: Dict[str, Any], kind: str) -> None:
     newer = dict(obj, version=7)
     with pytest.raises(IncompatibleFormatError) as ie:
         cls.from_json(json.dumps(newer), path)
-    assert f"{kind} format version 7 is newer than this vmsnapbackup (1); upgrade" in str(ie.value)
+    assert f"{kind} format version 7 is newer than this vmsnapbackup (2); upgrade" in str(ie.value)
 
 
 @pytest.mark.parametrize("change", [
@@ -311,6 +375,9 @@ def test_record_corruption(cls: Any, obj: Dict[str, Any], kind: str) -> None:
     {"disks": {"../x": spec_generation()["disks"]["vda"]}},
     {"disks": {"vda": dict(spec_generation()["disks"]["vda"], base="../base.qcow2")}},
     {"disks": {"vda": dict(spec_generation()["disks"]["vda"], base_format="vdi")}},
+    {"disks": {"vda": dict(spec_generation()["disks"]["vda"], base="base.raw")}},
+    {"disks": {"vda": dict(spec_generation()["disks"]["vda"], table="table-000004.vsbt")}},
+    {"disks": {"vda": dict(spec_generation()["disks"]["vda"], table="../table-000005.vsbt")}},
 ])
 def test_generation_bad_values(change: Dict[str, Any]) -> None:
     obj = dict(spec_generation(), **change)
@@ -321,7 +388,8 @@ def test_generation_bad_values(change: Dict[str, Any]) -> None:
 def test_domain_record_rejects_bad_values() -> None:
     base = dict(RECORDS[1][1])
     for change in ({"last_point": -1}, {"last_point": "3"}, {"uuid": "../../etc"},
-                   {"name": ""}, {"name": 5}):
+                   {"name": ""}, {"name": 5}, {"name": "../../escaped"}, {"name": "a/b"},
+                   {"name": "x\x1b[2J"}):
         with pytest.raises(CorruptFileError):
             mf.DomainRecord.from_json(json.dumps(dict(base, **change)), "/d.json")
 
@@ -390,3 +458,18 @@ def test_qemu_run_round_trips_and_is_optional() -> None:
     assert json.loads(mf.to_json(m))["qemu_run"] == obj["qemu_run"]
     plain = mf.from_json(dump(spec_manifest()), PATH)
     assert plain.qemu_run is None and "qemu_run" not in json.loads(mf.to_json(plain))
+
+
+def test_deeply_nested_json_is_corrupt_not_a_recursion_error() -> None:
+    deep = b'{"format": "vmsnapbackup-point", "x": ' + b"[" * 200000 + b"]" * 200000 + b"}"
+    with pytest.raises(CorruptFileError, match="nested too deeply") as ei:
+        mf.from_json(deep, PATH)
+    assert ei.value.path == PATH
+    with pytest.raises(CorruptFileError, match="nested too deeply"):
+        mf.DomainRecord.from_json(b"[" * 200000, PATH)
+
+
+def test_a_domain_name_a_user_may_have_still_reads() -> None:
+    obj = spec_manifest()
+    obj["domain"]["name"] = "Web server (prod) \u00e9"
+    assert mf.from_json(resealed(obj), PATH).domain.name == obj["domain"]["name"]

@@ -61,7 +61,7 @@ def test_create_makes_private_pool_with_header(tmp_path: Path) -> None:
     assert p.header_path.is_file() and mode(p.header_path) == 0o600
     assert mode(p.root) == 0o700 and mode(p.domains_dir) == 0o700
     hdr = json.loads(p.header_path.read_text())
-    assert hdr["format"] == "vmsnapbackup-pool" and hdr["version"] == 1
+    assert hdr["format"] == "vmsnapbackup-pool" and hdr["version"] == 2
     again = Pool.open(tmp_path / "a" / "pool")
     assert again.header == p.header
     assert Pool.open(tmp_path / "a" / "pool", create=True).header == p.header
@@ -98,7 +98,7 @@ def test_create_in_empty_dir_or_fresh_filesystem_root(tmp_path: Path) -> None:
     (b'{"format": "vmsnapbackup-poop", "version": 1, "created": "2026-01-01T00:00:00Z"}',
      CorruptFileError),
     (b'{"format": "vmsnapbackup-pool", "version": 1}', CorruptFileError),
-    (b'{"format": "vmsnapbackup-pool", "version": 2, "created": "2026-01-01T00:00:00Z"}',
+    (b'{"format": "vmsnapbackup-pool", "version": 3, "created": "2026-01-01T00:00:00Z"}',
      IncompatibleFormatError),
     (b"<html/>", CorruptFileError),
 ])
@@ -109,7 +109,7 @@ def test_damaged_header(tmp_path: Path, content: bytes, error: type) -> None:
         Pool.open(p.root)
     assert str(p.header_path) in str(ei.value)
     if error is IncompatibleFormatError:
-        assert "pool format version 2 is newer than this vmsnapbackup (1); upgrade" in str(ei.value)
+        assert "pool format version 3 is newer than this vmsnapbackup (2); upgrade" in str(ei.value)
     with pytest.raises(error):  # create=True must not paper over a damaged header
         Pool.open(p.root, create=True)
 
@@ -246,7 +246,7 @@ def test_manifest_of_another_point_or_domain_is_damaged(store: DomainStore) -> N
 def test_newer_manifest_is_listed_incompatible(store: DomainStore) -> None:
     backup(store)
     store.manifest_path(5).write_text(json.dumps({"format": "vmsnapbackup-point",
-                                                  "version": 2}))
+                                                  "version": 3}))
     info = store.list_points()[-1]
     assert info.number == 5 and info.incompatible and not info.ok
 
@@ -283,7 +283,7 @@ def test_generation_record(store: DomainStore) -> None:
         with pytest.raises(CorruptFileError) as ei:
             store.read_generation(1)
         assert ei.value.path == str(path)
-    path.write_bytes(rec.to_json().replace(b'"version": 1', b'"version": 3'))
+    path.write_bytes(rec.to_json().replace(b"\"version\": 2", b'"version": 3'))
     with pytest.raises(IncompatibleFormatError):
         store.read_generation(1)
     path.write_bytes(mf.GenerationRecord(2, 1, mf.utc_now(), 65536, rec.disks).to_json())

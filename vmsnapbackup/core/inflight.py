@@ -31,7 +31,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..errors import CorruptFileError, LockedError, NotFoundError, UsageError, VmSnapBackupError
 from .atomic import FILE_MODE, atomic_write_json, is_temp_name, make_private_dir, unlink_durable
-from .manifest import utc_now
+from .poolread import read_bounded
+from .timefmt import utc_now
 
 __all__ = [
     "FORMAT",
@@ -203,17 +204,15 @@ class InflightRecord:
 
 
 def _read_path(path: Path) -> Optional[InflightRecord]:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(_MAX_RECORD + 1)
-    except FileNotFoundError:
+    data = read_bounded(path, _MAX_RECORD, "in-flight record")
+    if data is None:
         return None
-    if len(data) > _MAX_RECORD:
-        raise CorruptFileError(path, "too large for an in-flight record")
     try:
         obj = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as err:
         raise CorruptFileError(path, f"not valid JSON ({err})") from None
+    except RecursionError:
+        raise CorruptFileError(path, "not valid JSON (nested too deeply)") from None
     record = InflightRecord.from_json(obj, path)
     if path.name != f"{record.uuid}.json":
         raise CorruptFileError(path, f"holds the record of another domain ({record.uuid})")

@@ -5,6 +5,11 @@ step that creates something, so that whatever kills a backup, the next process
 finds a list of exactly what may need undoing: overlays to commit, a storage
 daemon to stop, pool files no sealed manifest refers to.  It is removed last; its
 presence after the lock was taken over means an operation died.
+
+``step`` is what the backup last began (FORMAT.md §9 lists them: ``start``,
+``snapshot``, ``read``, ``commit``, ``seal``); the reader accepts any non-empty
+string, because repair decides from the recorded overlays, daemon and files, not from
+the step, and a journal must stay repairable whatever wrote it.
 """
 from __future__ import annotations
 
@@ -15,8 +20,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Union
 
 from ..errors import VmSnapBackupError
-from .atomic import atomic_write_bytes, read_optional, unlink_durable
-from .manifest import (
+from .atomic import atomic_write_bytes, unlink_durable
+from .jsonfields import (
     FORMAT_VERSION,
     Fields,
     check_header,
@@ -24,10 +29,10 @@ from .manifest import (
     load_json_object,
     record_bytes,
 )
+from .poolread import MAX_JOURNAL, read_bounded
 
 __all__ = [
     "JOURNAL_FORMAT",
-    "STEPS",
     "JournalDisk",
     "JournalDaemon",
     "JournalEntry",
@@ -35,11 +40,6 @@ __all__ = [
 ]
 
 JOURNAL_FORMAT = "vmsnapbackup-journal"
-
-#: The backup steps of §9, in order.  Other operations (prune, repair) may name their
-#: own steps; the reader accepts any non-empty string so it can always be repaired.
-STEPS = ("snapshot", "export", "read", "commit", "seal")
-
 
 @dataclass(frozen=True)
 class JournalDisk:
@@ -56,8 +56,9 @@ class JournalDisk:
 
     @classmethod
     def from_fields(cls, f: Fields) -> "JournalDisk":
-        return cls(source=f.text("source"), overlay=f.text("overlay", optional=True),
-                   frozen=f.text("frozen", optional=True))
+        return cls(source=f.host_path("source", allow_empty=True),
+                   overlay=f.host_path("overlay", optional=True),
+                   frozen=f.host_path("frozen", optional=True))
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class JournalDaemon:
 
     @classmethod
     def from_fields(cls, f: Fields) -> "JournalDaemon":
-        return cls(pid=f.integer("pid", minimum=1), runtime_dir=f.text("runtime_dir"))
+        return cls(pid=f.integer("pid", minimum=1), runtime_dir=f.host_path("runtime_dir"))
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ class JournalEntry:
             "daemon": self.daemon.to_dict() if self.daemon else None,
             "files": list(self.files),
         }
-        if self.checkpoint is not None:  # optional within version 1 (FORMAT §12)
+        if self.checkpoint is not None:  # optional (FORMAT §12)
             d["checkpoint"] = self.checkpoint
         return d
 
@@ -172,7 +173,7 @@ class Journal:
         A damaged journal raises CorruptFileError naming it: guessing what a dead
         backup left behind is exactly what we must not do.
         """
-        data = read_optional(self.path)
+        data = read_bounded(self.path, MAX_JOURNAL, "journal", root=self.path.parent)
         if data is None:
             return None
         return JournalEntry.from_json(data, self.path)

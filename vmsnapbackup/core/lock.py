@@ -27,7 +27,7 @@ from typing import Any, Dict, Optional, Type, Union
 
 from ..errors import LockedError, UsageError, storage_error_from_oserror
 from .atomic import FILE_MODE
-from .manifest import utc_now
+from .timefmt import utc_now
 
 __all__ = ["LockHolder", "DomainLock"]
 
@@ -55,7 +55,7 @@ class LockHolder:
             return None
         try:
             obj = json.loads(text.splitlines()[0])
-        except ValueError:
+        except (ValueError, RecursionError):
             obj = None
         if not isinstance(obj, dict):
             return cls(None, None, None, None)

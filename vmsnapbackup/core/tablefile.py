@@ -25,6 +25,14 @@ import xxhash
 
 from ..errors import CorruptFileError, IncompatibleFormatError, UsageError
 from .atomic import atomic_write
+from .poolread import open_regular
+from .blocksize import (  # re-exported: their home before blocksize.py
+    DEFAULT_BLOCK_SIZE,
+    MAX_BLOCK_SIZE,
+    MIN_BLOCK_SIZE,
+    is_valid_block_size,
+    validate_block_size,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +64,6 @@ VALUE_SIZE = 16
 HEADER_SIZE = 64
 CHECKSUM_SIZE = 16
 MIN_FILE_SIZE = HEADER_SIZE + CHECKSUM_SIZE
-MIN_BLOCK_SIZE = 4096
-MAX_BLOCK_SIZE = 4 * 1024 * 1024
-DEFAULT_BLOCK_SIZE = 64 * 1024
 
 # magic, version, algorithm, value size, flags, block size, reserved, disk size, count
 _PREFIX = struct.Struct("<8sHHHHIIQQ")
@@ -67,26 +72,6 @@ assert _EXTRA_SIZE == 24
 
 Source = Union[str, "os.PathLike[str]", IO[bytes]]
 Destination = Union[str, "os.PathLike[str]", IO[bytes]]
-
-
-def is_valid_block_size(block_size: object) -> bool:
-    """True for the block sizes the format allows (a power of two, 4 KiB to 4 MiB)."""
-    return (
-        isinstance(block_size, int)
-        and not isinstance(block_size, bool)
-        and MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE
-        and block_size & (block_size - 1) == 0
-    )
-
-
-def validate_block_size(block_size: object) -> int:
-    """Refuse a block size the format cannot record, before any work depends on it."""
-    if not is_valid_block_size(block_size):
-        raise UsageError(
-            f"invalid block size {block_size!r}: must be a power of two "
-            f"from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE} bytes"
-        )
-    return block_size  # type: ignore[return-value]
 
 
 def block_count(disk_size: int, block_size: int) -> int:
@@ -137,11 +122,11 @@ def _open_source(source: Source) -> Iterator[Tuple[IO[bytes], str]]:
         return
     path = os.fspath(source)  # type: ignore[arg-type]
     try:
-        fobj = open(path, "rb")
+        # a regular file only: a FIFO or a device put in the pool must not hang or
+        # feed us forever (FORMAT §13); the length check below bounds the rest
+        fobj = os.fdopen(open_regular(path), "rb")
     except FileNotFoundError:
         raise CorruptFileError(path, "file is missing") from None
-    except IsADirectoryError:
-        raise CorruptFileError(path, "is a directory, not a table file") from None
     with fobj:
         yield fobj, path
 
