@@ -21,27 +21,28 @@ import json
 import logging
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, NoReturn, Optional, Union
+from typing import Any, BinaryIO, NoReturn, Union
 
 from ..errors import UsageError, storage_error_from_oserror
 
 __all__ = [
+    "DIR_MODE",
+    "FILE_MODE",
     "PathLike",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_json",
+    "dumps_json",
     "durable_rename",
     "fsync_dir",
     "fsync_path",
-    "make_private_dir",
     "is_temp_name",
-    "temp_path_for",
-    "dumps_json",
-    "unlink_durable",
+    "make_private_dir",
     "read_optional",
-    "FILE_MODE",
-    "DIR_MODE",
+    "temp_path_for",
+    "unlink_durable",
 ]
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ def atomic_write(
             raise
         with f:
             try:
-                yield f  # type: ignore[misc]
+                yield f
             except OSError as err:
                 if err.filename in (None, os.fspath(tmp), os.fspath(target)):
                     _raise_mapped(err, target)
@@ -285,7 +286,7 @@ def unlink_durable(path: PathLike, missing_ok: bool = True) -> bool:
     return True
 
 
-def read_optional(path: PathLike) -> Optional[bytes]:
+def read_optional(path: PathLike) -> bytes | None:
     """The file's bytes, or None if it does not exist."""
     try:
         with open(path, "rb") as f:

@@ -5,18 +5,19 @@ few requests as possible: one per run of neighbours rather than one per block.
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Optional, Tuple
+from collections.abc import Iterable, Iterator
 
-__all__ = ["block_runs", "complement_runs", "intersect_runs", "whole_block_runs", "Run"]
+__all__ = ["Run", "block_runs", "complement_runs", "intersect_runs", "whole_block_runs"]
 
 
-def block_runs(indexes: Iterable[int], max_count: int = 0) -> Iterator[Tuple[int, int]]:
+def block_runs(indexes: Iterable[int], max_count: int = 0) -> Iterator[tuple[int, int]]:
     """Consecutive runs ``(first, count)`` of ascending indexes.
 
     ``max_count`` (if positive) cuts longer runs, so that one buffer stays small.
     Accepts numpy integers too (they come from table comparisons).
     """
-    start = prev = None
+    start: int | None = None
+    prev = 0
     for i in indexes:
         i = int(i)
         if start is None:
@@ -30,7 +31,7 @@ def block_runs(indexes: Iterable[int], max_count: int = 0) -> Iterator[Tuple[int
         yield start, prev - start + 1
 
 
-Run = Tuple[int, int]
+Run = tuple[int, int]
 
 
 def complement_runs(runs: Iterable[Run], size: int) -> Iterator[Run]:
@@ -68,7 +69,7 @@ def whole_block_runs(spans: Iterable[Run], block_size: int, start: int,
     What an NBD extent list becomes before a pass reads it: a block only partly
     inside an extent must be read whole, or its value would hash part of it.
     """
-    run_start: Optional[int] = None
+    run_start: int | None = None
     run_end = 0
     for offset, length in spans:
         lo = max(offset - offset % block_size, start)

@@ -7,8 +7,13 @@ from __future__ import annotations
 
 from ..errors import UsageError
 
-__all__ = ["MIN_BLOCK_SIZE", "MAX_BLOCK_SIZE", "DEFAULT_BLOCK_SIZE", "is_valid_block_size",
-           "validate_block_size"]
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "MAX_BLOCK_SIZE",
+    "MIN_BLOCK_SIZE",
+    "is_valid_block_size",
+    "validate_block_size",
+]
 
 MIN_BLOCK_SIZE = 4096
 MAX_BLOCK_SIZE = 4 * 1024 * 1024

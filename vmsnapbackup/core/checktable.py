@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import List, NamedTuple, Optional, Union
+from typing import NamedTuple, Union
 
 import numpy as np
 import xxhash
@@ -41,13 +41,13 @@ __all__ = [
     "CHECK_TABLE_MAGIC",
     "DEFAULT_BLOCK_SIZE",
     "Buffer",
-    "HashedBlocks",
     "CheckTable",
     "CheckTableBuilder",
-    "zero_value",
+    "HashedBlocks",
     "hash_blocks",
     "read_check_table",
     "write_check_table",
+    "zero_value",
 ]
 
 CHECK_TABLE_MAGIC = b"VSBTABLE"
@@ -97,8 +97,8 @@ class HashedBlocks(NamedTuple):
     """
 
     first: int  # index of the first block (0 for a plain buffer)
-    values: List[bytes]
-    zero: List[bool]
+    values: list[bytes]
+    zero: list[bool]
 
 
 def hash_blocks(buffer: Buffer, block_size: int, first: int = 0) -> HashedBlocks:
@@ -126,7 +126,7 @@ class CheckTable:
     Not thread-safe: one builder fills one table.
     """
 
-    __slots__ = ("block_size", "disk_size", "count", "_values", "_flat")
+    __slots__ = ("_flat", "_values", "block_size", "count", "disk_size")
 
     def __init__(self, disk_size: int, block_size: int, values: np.ndarray) -> None:
         validate_block_size(block_size)
@@ -142,12 +142,12 @@ class CheckTable:
         self.disk_size = disk_size
         self.count = count
         self._values = values
-        self._flat = memoryview(values.reshape(-1))
+        self._flat = values.reshape(-1).data
 
     # -- construction ------------------------------------------------------
 
     @classmethod
-    def empty(cls, disk_size: int, block_size: int = DEFAULT_BLOCK_SIZE) -> "CheckTable":
+    def empty(cls, disk_size: int, block_size: int = DEFAULT_BLOCK_SIZE) -> CheckTable:
         """The table of an all-zero disk: what a disk that is one hole hashes to.
 
         A builder starts from this, so a hole needs no work at all when the
@@ -161,7 +161,7 @@ class CheckTable:
         return table
 
     @classmethod
-    def from_bytes(cls, disk_size: int, block_size: int, body: Buffer) -> "CheckTable":
+    def from_bytes(cls, disk_size: int, block_size: int, body: Buffer) -> CheckTable:
         """A table from its body (the concatenated values), copied."""
         validate_block_size(block_size)
         _validate_disk_size(disk_size)
@@ -171,7 +171,7 @@ class CheckTable:
             raise UsageError(f"body of {array.size} bytes does not hold {count} values")
         return cls(disk_size, block_size, array.reshape(count, VALUE_SIZE).copy())
 
-    def copy(self) -> "CheckTable":
+    def copy(self) -> CheckTable:
         """An independent table: rebuilding table N must never alter table 1."""
         return CheckTable(self.disk_size, self.block_size, self._values.copy())
 
@@ -326,7 +326,7 @@ class CheckTableBuilder:
         self._covered[span.start:span.stop] = True
         return span
 
-    def first_missing(self) -> Optional[int]:
+    def first_missing(self) -> int | None:
         """Index of the first block neither hashed nor marked a hole, or None."""
         missing = np.flatnonzero(~self._covered)
         return int(missing[0]) if missing.size else None
@@ -344,7 +344,7 @@ class CheckTableBuilder:
 
 # -- file I/O (FORMAT §5) ------------------------------------------------------
 
-def _check_count(header: TableHeader) -> Optional[str]:
+def _check_count(header: TableHeader) -> str | None:
     expected = block_count(header.disk_size, header.block_size)
     if header.count != expected:
         return (f"entry count {header.count} does not match disk size {header.disk_size} "
@@ -363,8 +363,8 @@ def write_check_table(dest: Destination, table: CheckTable) -> bytes:
     return write_table_file(dest, header, [table.body()], "check table")
 
 
-def read_check_table(source: Source, *, expected_checksum: Optional[bytes] = None,
-                     expected_body_digest: Optional[bytes] = None) -> CheckTable:
+def read_check_table(source: Source, *, expected_checksum: bytes | None = None,
+                     expected_body_digest: bytes | None = None) -> CheckTable:
     """Read a ``.vsbt`` file, checking everything FORMAT §5 lists, in its order.
 
     Raises CorruptFileError naming the file and the failed check, or

@@ -13,7 +13,7 @@ milliseconds with bounded temporary memory.
 from __future__ import annotations
 
 import logging
-from typing import Iterator, Optional, Tuple
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -37,9 +37,9 @@ __all__ = [
     "DIFFERENCE_TABLE_MAGIC",
     "ENTRY_DTYPE",
     "DifferenceTable",
+    "apply",
     "changed_indexes",
     "compare",
-    "apply",
     "read_difference_table",
     "write_difference_table",
 ]
@@ -53,7 +53,7 @@ assert ENTRY_DTYPE.itemsize == 8 + VALUE_SIZE
 _COMPARE_CHUNK = 1 << 20
 
 
-def _index_problem(indexes: np.ndarray, count: int) -> Optional[str]:
+def _index_problem(indexes: np.ndarray, count: int) -> str | None:
     """Why ``indexes`` cannot be a difference's indexes for a table of ``count`` entries."""
     if indexes.size == 0:
         return None
@@ -79,7 +79,7 @@ class DifferenceTable:
     put in.
     """
 
-    __slots__ = ("block_size", "disk_size", "count", "table1_digest", "indexes", "values")
+    __slots__ = ("block_size", "count", "disk_size", "indexes", "table1_digest", "values")
 
     def __init__(self, disk_size: int, block_size: int, table1_digest: bytes,
                  indexes: np.ndarray, values: np.ndarray) -> None:
@@ -118,7 +118,7 @@ class DifferenceTable:
     def __len__(self) -> int:
         return self.changed
 
-    def __iter__(self) -> Iterator[Tuple[int, bytes]]:
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
         """(block index, new value) pairs in ascending order."""
         for index, value in zip(self.indexes.tolist(), self.values):
             yield index, value.tobytes()
@@ -151,7 +151,7 @@ def _u64_pairs(table: CheckTable) -> np.ndarray:
 
 
 def _changed_positions(table1: CheckTable, table_n: CheckTable, start: int,
-                       stop: Optional[int]) -> np.ndarray:
+                       stop: int | None) -> np.ndarray:
     """Changed indexes as a native intp array (numpy's fast path for take/put)."""
     _same_geometry(table1, table_n.block_size, table_n.disk_size, "table N")
     stop = table1.count if stop is None else stop
@@ -178,7 +178,7 @@ def _changed_positions(table1: CheckTable, table_n: CheckTable, start: int,
 
 
 def changed_indexes(table1: CheckTable, table_n: CheckTable, start: int = 0,
-                    stop: Optional[int] = None) -> np.ndarray:
+                    stop: int | None = None) -> np.ndarray:
     """Ascending uint64 indexes in ``[start, stop)`` where the two tables differ.
 
     Also usable on a range while a backup fills table N chunk by chunk, to know
@@ -196,7 +196,8 @@ def _as_uint64(positions: np.ndarray) -> np.ndarray:
 
 def _as_v16(values: np.ndarray) -> np.ndarray:
     """(n, 16) uint8 as a 1-D array of opaque 16-byte items: rows move as single memcpys."""
-    return values.view(np.dtype((np.void, VALUE_SIZE))).reshape(values.shape[0])
+    v16: np.ndarray = values.view(np.dtype((np.void, VALUE_SIZE))).reshape(values.shape[0])
+    return v16
 
 
 def compare(table1: CheckTable, table_n: CheckTable) -> DifferenceTable:
@@ -245,11 +246,11 @@ def write_difference_table(dest: Destination, diff: DifferenceTable) -> bytes:
     entries = np.empty(diff.changed, dtype=ENTRY_DTYPE)
     entries["index"] = diff.indexes
     entries["value"] = diff.values
-    return write_table_file(dest, header, [memoryview(entries.view(np.uint8))],
+    return write_table_file(dest, header, [entries.view(np.uint8).data],
                             "difference table")
 
 
-def _check_changed_count(header: TableHeader) -> Optional[str]:
+def _check_changed_count(header: TableHeader) -> str | None:
     count = block_count(header.disk_size, header.block_size)
     if header.count > count:
         return (f"{header.count} changed entries, more than the {count} blocks of a "
@@ -260,9 +261,9 @@ def _check_changed_count(header: TableHeader) -> Optional[str]:
 def read_difference_table(
     source: Source,
     *,
-    table1: Optional[CheckTable] = None,
-    table1_digest: Optional[bytes] = None,
-    expected_checksum: Optional[bytes] = None,
+    table1: CheckTable | None = None,
+    table1_digest: bytes | None = None,
+    expected_checksum: bytes | None = None,
 ) -> DifferenceTable:
     """Read a ``.vsbd`` file with every check of FORMAT §6.
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, List, Optional, Union
+from typing import TYPE_CHECKING
 
 from ..errors import (
     CorruptFileError,
@@ -59,7 +60,7 @@ from .removal import raise_storage as _raise_storage
 if TYPE_CHECKING:
     from .pool import Pool
 
-__all__ = ["PointInfo", "DomainStore"]
+__all__ = ["DomainStore", "PointInfo"]
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,8 @@ class PointInfo:
 
     number: int
     path: Path
-    manifest: Optional[PointManifest] = None
-    damaged: Optional[str] = None
+    manifest: PointManifest | None = None
+    damaged: str | None = None
     incompatible: bool = False
 
     @property
@@ -87,7 +88,7 @@ class PointInfo:
         return self.manifest is not None
 
     @property
-    def generation(self) -> Optional[int]:
+    def generation(self) -> int | None:
         return self.manifest.generation if self.manifest else None
 
 
@@ -153,7 +154,7 @@ class DomainStore:
     def manifest_path(self, point: int) -> Path:
         return self.points_dir / manifest_name(point)
 
-    def relpath(self, path: Union[str, "os.PathLike[str]"]) -> str:
+    def relpath(self, path: str | os.PathLike[str]) -> str:
         """``path`` relative to the domain directory, as manifests and the journal store
         it (so the pool can move)."""
         rel = Path(os.path.abspath(os.fspath(path))).relative_to(self.path).as_posix()
@@ -173,7 +174,7 @@ class DomainStore:
         check_inside(path, self.pool.root)
         return path
 
-    def read_file(self, path: Path, limit: int, kind: str) -> Optional[bytes]:
+    def read_file(self, path: Path, limit: int, kind: str) -> bytes | None:
         """A record of this domain, bounded (:func:`.poolread.read_bounded`): regular
         file, at most ``limit`` bytes, not through a symlink out of the pool."""
         return read_bounded(path, limit, kind, root=self.pool.root)
@@ -244,7 +245,7 @@ class DomainStore:
 
     # generations (§4) ----------------------------------------------------------------
 
-    def generations(self) -> List[int]:
+    def generations(self) -> list[int]:
         """Numbers of the generation directories present, ascending (with or without a
         ``generation.json``: use :meth:`read_generation` to know whether one is usable)."""
         out = []
@@ -254,7 +255,7 @@ class DomainStore:
                 out.append(n)
         return out
 
-    def current_generation(self) -> Optional[int]:
+    def current_generation(self) -> int | None:
         """The generation of the newest valid point, or None without points.
 
         Not simply the highest directory: a generation whose first point was never
@@ -321,7 +322,7 @@ class DomainStore:
 
     # points (§7) ---------------------------------------------------------------------
 
-    def list_points(self) -> List[PointInfo]:
+    def list_points(self) -> list[PointInfo]:
         """Every manifest file, valid or damaged, by point number.
 
         Only ``points/<N>.json`` counts: a generation directory, a volume or a
@@ -344,11 +345,11 @@ class DomainStore:
         out.sort(key=lambda p: p.number)
         return out
 
-    def points(self) -> List[PointInfo]:
+    def points(self) -> list[PointInfo]:
         """The valid points only, oldest first: what may be restored."""
         return [p for p in self.list_points() if p.ok]
 
-    def damaged_points(self) -> List[PointInfo]:
+    def damaged_points(self) -> list[PointInfo]:
         return [p for p in self.list_points() if not p.ok]
 
     def read_manifest(self, point: int) -> PointManifest:
@@ -394,11 +395,11 @@ class DomainStore:
 
     # removal and leftovers (in .removal) ---------------------------------------------
 
-    def remove_point(self, point: int) -> List[Path]:
+    def remove_point(self, point: int) -> list[Path]:
         """Remove a point (valid or damaged); returns what was removed, in order
         (:func:`.removal.remove_point`).  Caller holds the lock."""
         return removal.remove_point(self, point)
 
-    def leftovers(self) -> List[Leftover]:
+    def leftovers(self) -> list[Leftover]:
         """What interrupted operations left behind (:func:`.removal.leftovers`)."""
         return removal.leftovers(self)

@@ -25,9 +25,10 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any
 
 from ..errors import CorruptFileError, LockedError, NotFoundError, UsageError, VmSnapBackupError
 from .atomic import FILE_MODE, atomic_write_json, is_temp_name, make_private_dir, unlink_durable
@@ -36,19 +37,19 @@ from .timefmt import utc_now
 
 __all__ = [
     "FORMAT",
-    "VERSION",
     "RUNTIME_DIR_ENV",
-    "runtime_root",
-    "inflight_dir",
-    "record_path",
+    "VERSION",
     "InflightRecord",
-    "register",
-    "update",
-    "read",
-    "is_live",
     "clear",
-    "records",
     "inflight",
+    "inflight_dir",
+    "is_live",
+    "read",
+    "record_path",
+    "records",
+    "register",
+    "runtime_root",
+    "update",
 ]
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ class InflightRecord:
     offline: bool
     since: str
     pool: str
-    images: Tuple[str, ...]
+    images: tuple[str, ...]
 
     def __post_init__(self) -> None:
         _check_uuid(self.uuid)
@@ -134,8 +135,8 @@ class InflightRecord:
         images: Sequence[str] = (),
         *,
         offline: bool = False,
-        pid: Optional[int] = None,
-    ) -> "InflightRecord":
+        pid: int | None = None,
+    ) -> InflightRecord:
         """A record for the calling process, stamped with the current time."""
         return cls(
             uuid=uuid,
@@ -148,7 +149,7 @@ class InflightRecord:
             images=tuple(os.fspath(i) for i in images),
         )
 
-    def to_json(self) -> Dict[str, Any]:
+    def to_json(self) -> dict[str, Any]:
         """The §11 document."""
         return {
             "format": FORMAT,
@@ -164,7 +165,7 @@ class InflightRecord:
         }
 
     @classmethod
-    def from_json(cls, obj: Any, path: "os.PathLike[str] | str") -> "InflightRecord":
+    def from_json(cls, obj: Any, path: os.PathLike[str] | str) -> InflightRecord:
         """Parse a §11 document; CorruptFileError names ``path`` for anything else."""
         if not isinstance(obj, dict):
             raise CorruptFileError(path, "not a JSON object")
@@ -203,7 +204,7 @@ class InflightRecord:
         )
 
 
-def _read_path(path: Path) -> Optional[InflightRecord]:
+def _read_path(path: Path) -> InflightRecord | None:
     data = read_bounded(path, _MAX_RECORD, "in-flight record")
     if data is None:
         return None
@@ -219,7 +220,7 @@ def _read_path(path: Path) -> Optional[InflightRecord]:
     return record
 
 
-def read(uuid: str) -> Optional[InflightRecord]:
+def read(uuid: str) -> InflightRecord | None:
     """The record of the domain, or None; a damaged file is CorruptFileError naming it."""
     return _read_path(record_path(uuid))
 
@@ -308,7 +309,7 @@ def update(uuid: str, /, **changes: Any) -> InflightRecord:
     return new
 
 
-def clear(uuid: str, pid: Optional[int] = None) -> bool:
+def clear(uuid: str, pid: int | None = None) -> bool:
     """Remove the domain's record; True if one was removed.
 
     With ``pid``, only that process's record is removed, so an operation never
@@ -332,7 +333,7 @@ def clear(uuid: str, pid: Optional[int] = None) -> bool:
         return unlink_durable(path)
 
 
-def records() -> List[InflightRecord]:
+def records() -> list[InflightRecord]:
     """Every readable record on this host, sorted by uuid; damaged files are logged and skipped."""
     directory = inflight_dir()
     try:

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Union
+from typing import Any
 
 from ..errors import VmSnapBackupError
 from .atomic import atomic_write_bytes, unlink_durable
@@ -33,10 +34,10 @@ from .poolread import MAX_JOURNAL, read_bounded
 
 __all__ = [
     "JOURNAL_FORMAT",
-    "JournalDisk",
-    "JournalDaemon",
-    "JournalEntry",
     "Journal",
+    "JournalDaemon",
+    "JournalDisk",
+    "JournalEntry",
 ]
 
 JOURNAL_FORMAT = "vmsnapbackup-journal"
@@ -48,14 +49,14 @@ class JournalDisk:
     the image the export reads."""
 
     source: str
-    overlay: Optional[str] = None
-    frozen: Optional[str] = None
+    overlay: str | None = None
+    frozen: str | None = None
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_fields(cls, f: Fields) -> "JournalDisk":
+    def from_fields(cls, f: Fields) -> JournalDisk:
         return cls(source=f.host_path("source", allow_empty=True),
                    overlay=f.host_path("overlay", optional=True),
                    frozen=f.host_path("frozen", optional=True))
@@ -68,11 +69,11 @@ class JournalDaemon:
     pid: int
     runtime_dir: str
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_fields(cls, f: Fields) -> "JournalDaemon":
+    def from_fields(cls, f: Fields) -> JournalDaemon:
         return cls(pid=f.integer("pid", minimum=1), runtime_dir=f.host_path("runtime_dir"))
 
 
@@ -89,16 +90,16 @@ class JournalEntry:
     host: str
     started: str
     step: str
-    point: Optional[int] = None
-    generation: Optional[int] = None
+    point: int | None = None
+    generation: int | None = None
     new_generation: bool = False
     disks: Mapping[str, JournalDisk] = field(default_factory=dict)
-    daemon: Optional[JournalDaemon] = None
-    files: Tuple[str, ...] = ()
+    daemon: JournalDaemon | None = None
+    files: tuple[str, ...] = ()
     #: a checkpoint this backup creates for its new generation (FORMAT §9)
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         d = {
             "format": JOURNAL_FORMAT, "version": FORMAT_VERSION,
             "operation": self.operation, "pid": self.pid, "host": self.host,
@@ -117,7 +118,7 @@ class JournalEntry:
         JournalEntry.from_dict(d, "<new journal>")  # never write what we could not read
         return record_bytes(d)
 
-    def with_files(self, *paths: str) -> "JournalEntry":
+    def with_files(self, *paths: str) -> JournalEntry:
         """A copy with ``paths`` added to ``files`` (in order, without duplicates)."""
         files = list(self.files)
         for p in paths:
@@ -126,7 +127,7 @@ class JournalEntry:
         return dataclasses.replace(self, files=tuple(files))
 
     @classmethod
-    def from_dict(cls, obj: Mapping[str, Any], path: Any) -> "JournalEntry":
+    def from_dict(cls, obj: Mapping[str, Any], path: Any) -> JournalEntry:
         check_header(obj, path, JOURNAL_FORMAT, "journal")
         f = Fields(obj, path)
         disks_f = f.sub("disks")
@@ -154,20 +155,20 @@ class JournalEntry:
         )
 
     @classmethod
-    def from_json(cls, data: Union[bytes, str], path: Any) -> "JournalEntry":
+    def from_json(cls, data: bytes | str, path: Any) -> JournalEntry:
         return cls.from_dict(load_json_object(data, path), path)
 
 
 class Journal:
     """``journal.json`` of one domain.  Callers hold the domain's lock for writes."""
 
-    def __init__(self, path: Union[str, "os.PathLike[str]"]) -> None:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
 
     def exists(self) -> bool:
         return self.path.exists()
 
-    def read(self) -> Optional[JournalEntry]:
+    def read(self) -> JournalEntry | None:
         """The entry, or None when no operation is in flight (or left over).
 
         A damaged journal raises CorruptFileError naming it: guessing what a dead

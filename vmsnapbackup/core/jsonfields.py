@@ -13,7 +13,8 @@ import json
 import math
 import os
 import re
-from typing import Any, Dict, List, Mapping, NoReturn, Optional, Tuple, Union
+from collections.abc import Mapping
+from typing import Any, NoReturn, Union
 
 from ..errors import CorruptFileError, IncompatibleFormatError
 from .blocksize import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
@@ -30,15 +31,15 @@ from .timefmt import is_timestamp
 __all__ = [
     "FORMAT_VERSION",
     "READABLE_VERSIONS",
+    "Fields",
     "JsonDict",
     "PathArg",
-    "Fields",
-    "load_json_object",
     "check_header",
     "check_target",
     "digest_hex",
-    "record_bytes",
     "kind_of",
+    "load_json_object",
+    "record_bytes",
 ]
 
 #: The format version this code writes (FORMAT.md §12).
@@ -46,7 +47,7 @@ FORMAT_VERSION = 2
 #: The versions it reads: every version ever written, so old pools stay restorable.
 READABLE_VERSIONS = (1, 2)
 
-JsonDict = Dict[str, Any]
+JsonDict = dict[str, Any]
 #: a file name, only ever used in messages
 PathArg = Union[str, "os.PathLike[str]"]
 
@@ -61,7 +62,7 @@ def _no_constants(name: str) -> NoReturn:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _no_duplicates(pairs: List[Tuple[str, Any]]) -> JsonDict:
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> JsonDict:
     out: JsonDict = {}
     for k, v in pairs:
         if k in out:
@@ -70,7 +71,7 @@ def _no_duplicates(pairs: List[Tuple[str, Any]]) -> JsonDict:
     return out
 
 
-def load_json_object(data: Union[bytes, str], path: PathArg) -> JsonDict:
+def load_json_object(data: bytes | str, path: PathArg) -> JsonDict:
     """Parse a record file, strictly: UTF-8, an object, no NaN/Infinity, no duplicate
     keys (a damaged byte can turn one key into a copy of another), and no nesting so
     deep that the parser itself gives up (RecursionError must not escape: one bad
@@ -186,13 +187,13 @@ class Fields:
             self.fail(key, f"expected true or false, found {kind_of(v)}")
         return bool(v)
 
-    def choice(self, key: str, choices: Tuple[str, ...]) -> str:
+    def choice(self, key: str, choices: tuple[str, ...]) -> str:
         v = self.text(key)
         if v not in choices:
             self.fail(key, f"expected one of {', '.join(choices)}, found {v!r}")
         return str(v)
 
-    def matching(self, key: str, pattern: "re.Pattern[str]", what: str) -> str:
+    def matching(self, key: str, pattern: re.Pattern[str], what: str) -> str:
         v = self.text(key)
         if not pattern.fullmatch(v):
             self.fail(key, f"not {what}: {v!r}")
@@ -245,7 +246,7 @@ class Fields:
             self.fail(key, f"not a relative path inside the domain directory: {v!r}")
         return v
 
-    def checkpoint(self, key: str) -> Optional[str]:
+    def checkpoint(self, key: str) -> str | None:
         """A checkpoint name of ours; an absent key reads as null (an optional v1 field)."""
         v = self.obj.get(key)
         if v is None:
@@ -254,13 +255,13 @@ class Fields:
             self.fail(key, f"not a vmsnapbackup checkpoint name: {v!r}")
         return v
 
-    def sub(self, key: str) -> "Fields":
+    def sub(self, key: str) -> Fields:
         v = self.raw(key)
         if not isinstance(v, dict):
             self.fail(key, f"expected an object, found {kind_of(v)}")
         return Fields(v, self.path, f"{self.where}{key}.")
 
-    def items(self, key: str) -> List[Any]:
+    def items(self, key: str) -> list[Any]:
         v = self.raw(key)
         if not isinstance(v, list):
             self.fail(key, f"expected a list, found {kind_of(v)}")

@@ -23,13 +23,13 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Dict, Optional, Type, Union
+from typing import Any
 
 from ..errors import LockedError, UsageError, storage_error_from_oserror
 from .atomic import FILE_MODE
 from .timefmt import utc_now
 
-__all__ = ["LockHolder", "DomainLock"]
+__all__ = ["DomainLock", "LockHolder"]
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +42,13 @@ class LockHolder:
     """The note in the lock file.  Fields are None when the note is unreadable (a crash
     in the middle of writing it, or a foreign file): the lock itself still works."""
 
-    pid: Optional[int]
-    host: Optional[str]
-    operation: Optional[str]
-    since: Optional[str]
+    pid: int | None
+    host: str | None
+    operation: str | None
+    since: str | None
 
     @classmethod
-    def parse(cls, text: str) -> Optional["LockHolder"]:
+    def parse(cls, text: str) -> LockHolder | None:
         """The holder named by ``text``; None for an empty note (nobody, or released)."""
         text = text.strip()
         if not text:
@@ -68,7 +68,7 @@ class LockHolder:
                    pick("since", str))
 
     def to_line(self) -> bytes:
-        d: Dict[str, Any] = {"pid": self.pid, "host": self.host,
+        d: dict[str, Any] = {"pid": self.pid, "host": self.host,
                              "operation": self.operation, "since": self.since}
         return (json.dumps(d, ensure_ascii=True) + "\n").encode("ascii")
 
@@ -101,21 +101,21 @@ class DomainLock:
     the process exits (safer than releasing it from a garbage collector).
     """
 
-    def __init__(self, path: Union[str, "os.PathLike[str]"], operation: str,
-                 what: Optional[str] = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], operation: str,
+                 what: str | None = None) -> None:
         self.path = Path(path)
         self.operation = operation
         #: how messages name the locked thing ("domain web1 (uuid)")
         self.what = what or f"lock {self.path}"
         #: the note of a holder that died with the lock held, found when we took it
-        self.previous_holder: Optional[LockHolder] = None
-        self._fd: Optional[int] = None
+        self.previous_holder: LockHolder | None = None
+        self._fd: int | None = None
 
     @property
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self) -> "DomainLock":
+    def acquire(self) -> DomainLock:
         if self._fd is not None:
             raise UsageError(f"{self.what}: lock already held by this object")
         try:
@@ -186,11 +186,11 @@ class DomainLock:
                 raise mapped from err
             raise
 
-    def __enter__(self) -> "DomainLock":
+    def __enter__(self) -> DomainLock:  # noqa: PYI034 (acquire() returns this class)
         return self.acquire()
 
-    def __exit__(self, exc_type: Optional[Type[BaseException]],
-                 exc: Optional[BaseException], tb: Optional[TracebackType]) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None,
+                 exc: BaseException | None, tb: TracebackType | None) -> None:
         self.release()
 
 

@@ -19,8 +19,9 @@ Rules shared by every record:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Union
+from typing import Any
 
 from .blocksize import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
 from .jsonfields import (
@@ -37,6 +38,8 @@ from .jsonfields import (
 )
 from .names import (
     CHECKPOINT_NAME_RE as CHECKPOINT_NAME,
+)
+from .names import (
     CHECKPOINT_PREFIX,
     TABLE_RE,
     VOLUME_FORMATS,
@@ -65,50 +68,50 @@ from .pointmanifest import (
 from .timefmt import parse_timestamp, utc_now
 
 __all__ = [
-    "FORMAT_VERSION",
-    "READABLE_VERSIONS",
-    "POOL_FORMAT",
-    "DOMAIN_FORMAT",
-    "GENERATION_FORMAT",
-    "POINT_FORMAT",
-    "STATUS_COMPLETE",
     "ALGORITHM",
-    "CONSISTENCY_QUIESCED",
+    "CHECKPOINT_NAME",
+    "CHECKPOINT_PREFIX",
+    "CONSISTENCIES",
     "CONSISTENCY_CRASH",
     "CONSISTENCY_OFFLINE",
-    "CONSISTENCIES",
-    "VOLUME_FORMATS",
-    "MIN_BLOCK_SIZE",
+    "CONSISTENCY_QUIESCED",
+    "DOMAIN_FORMAT",
+    "FORMAT_VERSION",
+    "GENERATION_FORMAT",
     "MAX_BLOCK_SIZE",
-    "CHECKPOINT_PREFIX",
-    "CHECKPOINT_NAME",
-    "utc_now",
-    "parse_timestamp",
+    "MIN_BLOCK_SIZE",
+    "POINT_FORMAT",
+    "POOL_FORMAT",
+    "READABLE_VERSIONS",
+    "STATUS_COMPLETE",
+    "VOLUME_FORMATS",
+    "BlockCounts",
+    "DomainInfo",
+    "DomainRecord",
+    "Fields",
+    "GenerationDisk",
+    "GenerationRecord",
+    "JsonDict",
+    "PathArg",
+    "PointDisk",
+    "PointManifest",
+    "PoolHeader",
     "canonical_uuid",
+    "check_header",
+    "check_target",
     "digest_hex",
+    "from_json",
+    "is_safe_relpath",
+    "is_safe_target",
+    "load_json_object",
     "manifest_bytes",
     "manifest_checksum",
     "manifest_checksum_v1",
-    "stored_checksum",
-    "load_json_object",
-    "check_header",
-    "PoolHeader",
-    "DomainRecord",
-    "GenerationDisk",
-    "GenerationRecord",
-    "BlockCounts",
-    "DomainInfo",
-    "PointDisk",
-    "PointManifest",
-    "to_json",
-    "from_json",
-    "Fields",
-    "JsonDict",
-    "PathArg",
-    "is_safe_relpath",
-    "is_safe_target",
-    "check_target",
+    "parse_timestamp",
     "record_bytes",
+    "stored_checksum",
+    "to_json",
+    "utc_now",
 ]
 
 POOL_FORMAT = "vmsnapbackup-pool"
@@ -133,12 +136,12 @@ class PoolHeader:
         return record_bytes(_validated(self.to_dict(), PoolHeader))
 
     @classmethod
-    def from_dict(cls, obj: Mapping[str, Any], path: PathArg) -> "PoolHeader":
+    def from_dict(cls, obj: Mapping[str, Any], path: PathArg) -> PoolHeader:
         check_header(obj, path, POOL_FORMAT, "pool")
         return cls(created=Fields(obj, path).timestamp("created"))
 
     @classmethod
-    def from_json(cls, data: Union[bytes, str], path: PathArg) -> "PoolHeader":
+    def from_json(cls, data: bytes | str, path: PathArg) -> PoolHeader:
         return cls.from_dict(load_json_object(data, path), path)
 
 
@@ -161,14 +164,14 @@ class DomainRecord:
         return record_bytes(_validated(self.to_dict(), DomainRecord))
 
     @classmethod
-    def from_dict(cls, obj: Mapping[str, Any], path: PathArg) -> "DomainRecord":
+    def from_dict(cls, obj: Mapping[str, Any], path: PathArg) -> DomainRecord:
         check_header(obj, path, DOMAIN_FORMAT, "domain record")
         f = Fields(obj, path)
         return cls(uuid=f.uuid("uuid"), name=f.domain_name("name"),
                    last_point=f.integer("last_point"))
 
     @classmethod
-    def from_json(cls, data: Union[bytes, str], path: PathArg) -> "DomainRecord":
+    def from_json(cls, data: bytes | str, path: PathArg) -> DomainRecord:
         return cls.from_dict(load_json_object(data, path), path)
 
 
@@ -190,7 +193,7 @@ class GenerationDisk:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_fields(cls, f: Fields) -> "GenerationDisk":
+    def from_fields(cls, f: Fields) -> GenerationDisk:
         d = cls(
             virtual_size=f.integer("virtual_size"),
             base_format=f.choice("base_format", VOLUME_FORMATS),
@@ -214,7 +217,7 @@ class GenerationRecord:
     disks: Mapping[str, GenerationDisk]
     algorithm: str = ALGORITHM
     #: the libvirt checkpoint made just before the first snapshot (None: none)
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
 
     def to_dict(self) -> JsonDict:
         d = {
@@ -232,7 +235,7 @@ class GenerationRecord:
         return record_bytes(_validated(self.to_dict(), GenerationRecord))
 
     @classmethod
-    def from_dict(cls, obj: Mapping[str, Any], path: PathArg) -> "GenerationRecord":
+    def from_dict(cls, obj: Mapping[str, Any], path: PathArg) -> GenerationRecord:
         check_header(obj, path, GENERATION_FORMAT, "generation")
         f = Fields(obj, path)
         algorithm = f.text("algorithm")
@@ -261,7 +264,7 @@ class GenerationRecord:
         return rec
 
     @classmethod
-    def from_json(cls, data: Union[bytes, str], path: PathArg) -> "GenerationRecord":
+    def from_json(cls, data: bytes | str, path: PathArg) -> GenerationRecord:
         return cls.from_dict(load_json_object(data, path), path)
 
 
@@ -270,7 +273,7 @@ def to_json(manifest: PointManifest) -> bytes:
     return manifest.to_json()
 
 
-def from_json(data: Union[bytes, str], path: PathArg) -> PointManifest:
+def from_json(data: bytes | str, path: PathArg) -> PointManifest:
     """A validated point manifest, or CorruptFileError / IncompatibleFormatError naming
     ``path``."""
     return PointManifest.from_json(data, path)

@@ -11,45 +11,44 @@ from __future__ import annotations
 
 import re
 import uuid as _uuid
-from typing import Optional, Tuple
 
 from ..errors import UsageError
 
 __all__ = [
-    "POOL_HEADER",
+    "BASE_RE",
+    "CHECKPOINT_NAME_RE",
+    "CHECKPOINT_PREFIX",
     "DOMAINS_DIR",
     "DOMAIN_RECORD",
-    "LOCK_FILE",
-    "JOURNAL_FILE",
     "GENERATIONS_DIR",
-    "POINTS_DIR",
     "GENERATION_RECORD",
-    "PARTIAL_SUFFIX",
-    "NUMBER_RE",
+    "JOURNAL_FILE",
+    "LOCK_FILE",
     "MANIFEST_RE",
     "NUMBERED_RE",
-    "BASE_RE",
+    "NUMBER_RE",
+    "PARTIAL_SUFFIX",
+    "POINTS_DIR",
+    "POOL_HEADER",
     "TABLE_RE",
-    "CHECKPOINT_PREFIX",
-    "CHECKPOINT_NAME_RE",
     "VOLUME_FORMATS",
-    "number_name",
-    "parse_number_name",
     "base_volume_name",
-    "table_name",
-    "point_volume_name",
-    "difference_name",
-    "manifest_name",
-    "partial_name",
-    "numbered",
-    "manifest_number",
-    "is_base_name",
     "canonical_uuid",
-    "is_safe_relpath",
-    "is_safe_target",
-    "is_safe_domain_name",
+    "difference_name",
+    "is_base_name",
     "is_checkpoint_name",
     "is_host_path",
+    "is_safe_domain_name",
+    "is_safe_relpath",
+    "is_safe_target",
+    "manifest_name",
+    "manifest_number",
+    "number_name",
+    "numbered",
+    "parse_number_name",
+    "partial_name",
+    "point_volume_name",
+    "table_name",
 ]
 
 POOL_HEADER = "vmsnapbackup-pool.json"
@@ -97,7 +96,7 @@ def number_name(n: int) -> str:
     return f"{n:06d}"
 
 
-def parse_number_name(text: str) -> Optional[int]:
+def parse_number_name(text: str) -> int | None:
     """The number in a 6+-digit name, or None.  Only the one spelling
     :func:`number_name` produces is accepted, so ``1`` and ``000001`` can never be two
     names of one point."""
@@ -136,7 +135,7 @@ def partial_name(name: str) -> str:
 
 # --- recognising names found in a directory ----------------------------------------------
 
-def numbered(name: str) -> Optional[Tuple[str, int]]:
+def numbered(name: str) -> tuple[str, int] | None:
     """(kind, number) for ``table-N.vsbt``/``point-N.qcow2``/``diff-N.vsbd`` (or
     ``.partial``), kind being ``table``, ``point`` or ``diff``; None for anything else."""
     m = NUMBERED_RE.fullmatch(name)
@@ -146,7 +145,7 @@ def numbered(name: str) -> Optional[Tuple[str, int]]:
     return None if n is None else (m.group(1), n)
 
 
-def manifest_number(name: str) -> Optional[int]:
+def manifest_number(name: str) -> int | None:
     """The point number of a ``points/`` entry named like a manifest, else None."""
     m = MANIFEST_RE.fullmatch(name)
     return parse_number_name(m.group(1)) if m else None
@@ -159,7 +158,7 @@ def is_base_name(name: str) -> bool:
 
 # --- names read from a pool --------------------------------------------------------------
 
-def canonical_uuid(text: str) -> Optional[str]:
+def canonical_uuid(text: str) -> str | None:
     """The lowercase 8-4-4-4-12 form of a UUID, or None if ``text`` is not one.
 
     Domain directories are named by it, so it must be the one spelling libvirt uses.

@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, List, Mapping, Optional, Tuple, Union
+from typing import Any
 
 import xxhash
 
@@ -38,12 +39,12 @@ from .names import (
 )
 
 __all__ = [
-    "POINT_FORMAT",
-    "STATUS_COMPLETE",
-    "CONSISTENCY_QUIESCED",
+    "CONSISTENCIES",
     "CONSISTENCY_CRASH",
     "CONSISTENCY_OFFLINE",
-    "CONSISTENCIES",
+    "CONSISTENCY_QUIESCED",
+    "POINT_FORMAT",
+    "STATUS_COMPLETE",
     "BlockCounts",
     "DomainInfo",
     "PointDisk",
@@ -84,7 +85,7 @@ def manifest_bytes(body: Mapping[str, Any]) -> bytes:
     return head + xxhash.xxh3_128_hexdigest(head).encode("ascii") + b'"\n}\n'
 
 
-def stored_checksum(data: bytes) -> Optional[Tuple[str, str]]:
+def stored_checksum(data: bytes) -> tuple[str, str] | None:
     """(stored, computed) checksum of version-2 manifest bytes, or None when the file
     does not end with the checksum member."""
     m = _TRAILER.search(data)
@@ -144,7 +145,7 @@ class BlockCounts:
         return d
 
     @classmethod
-    def from_fields(cls, f: Fields) -> "BlockCounts":
+    def from_fields(cls, f: Fields) -> BlockCounts:
         unchanged = f.integer("unchanged") if f.obj.get("unchanged") is not None else 0
         return cls(total=f.integer("total"), read=f.integer("read"), holes=f.integer("holes"),
                    changed=f.integer("changed"), zero=f.integer("zero"), unchanged=unchanged)
@@ -162,7 +163,7 @@ class DomainInfo:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_fields(cls, f: Fields) -> "DomainInfo":
+    def from_fields(cls, f: Fields) -> DomainInfo:
         return cls(name=f.domain_name("name"), uuid=f.uuid("uuid"), xml=f.text("xml"))
 
 
@@ -185,14 +186,14 @@ class PointDisk:
     base_format: str
     table: str
     table1_digest: str
-    difference: Optional[str]
-    difference_digest: Optional[str]
+    difference: str | None
+    difference_digest: str | None
     table_digest: str
     blocks: BlockCounts
     bytes_written: int
     seconds: Mapping[str, float] = field(default_factory=dict)
     #: the bitmap that let the pass skip unwritten blocks (None: every data block was read)
-    dirty_bitmap: Optional[str] = None
+    dirty_bitmap: str | None = None
 
     @property
     def is_base(self) -> bool:
@@ -208,7 +209,7 @@ class PointDisk:
         return d
 
     @classmethod
-    def from_fields(cls, f: Fields) -> "PointDisk":
+    def from_fields(cls, f: Fields) -> PointDisk:
         seconds_f = f.sub("seconds")
         seconds = {k: seconds_f.number(k) for k in sorted(seconds_f.obj)}
         d = cls(
@@ -267,13 +268,13 @@ class PointManifest:
     generation: int
     domain: DomainInfo
     started: str
-    snapshot_at: Optional[str]
+    snapshot_at: str | None
     finished: str
     consistency: str
-    disks: Tuple[PointDisk, ...]
+    disks: tuple[PointDisk, ...]
     status: str = STATUS_COMPLETE
     #: the QEMU process that ran the domain at the snapshot (§7): "<boot id>:<domain id>"
-    qemu_run: Optional[str] = None
+    qemu_run: str | None = None
     #: the format version of the file it was read from (written: always the current one)
     version: int = field(default=FORMAT_VERSION, compare=False)
 
@@ -311,7 +312,7 @@ class PointManifest:
         return data
 
     @classmethod
-    def from_dict(cls, obj: Mapping[str, Any], path: PathArg) -> "PointManifest":
+    def from_dict(cls, obj: Mapping[str, Any], path: PathArg) -> PointManifest:
         """The manifest's fields, validated; the checksum is not looked at (it is a
         property of the stored bytes: :meth:`from_json` checks it)."""
         version = check_header(obj, path, POINT_FORMAT, "point manifest")
@@ -322,7 +323,7 @@ class PointManifest:
         disk_list = f.items("disks")
         if not disk_list:
             f.fail("disks", "a point has at least one disk")
-        disks: List[PointDisk] = []
+        disks: list[PointDisk] = []
         for i, item in enumerate(disk_list):
             if not isinstance(item, dict):
                 f.fail(f"disks[{i}]", f"expected an object, found {kind_of(item)}")
@@ -351,7 +352,7 @@ class PointManifest:
         return m
 
     @classmethod
-    def from_json(cls, data: Union[bytes, str], path: PathArg) -> "PointManifest":
+    def from_json(cls, data: bytes | str, path: PathArg) -> PointManifest:
         """A manifest read from its stored bytes: parse, version gate, checksum, fields."""
         raw = data.encode("utf-8") if isinstance(data, str) else data
         obj = load_json_object(raw, path)

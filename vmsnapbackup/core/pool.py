@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import List, Optional, Union
 
 from ..errors import (
     CorruptFileError,
@@ -57,28 +56,28 @@ from .removal import listdir as _listdir
 from .timefmt import utc_now
 
 __all__ = [
-    # re-exported from .names, where they live since the split (callers import them here)
-    "POOL_HEADER",
     "DOMAINS_DIR",
     "DOMAIN_RECORD",
-    "LOCK_FILE",
-    "JOURNAL_FILE",
     "GENERATIONS_DIR",
-    "POINTS_DIR",
     "GENERATION_RECORD",
-    "number_name",
-    "parse_number_name",
-    "base_volume_name",
-    "table_name",
-    "point_volume_name",
-    "difference_name",
-    "manifest_name",
-    "partial_name",
+    "JOURNAL_FILE",
+    "LOCK_FILE",
+    "POINTS_DIR",
+    # re-exported from .names, where they live since the split (callers import them here)
+    "POOL_HEADER",
+    "DomainStore",
     # re-exported from .removal
     "Leftover",
     "PointInfo",
     "Pool",
-    "DomainStore",
+    "base_volume_name",
+    "difference_name",
+    "manifest_name",
+    "number_name",
+    "parse_number_name",
+    "partial_name",
+    "point_volume_name",
+    "table_name",
 ]
 
 log = logging.getLogger(__name__)
@@ -105,12 +104,12 @@ class Pool:
         return self.root / DOMAINS_DIR
 
     @classmethod
-    def create(cls, path: Union[str, "os.PathLike[str]"]) -> "Pool":
+    def create(cls, path: str | os.PathLike[str]) -> Pool:
         """Create a pool (or open the one already there): ``open(path, create=True)``."""
         return cls.open(path, create=True)
 
     @classmethod
-    def open(cls, path: Union[str, "os.PathLike[str]"], create: bool = False) -> "Pool":
+    def open(cls, path: str | os.PathLike[str], create: bool = False) -> Pool:
         """Open the pool at ``path``, after the version gate.
 
         With ``create=True`` a missing path or an empty directory becomes a pool; a
@@ -148,8 +147,8 @@ class Pool:
 
     # domains -------------------------------------------------------------------------
 
-    def domain(self, uuid: str, name: Optional[str] = None,
-               create: bool = False) -> "DomainStore":
+    def domain(self, uuid: str, name: str | None = None,
+               create: bool = False) -> DomainStore:
         """The store of the domain with this UUID.
 
         ``create=True`` (``name`` required) makes its directories and ``domain.json``
@@ -177,7 +176,7 @@ class Pool:
             pass  # a racing creator was first: its record is as good as ours
         return store
 
-    def domains(self) -> List["DomainStore"]:
+    def domains(self) -> list[DomainStore]:
         """Every domain directory of the pool (named by a canonical UUID), by UUID."""
         out = []
         for name in _listdir(self.domains_dir):
@@ -185,7 +184,7 @@ class Pool:
                 out.append(DomainStore(self, name))
         return out
 
-    def find_domain(self, name_or_uuid: str) -> "DomainStore":
+    def find_domain(self, name_or_uuid: str) -> DomainStore:
         """A domain by UUID, or by the name in its ``domain.json``.
 
         A name held by two stores (a domain undefined and defined again gets a new

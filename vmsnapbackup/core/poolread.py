@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Optional, Union
+from typing import Union
 
 from ..errors import CorruptFileError
 
 __all__ = [
-    "MAX_SMALL_RECORD",
     "MAX_GENERATION_RECORD",
-    "MAX_MANIFEST",
     "MAX_JOURNAL",
+    "MAX_MANIFEST",
+    "MAX_SMALL_RECORD",
     "check_inside",
     "check_regular",
     "open_regular",
@@ -83,7 +83,7 @@ def open_regular(path: PathArg) -> int:
 
 
 def read_bounded(path: PathArg, limit: int, kind: str,
-                 root: Optional[PathArg] = None) -> Optional[bytes]:
+                 root: PathArg | None = None) -> bytes | None:
     """The bytes of a pool file of at most ``limit`` bytes, or None if it is missing.
 
     ``kind`` names the file in messages ("point manifest").  With ``root`` the file

@@ -16,9 +16,14 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, List, NoReturn, Optional, Set
+from typing import TYPE_CHECKING, NoReturn
 
-from ..errors import CorruptFileError, IncompatibleFormatError, NotFoundError, storage_error_from_oserror
+from ..errors import (
+    CorruptFileError,
+    IncompatibleFormatError,
+    NotFoundError,
+    storage_error_from_oserror,
+)
 from .atomic import fsync_dir, is_temp_name, unlink_durable
 from .journal import JournalEntry
 from .names import (
@@ -36,7 +41,7 @@ from .poolread import MAX_MANIFEST, read_bounded
 if TYPE_CHECKING:
     from .pool import DomainStore
 
-__all__ = ["Leftover", "remove_point", "leftovers", "referenced_generations", "listdir"]
+__all__ = ["Leftover", "leftovers", "listdir", "referenced_generations", "remove_point"]
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +60,7 @@ class Leftover:
     reason: str
 
 
-def listdir(path: Path) -> List[str]:
+def listdir(path: Path) -> list[str]:
     """The sorted names in ``path``; none when it is missing or not a directory."""
     try:
         return sorted(os.listdir(path))
@@ -63,17 +68,17 @@ def listdir(path: Path) -> List[str]:
         return []
 
 
-def remove_point(store: "DomainStore", point: int) -> List[Path]:
+def remove_point(store: DomainStore, point: int) -> list[Path]:
     """Remove a point (valid or damaged); returns what was removed, in order."""
     path = store.manifest_path(point)
     if not path.exists():
         raise NotFoundError(f"domain {store.name} has no point {point}")
     try:
-        generation: Optional[int] = store.read_manifest(point).generation
+        generation: int | None = store.read_manifest(point).generation
     except (CorruptFileError, IncompatibleFormatError):
         # damaged: where its files are beats what its damaged text says
         generation = generation_holding(store, point) or _generation_of_manifest(path)
-    removed: List[Path] = []
+    removed: list[Path] = []
     unlink_durable(path)
     removed.append(path)
     log.info("domain %s: removed manifest of point %d", store.uuid, point)
@@ -97,7 +102,7 @@ def remove_point(store: "DomainStore", point: int) -> List[Path]:
     return removed
 
 
-def generation_holding(store: "DomainStore", point: int) -> Optional[int]:
+def generation_holding(store: DomainStore, point: int) -> int | None:
     """For a manifest too damaged to name its generation: the generation whose point
     stores hold this point's files."""
     for g in store.generations():
@@ -109,7 +114,7 @@ def generation_holding(store: "DomainStore", point: int) -> Optional[int]:
     return None
 
 
-def referenced_generations(store: "DomainStore") -> Optional[Set[int]]:
+def referenced_generations(store: DomainStore) -> set[int] | None:
     """Generations named by a manifest file (valid or damaged) or by the journal.
 
     A damaged manifest protects both the generation its ``generation`` field still
@@ -117,7 +122,7 @@ def referenced_generations(store: "DomainStore") -> Optional[Set[int]]:
     generation go).  None when a manifest is too damaged to tell: then every
     generation must be treated as referenced.
     """
-    used: Set[int] = set()
+    used: set[int] = set()
     for info in store.list_points():
         if info.manifest is not None:
             used.add(info.manifest.generation)
@@ -133,7 +138,7 @@ def referenced_generations(store: "DomainStore") -> Optional[Set[int]]:
     return used
 
 
-def journal_or_none(store: "DomainStore") -> Optional[JournalEntry]:
+def journal_or_none(store: DomainStore) -> JournalEntry | None:
     try:
         return store.journal.read()
     except (CorruptFileError, IncompatibleFormatError) as err:
@@ -141,9 +146,9 @@ def journal_or_none(store: "DomainStore") -> Optional[JournalEntry]:
         return None
 
 
-def _remove_generation(store: "DomainStore", generation: int) -> List[Path]:
+def _remove_generation(store: DomainStore, generation: int) -> list[Path]:
     """Remove a generation no point refers to: our files, then empty directories."""
-    removed: List[Path] = []
+    removed: list[Path] = []
     gdir = store.generation_dir(generation)
     for target in listdir(gdir):
         ddir = gdir / target
@@ -171,7 +176,7 @@ def _remove_generation(store: "DomainStore", generation: int) -> List[Path]:
     return removed
 
 
-def leftovers(store: "DomainStore") -> List[Leftover]:
+def leftovers(store: DomainStore) -> list[Leftover]:
     """What interrupted operations left: temp files, ``.partial`` volumes, generation
     directories no manifest or journal refers to, and point volumes / difference
     tables of points without a manifest (unless the journal names that point).
@@ -181,7 +186,7 @@ def leftovers(store: "DomainStore") -> List[Leftover]:
     backup's files show up here.
     """
     temp = "temp file of an interrupted write"
-    out: List[Leftover] = []
+    out: list[Leftover] = []
     for d in (store.path, store.points_dir, store.generations_dir):
         for name in listdir(d):
             if name.startswith(".") and (d / name).is_file():
@@ -218,7 +223,7 @@ def leftovers(store: "DomainStore") -> List[Leftover]:
     return out
 
 
-def _generation_of_manifest(path: Path) -> Optional[int]:
+def _generation_of_manifest(path: Path) -> int | None:
     """The generation a manifest names, read leniently: a damaged manifest still
     protects its generation from removal if its ``generation`` field is readable."""
     try:

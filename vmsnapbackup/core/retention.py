@@ -29,21 +29,22 @@ are unchanged.  The property tests in ``tests/test_retention.py`` hold us to it.
 from __future__ import annotations
 
 import datetime as _dt
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
+from typing import Callable
 
 from ..errors import UsageError
 
 __all__ = [
-    "Policy",
-    "Decision",
-    "REASON_NEWEST",
-    "REASON_LAST",
     "REASON_DAILY",
-    "REASON_WEEKLY",
+    "REASON_LAST",
     "REASON_MONTHLY",
-    "select",
+    "REASON_NEWEST",
+    "REASON_WEEKLY",
+    "Decision",
+    "Policy",
     "decide",
+    "select",
 ]
 
 REASON_NEWEST = "newest"
@@ -54,7 +55,7 @@ REASON_MONTHLY = "monthly"
 
 Bucket = Callable[[_dt.datetime, int], Hashable]
 
-_RULES: Tuple[Tuple[str, Bucket], ...] = (
+_RULES: tuple[tuple[str, Bucket], ...] = (
     # "last": every point is a bucket of its own
     (REASON_LAST, lambda ts, n: ("point", n)),
     (REASON_DAILY, lambda ts, n: (ts.year, ts.month, ts.day)),
@@ -67,10 +68,10 @@ _RULES: Tuple[Tuple[str, Bucket], ...] = (
 class Policy:
     """How many of each kind to keep; None means the rule is not used."""
 
-    keep_last: Optional[int] = None
-    keep_daily: Optional[int] = None
-    keep_weekly: Optional[int] = None
-    keep_monthly: Optional[int] = None
+    keep_last: int | None = None
+    keep_daily: int | None = None
+    keep_weekly: int | None = None
+    keep_monthly: int | None = None
 
     def __post_init__(self) -> None:
         for name, value in self.counts().items():
@@ -83,14 +84,14 @@ class Policy:
             raise UsageError("a retention policy needs at least one of --keep-last, "
                              "--keep-daily, --keep-weekly, --keep-monthly")
 
-    def counts(self) -> Dict[str, Optional[int]]:
+    def counts(self) -> dict[str, int | None]:
         return {"keep_last": self.keep_last, "keep_daily": self.keep_daily,
                 "keep_weekly": self.keep_weekly, "keep_monthly": self.keep_monthly}
 
-    def to_dict(self) -> Dict[str, Optional[int]]:
+    def to_dict(self) -> dict[str, int | None]:
         return self.counts()
 
-    def _count(self, reason: str) -> Optional[int]:
+    def _count(self, reason: str) -> int | None:
         return self.counts()[f"keep_{reason}"]
 
 
@@ -100,20 +101,20 @@ class Decision:
 
     number: int
     keep: bool
-    reasons: List[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         """Unpacks as ``(number, keep, reasons)``."""
         return iter((self.number, self.keep, list(self.reasons)))
 
 
-def decide(points: Sequence[Tuple[int, _dt.datetime]], policy: Policy) -> List[Decision]:
+def decide(points: Sequence[tuple[int, _dt.datetime]], policy: Policy) -> list[Decision]:
     """The decision for every point, in the order ``points`` were given."""
     numbers = [n for n, _ in points]
     if len(set(numbers)) != len(numbers):
         raise UsageError("retention: a point number appears twice")
     order = sorted(points, key=lambda p: (p[1], p[0]), reverse=True)  # newest first
-    reasons: Dict[int, List[str]] = {n: [] for n in numbers}
+    reasons: dict[int, list[str]] = {n: [] for n in numbers}
     if order:
         reasons[order[0][0]].append(REASON_NEWEST)
     for reason, bucket_of in _RULES:
@@ -133,9 +134,9 @@ def decide(points: Sequence[Tuple[int, _dt.datetime]], policy: Policy) -> List[D
     return [Decision(n, bool(reasons[n]), reasons[n]) for n in numbers]
 
 
-def select(points: Sequence[Tuple[int, _dt.datetime]], keep_last: Optional[int] = None,
-           keep_daily: Optional[int] = None, keep_weekly: Optional[int] = None,
-           keep_monthly: Optional[int] = None) -> List[Decision]:
+def select(points: Sequence[tuple[int, _dt.datetime]], keep_last: int | None = None,
+           keep_daily: int | None = None, keep_weekly: int | None = None,
+           keep_monthly: int | None = None) -> list[Decision]:
     """Decisions for ``points`` (``(number, timestamp)`` pairs) under the given counts.
 
     Each decision unpacks as ``(number, keep, reasons)``.  At least one count must be

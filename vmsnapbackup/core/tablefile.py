@@ -17,15 +17,15 @@ import io
 import logging
 import os
 import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import IO, Callable, Iterable, Iterator, Optional, Tuple, Union
+from typing import IO, Callable, Union
 
 import numpy as np
 import xxhash
 
 from ..errors import CorruptFileError, IncompatibleFormatError, UsageError
 from .atomic import atomic_write
-from .poolread import open_regular
 from .blocksize import (  # re-exported: their home before blocksize.py
     DEFAULT_BLOCK_SIZE,
     MAX_BLOCK_SIZE,
@@ -33,29 +33,30 @@ from .blocksize import (  # re-exported: their home before blocksize.py
     is_valid_block_size,
     validate_block_size,
 )
+from .poolread import open_regular
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "FORMAT_VERSION",
     "ALGORITHM_XXH3_128",
-    "VALUE_SIZE",
-    "HEADER_SIZE",
     "CHECKSUM_SIZE",
-    "MIN_FILE_SIZE",
-    "MIN_BLOCK_SIZE",
-    "MAX_BLOCK_SIZE",
     "DEFAULT_BLOCK_SIZE",
-    "Source",
+    "FORMAT_VERSION",
+    "HEADER_SIZE",
+    "MAX_BLOCK_SIZE",
+    "MIN_BLOCK_SIZE",
+    "MIN_FILE_SIZE",
+    "VALUE_SIZE",
     "Destination",
+    "Source",
     "TableHeader",
-    "is_valid_block_size",
-    "validate_block_size",
     "block_count",
+    "file_checksum",
+    "is_valid_block_size",
     "pack_header",
     "read_table_file",
+    "validate_block_size",
     "write_table_file",
-    "file_checksum",
 ]
 
 FORMAT_VERSION = 1
@@ -114,13 +115,13 @@ def _unpack_header(raw: bytes) -> TableHeader:
 # -- reading -----------------------------------------------------------------
 
 @contextlib.contextmanager
-def _open_source(source: Source) -> Iterator[Tuple[IO[bytes], str]]:
+def _open_source(source: Source) -> Iterator[tuple[IO[bytes], str]]:
     """Yield a readable binary file and the name to put in error messages."""
-    if hasattr(source, "read"):
-        fobj = source  # type: ignore[assignment]
-        yield fobj, str(getattr(fobj, "name", "<stream>"))  # type: ignore[misc]
+    if not isinstance(source, (str, os.PathLike)):
+        fobj = source
+        yield fobj, str(getattr(fobj, "name", "<stream>"))
         return
-    path = os.fspath(source)  # type: ignore[arg-type]
+    path = os.fspath(source)
     try:
         # a regular file only: a FIFO or a device put in the pool must not hang or
         # feed us forever (FORMAT §13); the length check below bounds the rest
@@ -149,9 +150,9 @@ def read_table_file(
     magic: bytes,
     kind: str,
     entry_size: int,
-    check_count: Callable[[TableHeader], Optional[str]],
-    expected_checksum: Optional[bytes] = None,
-) -> Tuple[TableHeader, np.ndarray, bytes, str]:
+    check_count: Callable[[TableHeader], str | None],
+    expected_checksum: bytes | None = None,
+) -> tuple[TableHeader, np.ndarray, bytes, str]:
     """Read and check a table file's frame; return (header, body bytes, checksum, name).
 
     The checks run in the order of FORMAT §5: length >= 80, magic, version,
@@ -208,7 +209,7 @@ def read_table_file(
                           f"{header.count} entries (truncated or extended)")
 
         body = np.empty(body_size, dtype=np.uint8)
-        if _read_exact(fobj, memoryview(body)) != body_size:
+        if _read_exact(fobj, body.data) != body_size:
             raise corrupt("truncated while reading the entries")
         trailer = fobj.read(CHECKSUM_SIZE)
         if len(trailer) != CHECKSUM_SIZE:
@@ -216,7 +217,7 @@ def read_table_file(
 
     hasher = xxhash.xxh3_128()
     hasher.update(raw_header)
-    hasher.update(body)
+    hasher.update(body.data)
     if hasher.digest() != trailer:
         raise corrupt("checksum mismatch (the file is damaged)")
     if expected_checksum is not None and trailer != expected_checksum:
@@ -264,9 +265,9 @@ def write_table_file(dest: Destination, header: bytes, body: Iterable[memoryview
         fobj.write(digest)
         return digest
 
-    if hasattr(dest, "write"):
-        return emit(dest)  # type: ignore[arg-type]
-    path = os.fspath(dest)  # type: ignore[arg-type]
+    if not isinstance(dest, (str, os.PathLike)):
+        return emit(dest)
+    path = os.fspath(dest)
     with atomic_write(path) as fobj:
         digest = emit(fobj)
     log.debug("wrote %s %s (%s)", what, path, digest.hex())

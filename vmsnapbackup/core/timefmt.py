@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import re
 
-__all__ = ["TIMESTAMP_RE", "utc_now", "format_timestamp", "parse_timestamp", "is_timestamp"]
+__all__ = ["TIMESTAMP_RE", "format_timestamp", "is_timestamp", "parse_timestamp", "utc_now"]
 
 #: The grammar a reader accepts (FORMAT.md §1.3).
 TIMESTAMP_RE = re.compile(
