@@ -86,11 +86,26 @@ def test_create_refuses_a_non_empty_directory(tmp_path: Path) -> None:
     assert os.listdir(tmp_path / "images") == ["web1.qcow2"]
 
 
-def test_create_in_empty_dir_or_fresh_filesystem_root(tmp_path: Path) -> None:
-    (tmp_path / "e").mkdir()
-    Pool.create(tmp_path / "e")
-    (tmp_path / "m" / "lost+found").mkdir(parents=True)
-    Pool.create(tmp_path / "m")
+@pytest.mark.parametrize("present", [
+    [],                                                   # an empty directory
+    ["lost+found/"],                                      # a fresh filesystem's root
+    ["domains/", ".vmsnapbackup-pool.json.tmp-7-abcd"],   # a create that died half-way
+])
+def test_create_in_empty_dir_or_fresh_filesystem_root(tmp_path: Path, present: List[str]) -> None:
+    root = tmp_path / "p"
+    root.mkdir()
+    for name in present:
+        if name.endswith("/"):
+            (root / name).mkdir()
+        else:
+            put(root / name)
+    created = Pool.create(root)
+    assert created.root == root and (root / "vmsnapbackup-pool.json").is_file()
+    assert (root / "domains").is_dir()
+    assert Pool.open(root).header == created.header   # a pool now, to every reader
+    for name in present:
+        if name.endswith("/"):
+            assert (root / name).is_dir()   # nothing of what was there is removed
 
 
 @pytest.mark.parametrize("content,error", [
