@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import List
 
 import pytest
-
 from poolfake import fake_backup, point_manifest
 
 from vmsnapbackup.core import manifest as mf

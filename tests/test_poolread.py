@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List
 
 import pytest
-
 from poolfake import fake_backup
 
 from vmsnapbackup.core import manifest as mf
