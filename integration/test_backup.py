@@ -10,6 +10,7 @@ import glob
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, List
 
@@ -179,6 +180,19 @@ def test_cli_errors_are_one_line_with_distinct_codes(running_domain: TestDomain,
         assert main(["--pool", pool, "backup", running_domain.name]) == 4
     assert "lock" in capsys.readouterr().err.lower()
     assert_clean(running_domain, running_domain.disks)
+
+
+def test_unknown_libvirt_pool_is_one_line_on_stderr(tmp_path: Path) -> None:
+    """The real CLI, as a user runs it: an unknown ``--pool`` name is one line and exit 3,
+    without libvirt's own "libvirt: Storage Driver error" line from its default handler."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "vmsnapbackup", "--pool", "vsb-no-such-libvirt-pool", "list"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={**os.environ, "VMSNAPBACKUP_POOL": ""})
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 3, proc.stderr
+    assert len(lines) == 1 and "vsb-no-such-libvirt-pool" in lines[0], proc.stderr
+    assert not any(line.startswith("libvirt:") for line in lines), proc.stderr
 
 
 def test_pool_given_as_a_libvirt_storage_pool_name(running_domain: TestDomain, make_domain):

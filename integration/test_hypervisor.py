@@ -195,7 +195,7 @@ def test_commit_refuses_when_top_is_not_our_overlay(
     # Somebody else's snapshot on top of ours.
     snap = hv.snapshot(dom, disks, {"vda": ours})
     foreign = str(td.workdir / "vda.someone-else.qcow2")
-    dom.snapshotCreateXML(
+    dom.virdomain.snapshotCreateXML(
         "<domainsnapshot><disks><disk name='vda' snapshot='external' type='file'>"
         f"<source file='{foreign}'/></disk><disk name='vdb' snapshot='no'/></disks>"
         "</domainsnapshot>",

@@ -307,9 +307,9 @@ def test_offline_merge_of_a_domain_that_died_on_our_overlay(
     snap = hv.snapshot(dom, disks, lambda d: overlay_path(d, "p7-offln1"))
     td.write("vda", 3 * MiB, 64 * 1024, 0x32)
     td.write("vdb", 4096, 8192, 0x33)
-    dom.destroy()
+    dom.virdomain.destroy()
     assert top_images(td, inactive=True) == snap.overlays  # libvirt kept the overlay
-    metadata_before = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+    metadata_before = dom.virdomain.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
                                    "https://vmsnapbackup.invalid/integration-fixture", 0)
 
     dry = repair(pool_dir, domain=td.name, dry_run=True)
@@ -324,7 +324,7 @@ def test_offline_merge_of_a_domain_that_died_on_our_overlay(
     assert (xml_disks["vda"].format, xml_disks["vdb"].format) == ("qcow2", "raw")
     assert all(d.backing_chain == () for d in xml_disks.values())
     assert our_files(td) == []
-    assert dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+    assert dom.virdomain.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
                         "https://vmsnapbackup.invalid/integration-fixture", 0) == metadata_before
     assert repair(pool_dir, domain=td.name).nothing_to_do
 
@@ -423,16 +423,16 @@ def test_commit_job_left_ready_is_cancelled_and_redone(
     disks, _ = hv.backup_disks(dom)
     hv.snapshot(dom, disks, lambda d: overlay_path(d, "p5-job001"))
     td.write("vda", 1 * MiB, 64 * 1024, 0x51)
-    dom.blockCommit("vda", None, None, 0, libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
+    dom.virdomain.blockCommit("vda", None, None, 0, libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
                     | libvirt.VIR_DOMAIN_BLOCK_COMMIT_SHALLOW)
     tenacity.Retrying(retry=tenacity.retry_if_result(lambda ok: not ok),
                       stop=tenacity.stop_after_delay(30),
                       wait=tenacity.wait_exponential(multiplier=0.01, max=0.2))(
-        lambda: (lambda i: bool(i) and i["cur"] == i["end"])(dom.blockJobInfo("vda", 0)))
+        lambda: (lambda i: bool(i) and i["cur"] == i["end"])(dom.virdomain.blockJobInfo("vda", 0)))
 
     report = repair(pool_dir, domain=td.name)
     assert [a.action for a in report.actions] == [CANCEL_JOB, COMMIT]
-    assert dom.blockJobInfo("vda", 0) == {}
+    assert dom.virdomain.blockJobInfo("vda", 0) == {}
     assert top_images(td) == originals(td) and our_files(td) == []
     td.shutoff()
     assert td.read_image("vda")[MiB:MiB + 64 * 1024] == b"\x51" * (64 * 1024)

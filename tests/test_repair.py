@@ -14,7 +14,7 @@ from vmsnapbackup.core import manifest as mf
 from vmsnapbackup.core.journal import JournalDaemon, JournalDisk, JournalEntry
 from vmsnapbackup.core.pool import DomainStore, Leftover, Pool
 from vmsnapbackup.errors import ExitCode, RepairNeededError, UsageError
-from vmsnapbackup.workflows import repair as rp
+from vmsnapbackup.workflows import repairexec, repairfacts
 from vmsnapbackup.workflows.repair import (
     CANCEL_JOB, CLEAR_INFLIGHT, CLEAR_JOURNAL, COMMIT, DELETE_OVERLAY, OFFLINE_COMMIT, REFUSE,
     REMOVE_FILE, REMOVE_GENERATION, SKIP, STOP_DAEMON, DomainFacts, DomainRepair, PoolFacts,
@@ -382,7 +382,7 @@ def test_pool_facts_and_removal_on_a_real_pool(tmp_path: Path) -> None:
         put(store.point_volume_path(1, "vda", n))            # an orphan of the dead point
         put(store.generation_dir(1) / "vda" / ".base.qcow2.tmp-9-aa")  # a temp file
         put(store.generation_dir(g) / "vda" / "notes.txt")   # a stranger's file
-    f = rp._pool_facts(store, entry)
+    f = repairfacts._pool_facts(store, entry)
     assert f.sealed_generations == frozenset([1])
     assert f.journal_files == frozenset([gdir, partial]) and f.directories == frozenset([gdir])
     actions = plan_pool(entry, f)
@@ -392,7 +392,7 @@ def test_pool_facts_and_removal_on_a_real_pool(tmp_path: Path) -> None:
         (REMOVE_GENERATION, gdir),
     ]
     with store.lock("repair"):
-        done = [rp._execute(None, None, store, a) for a in actions]  # type: ignore[arg-type]
+        done = [repairexec.execute(None, None, store, a) for a in actions]  # type: ignore[arg-type]
     assert "kept foreign files" in done[-1].detail and "notes.txt" in done[-1].detail
     left = {p for p in tmp_path.rglob("*")}
     # everything of the sealed point is there; of the dead one only the stranger's file
@@ -408,11 +408,11 @@ def test_remove_tree_of_ours_removes_only_pool_names(tmp_path: Path) -> None:
     for name in ("generation.json", "vda/base.raw", "vda/base.qcow2.partial",
                  "vda/table-000007.vsbt", "vda/.x.tmp-1-aa", "vdb/diff-000008.vsbd"):
         put(g / name)
-    assert rp._remove_tree_of_ours(g) == []
+    assert repairexec.remove_tree_of_ours(g) == []
     assert not g.exists()
     put(g / "vda" / "base.raw")
     put(g / "vda" / "mine.iso")
-    assert rp._remove_tree_of_ours(g) == [str(g / "vda" / "mine.iso")]
+    assert repairexec.remove_tree_of_ours(g) == [str(g / "vda" / "mine.iso")]
     assert sorted(p.name for p in g.rglob("*")) == ["mine.iso", "vda"]
 
 

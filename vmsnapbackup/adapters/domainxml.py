@@ -33,6 +33,7 @@ __all__ = [
     "overlay_path",
     "is_our_overlay",
     "overlay_id",
+    "same_image",
     "checkpoint_xml",
     "snapshot_xml",
 ]
@@ -274,6 +275,14 @@ def is_our_overlay(path: Optional[str]) -> bool:
     return bool(path) and _OVERLAY_RE.match(os.path.basename(path or "")) is not None
 
 
+def same_image(a: Optional[str], b: Optional[str]) -> bool:
+    """Both paths given and naming the same file as libvirt spells it (normalised, not resolved).
+
+    Symlinks are not followed on purpose: libvirt compares the names it was given.
+    """
+    return bool(a) and bool(b) and os.path.normpath(a or "") == os.path.normpath(b or "")
+
+
 def overlay_id(path: str) -> Optional[str]:
     """The snapshot id in one of our overlay names, None for any other name."""
     match = _OVERLAY_RE.match(os.path.basename(path))
@@ -382,7 +391,7 @@ def new_domain_xml(xml: str, name: str, disks: Mapping[str, DiskRewrite], *,
     for disk_el in devices.findall("disk"):
         target_el = disk_el.find("target")
         target = target_el.get("dev") if target_el is not None else None
-        if target in disks:
+        if target is not None and target in disks:
             disks[target](disk_el)
             seen.add(target)
         elif disk_el.get("device") in ("cdrom", "floppy") or disk_el.find("readonly") is not None:
