@@ -24,8 +24,14 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 import libvirt
-from tenacity import RetryError, Retrying, retry_if_exception, retry_if_result, stop_after_delay
-from tenacity import wait_exponential
+from tenacity import (
+    RetryError,
+    Retrying,
+    retry_if_exception,
+    retry_if_result,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from vmsnapbackup.adapters.domain import Domain
 from vmsnapbackup.adapters.domainxml import Disk, ImageRef, find_disk, is_our_overlay, same_image

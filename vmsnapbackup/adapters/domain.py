@@ -13,11 +13,16 @@ after the connection that found it died (see ``Hypervisor.revive``).
 """
 from __future__ import annotations
 
+import logging
+
 import libvirt
 
 from vmsnapbackup.adapters.libvirterrors import translated
+from vmsnapbackup.errors import HypervisorError
 
 __all__ = ["Domain"]
+
+log = logging.getLogger(__name__)
 
 
 class Domain:
@@ -50,6 +55,15 @@ class Domain:
             libvirt.VIR_DOMAIN_XML_SECURE if secure else 0)
         with translated(f"XML of domain '{self.name}'"):
             return str(self.virdomain.XMLDesc(flags))
+
+    def saved_xml(self) -> str:
+        """What a restore would define again: the persistent definition, else the live XML."""
+        try:
+            if self.is_persistent():
+                return self.xml(inactive=True)
+        except HypervisorError:   # a libvirt hiccup: the live XML will do
+            log.debug("domain %s: no persistent XML", self.name, exc_info=True)
+        return self.xml()
 
     def run_id(self) -> int:
         """libvirt's id of the running domain; -1 when it is shut off."""

@@ -17,7 +17,11 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from vmsnapbackup.errors import (
-    CorruptFileError, HypervisorError, NotFoundError, UnsupportedDiskError, UsageError,
+    CorruptFileError,
+    HypervisorError,
+    NotFoundError,
+    UnsupportedDiskError,
+    UsageError,
 )
 
 __all__ = [

@@ -1,6 +1,8 @@
 """libvirt: find a domain, read its disks, take the external snapshot, commit it back.
 
-This is the only module that talks to libvirt.  Two habits run through it:
+With :mod:`.domain`, :mod:`.blockjobs`, :mod:`.checkpoints` and
+:mod:`.offline` it is all that talks to libvirt about domains (errors are
+translated in :mod:`.libvirterrors`).  Two habits run through it:
 
 * every libvirt error becomes a one-line :class:`HypervisorError` carrying
   libvirt's own words, so the CLI can show it as is;
@@ -9,10 +11,10 @@ This is the only module that talks to libvirt.  Two habits run through it:
   took, or a disk in a state we did not leave it in, is refused with an
   explanation instead of being merged.
 
-Block-job completion is learned from the ``BLOCK_JOB_2`` event, which needs
-libvirt's default event loop registered before the connection is opened and a
-thread running it; :func:`connect` does both (once per process).  Polling
-``blockJobInfo`` stays as a fallback so a lost event costs time, not a hang.
+Block-job completion (:mod:`.blockjobs`) is learned from the ``BLOCK_JOB_2``
+event, which needs libvirt's default event loop registered before the
+connection is opened and a thread running it; :func:`connect` does both (once
+per process).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import libvirt
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
+from vmsnapbackup.adapters import checkpoints
 from vmsnapbackup.adapters.blockjobs import BlockJobs, CommitResult
 from vmsnapbackup.adapters.domain import Domain
 from vmsnapbackup.adapters.domainxml import (
@@ -35,7 +38,6 @@ from vmsnapbackup.adapters.domainxml import (
     ImageRef,
     SkippedDisk,
     backup_disks,
-    checkpoint_xml,
     find_disk,
     is_our_overlay,
     overlay_id,
@@ -380,65 +382,20 @@ class Hypervisor:
         return self._jobs.commit(dom, target, overlay_path, timeout=timeout,
                                  pivot_timeout=pivot_timeout)
 
-    # -- checkpoints (persistent dirty bitmaps) --------------------------------
+    # -- checkpoints (persistent dirty bitmaps): see :mod:`.checkpoints` ---------
 
     def qemu_run(self, dom: Domain) -> Optional[str]:
-        """Which QEMU process runs the domain: ``<host boot id>:<domain id>`` (None: shut off).
-
-        libvirt gives a domain a new id each time it starts, and ids restart
-        after a host reboot, hence the boot id.  A dirty bitmap can only miss
-        writes made while no QEMU had the image open, that is between two runs.
-        """
-        try:
-            with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-                boot = f.read().strip()
-        except OSError:
-            return None
-        ident = dom.run_id()
-        return f"{boot}:{ident}" if ident > 0 else None
+        return checkpoints.qemu_run(dom)
 
     def checkpoint_names(self, dom: Domain) -> List[str]:
-        """Names of the domain's libvirt checkpoints (ours and anybody else's)."""
-        with translated(f"list of checkpoints of domain '{self.domain_name(dom)}'"):
-            return sorted(str(cp.getName()) for cp in dom.virdomain.listAllCheckpoints(0))
+        return checkpoints.checkpoint_names(dom)
 
-    def create_checkpoint(self, dom: Domain, name: str,
-                          bitmap_targets: Sequence[str], description: str = "") -> None:
-        """A checkpoint with a bitmap named ``name`` on ``bitmap_targets`` (running domain).
-
-        From here on QEMU marks every write to those disks in the bitmap, and
-        libvirt carries the bitmap through our snapshot/commit cycle (it
-        re-creates it in the overlay and merges it back on commit).
-        """
-        what = f"checkpoint {name} of domain '{self.domain_name(dom)}'"
-        xml = checkpoint_xml(name, bitmap_targets, [d.target for d in self.disks(dom)],
-                             description)
-        with translated(what):
-            dom.virdomain.checkpointCreateXML(xml, 0)
-        log.info("domain '%s': checkpoint %s on %s", self.domain_name(dom), name,
-                 ", ".join(bitmap_targets))
+    def create_checkpoint(self, dom: Domain, name: str, bitmap_targets: Sequence[str],
+                          description: str = "") -> None:
+        checkpoints.create_checkpoint(dom, name, bitmap_targets, description)
 
     def delete_checkpoint(self, dom: Domain, name: str) -> bool:
-        """Delete checkpoint ``name`` with its bitmaps; False when there is none.
-
-        libvirt 9 deletes bitmaps only from a running domain; of a shut-off
-        one only the checkpoint's metadata goes, so nobody trusts the bitmap
-        any more, and the bitmap itself stays in the image (harmless, and
-        removable with ``qemu-img bitmap --remove``).
-        """
-        what = f"deleting checkpoint {name} of domain '{self.domain_name(dom)}'"
-        try:
-            cp = dom.virdomain.checkpointLookupByName(name, 0)
-        except libvirt.libvirtError as err:
-            if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
-                return False
-            raise HypervisorError(f"{what}: {message(err)}") from err
-        flags = 0 if self.is_active(dom) else libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY
-        with translated(what):
-            cp.delete(flags)
-        log.info("domain '%s': deleted checkpoint %s%s", self.domain_name(dom), name,
-                 "" if not flags else " (metadata only: the domain is shut off)")
-        return True
+        return checkpoints.delete_checkpoint(dom, name)
 
 
 def connect(uri: str = DEFAULT_URI) -> Hypervisor:

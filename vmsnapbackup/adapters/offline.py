@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from io import StringIO
 from typing import Dict, List, Optional, Tuple
 
-
 from vmsnapbackup.adapters.domain import Domain
 from vmsnapbackup.adapters.domainxml import Disk, ImageRef, find_disk, is_our_overlay
 from vmsnapbackup.adapters.hypervisor import Hypervisor

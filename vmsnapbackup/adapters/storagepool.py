@@ -14,8 +14,8 @@ from typing import Optional, Tuple
 
 import libvirt
 
-from .libvirterrors import open_connection, translated
 from ..errors import HypervisorError, NotFoundError, UnsupportedDiskError, UsageError
+from .libvirterrors import open_connection, translated
 
 log = logging.getLogger(__name__)
 

@@ -58,6 +58,7 @@ from .bitmappolicy import BitmapPolicy
 from .generation import CurrentGeneration, new_generation_reason, read_current
 from .interrupt import interruptible
 from .parallel import run_all
+from .repair import repair_before_backup
 
 __all__ = ["backup", "BackupResult", "DiskResult", "DEFAULT_THRESHOLD"]
 
@@ -116,7 +117,7 @@ def backup(
         # only now, with a domain worth backing up: a typo must not leave a new pool behind
         store = Pool.open(pool_dir, create=True).domain(uuid, name, create=True)
         with store.lock("backup"):
-            _repair_first(store, hv, dom, name, pool_dir)
+            repair_before_backup(store, hv, dom, name, pool_dir)
             store.set_name(name)
             run = _BackupRun(hv, dom, store, name, uuid, selected, pool_dir,
                              quiesce=quiesce, new_generation=new_generation,
@@ -128,34 +129,6 @@ def backup(
     result.skipped = [(s.disk.target, s.reason) for s in skipped]
     result.seconds["total"] = round(time.monotonic() - started_mono, 3)
     return result
-
-
-def _repair_first(store: DomainStore, hv: Hypervisor, dom: Domain, name: str,
-                  pool_dir: Path) -> None:
-    """Never stack a backup on what a dead one left: repair it first, or say how.
-
-    Repair only touches what carries our marker and refuses anything else, so
-    running it here is as safe as the user running it; when it refuses (a
-    foreign image on top of ours, an unreadable journal, ...) the backup stops
-    and names the command, whose output explains the refusal.
-    """
-    from .repair import needs_repair, repair_held
-
-    reason = needs_repair(store, hv, dom)
-    if reason is None:
-        return
-    log.warning("domain %s: %s; repairing before the backup", name, reason)
-    done = repair_held(store, hv, dom)
-    for line in done.lines():
-        log.warning("%s", line)
-    if done.refused or done.error is not None:
-        raise RepairNeededError(
-            f"domain {name}: {reason}, and it cannot be repaired automatically; run: "
-            f"vmsnapbackup --pool {pool_dir} repair {name}")
-    still = needs_repair(store, hv, dom)
-    if still is not None:
-        raise RepairNeededError(f"domain {name}: {still} after a repair; run: "
-                                f"vmsnapbackup --pool {pool_dir} repair {name}")
 
 
 class _BackupRun(BackupVolumes, BackupUndo):
@@ -194,7 +167,7 @@ class _BackupRun(BackupVolumes, BackupUndo):
 
     def execute(self) -> BackupResult:
         self.active = self.hv.is_active(self.dom)
-        self.domain_xml = self._saved_xml()
+        self.domain_xml = self.dom.saved_xml()
         record = inflight.InflightRecord(
             uuid=self.uuid, name=self.name, pid=os.getpid(), operation="backup",
             offline=not self.active, since=self.started, pool=str(self.pool_dir),
@@ -231,15 +204,6 @@ class _BackupRun(BackupVolumes, BackupUndo):
             # dead backup can be found (the record names the pool) and repaired
             self.journal.clear()
         return self._result()
-
-    def _saved_xml(self) -> str:
-        """The persistent definition (what a restore would define again), else the live XML."""
-        try:
-            if self.dom.is_persistent():
-                return self.hv.domain_xml(self.dom, inactive=True)
-        except Exception:  # a transient domain or a libvirt hiccup: the live XML will do
-            log.debug("no persistent XML", exc_info=True)
-        return self.hv.domain_xml(self.dom)
 
     def _run(self) -> None:
         """The recipe: the method's steps in order, each a method named after it."""

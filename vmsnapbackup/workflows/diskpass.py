@@ -47,7 +47,11 @@ from dataclasses import dataclass
 from typing import Any, Deque, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from ..core.blockruns import (
-    Run, block_runs, complement_runs, intersect_runs, whole_block_runs,
+    Run,
+    block_runs,
+    complement_runs,
+    intersect_runs,
+    whole_block_runs,
 )
 from ..core.checktable import CheckTable, CheckTableBuilder
 from ..core.difftable import changed_indexes

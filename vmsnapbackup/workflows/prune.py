@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 from ..adapters.storagepool import refresh_pool, resolve_pool
+from ..core.manifest import parse_timestamp
 from ..core.pool import (
     DomainStore,
     PointInfo,
@@ -48,7 +49,6 @@ from ..core.pool import (
     partial_name,
     point_volume_name,
 )
-from ..core.manifest import parse_timestamp
 from ..core.retention import Policy, decide
 from ..errors import RepairNeededError
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..adapters import offline
@@ -41,6 +42,7 @@ from ..errors import (
     BackupInterruptedError,
     ExitCode,
     NotFoundError,
+    RepairNeededError,
     UsageError,
     VmSnapBackupError,
 )
@@ -81,6 +83,7 @@ __all__ = [
     "gather",
     "needs_repair",
     "repair_held",
+    "repair_before_backup",
     "repair",
 ]
 
@@ -174,8 +177,8 @@ class RepairReport:
                             for d in self.domains for a in d.actions]}
 
 
-def _repair_facts(hv: Hypervisor, dom: Optional[Domain], store: Optional[DomainStore], pool_dir: str,
-                  name: str, uuid: str, dry_run: bool) -> DomainRepair:
+def _repair_facts(hv: Hypervisor, dom: Optional[Domain], store: Optional[DomainStore],
+                  pool_dir: str, name: str, uuid: str, dry_run: bool) -> DomainRepair:
     facts = gather(hv, dom, store, name, uuid)
     actions = plan(facts)
     result = DomainRepair(domain=name, uuid=uuid)
@@ -199,6 +202,33 @@ def repair_held(store: DomainStore, hypervisor: Hypervisor, dom: Optional[Domain
     name = hypervisor.domain_name(dom) if dom is not None else store.name
     return _repair_facts(hypervisor, dom, store, str(store.pool.root), name, store.uuid,
                          dry_run)
+
+
+def repair_before_backup(store: DomainStore, hv: Hypervisor, dom: Domain, name: str,
+                         pool_dir: Path) -> None:
+    """Never stack a backup on what a dead one left: repair it first, or say how.
+
+    Repair only touches what carries our marker and refuses anything else, so
+    running it here is as safe as the user running it; when it refuses (a
+    foreign image on top of ours, an unreadable journal, ...) the backup stops
+    and names the command, whose output explains the refusal.
+    """
+    reason = needs_repair(store, hv, dom)
+    if reason is None:
+        return
+    log.warning("domain %s: %s; repairing before the backup", name, reason)
+    done = repair_held(store, hv, dom)
+    for line in done.lines():
+        log.warning("%s", line)
+    if done.refused or done.error is not None:
+        raise RepairNeededError(
+            f"domain {name}: {reason}, and it cannot be repaired automatically; run: "
+            f"vmsnapbackup --pool {pool_dir} repair {name}")
+    still = needs_repair(store, hv, dom)
+    if still is not None:
+        raise RepairNeededError(f"domain {name}: {still} after a repair; run: "
+                                f"vmsnapbackup --pool {pool_dir} repair {name}")
+
 
 
 # -- the command ------------------------------------------------------------------------
