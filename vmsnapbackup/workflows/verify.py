@@ -76,7 +76,6 @@ INCOMPATIBLE = "incompatible"
 TEXT_BLOCKS = 8
 
 # What can be wrong with one part of a point.
-MANIFEST = "manifest"
 TABLE1 = "table 1"
 DIFFERENCE = "difference table"
 BASE = "base volume"
