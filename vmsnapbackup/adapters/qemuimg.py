@@ -53,6 +53,21 @@ def relative_backing_path(image: str, backing: str) -> str:
     return rel
 
 
+def _progress_reader(progress: Callable[[float], None]) -> Callable[[bytes], None]:
+    """A stdout sink for ``-p``, which prints ``(x.xx/100%)`` (chunks may split one)."""
+    pending = [b""]
+
+    def on_stdout(chunk: bytes) -> None:
+        data = pending[0] + chunk
+        matches = list(_PROGRESS_RE.finditer(data))
+        if matches:
+            progress(float(matches[-1].group(1)))
+            data = data[matches[-1].end():]
+        pending[0] = data[-64:]
+
+    return on_stdout
+
+
 @dataclass(frozen=True)
 class ImageInfo:
     """What ``qemu-img info`` says about one image (not its backing chain)."""
@@ -196,16 +211,7 @@ class QemuImg:
         on_stdout = None
         if progress is not None:
             args.insert(1, "-p")
-            pending = [b""]
-
-            def on_stdout(chunk: bytes) -> None:
-                data = pending[0] + chunk
-                matches = list(_PROGRESS_RE.finditer(data))
-                if matches:
-                    progress(float(matches[-1].group(1)))
-                    data = data[matches[-1].end():]
-                pending[0] = data[-64:]
-
+            on_stdout = _progress_reader(progress)
         self._run(args + [src, dst], f"qemu-img convert of {src}", _LONG_TIMEOUT, on_stdout,
                   target=dst)
 
