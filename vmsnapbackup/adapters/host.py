@@ -42,15 +42,10 @@ import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 from ..core.atomic import atomic_write_bytes, fsync_path
 from ..errors import HypervisorError
-
-try:
-    from typing import Protocol
-except ImportError:  # pragma: no cover - Python < 3.8
-    from typing_extensions import Protocol  # type: ignore[assignment]
 
 __all__ = [
     "CHILD_UMASK",
