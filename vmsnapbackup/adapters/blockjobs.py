@@ -21,7 +21,6 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
 
 import libvirt
 from tenacity import (
@@ -73,10 +72,10 @@ class CommitResult:
 @dataclass
 class _JobWaiter:
     done: threading.Event = field(default_factory=threading.Event)
-    status: Optional[int] = None
+    status: int | None = None
 
 
-def block_job(dom: Domain, target: str) -> Optional[str]:
+def block_job(dom: Domain, target: str) -> str | None:
     """The kind of block job running on ``target`` (``active-commit``, ...), or None."""
     with translated(f"block job of disk '{target}' of domain '{dom.name}'"):
         info = dom.virdomain.blockJobInfo(target, 0)
@@ -103,7 +102,7 @@ class BlockJobs:
     """The commits of one connection, woken by its block-job events."""
 
     def __init__(self) -> None:
-        self._waiters: Dict[Tuple[str, str], _JobWaiter] = {}
+        self._waiters: dict[tuple[str, str], _JobWaiter] = {}
         self._lock = threading.Lock()
 
     def on_event(self, _conn: libvirt.virConnect, dom: libvirt.virDomain, disk: str,
@@ -260,7 +259,7 @@ def _pivot(dom: Domain, target: str, deadline: float) -> None:
 
 
 def _verify_pivoted(dom: Domain, target: str, frozen: ImageRef,
-                    chain_below: Tuple[ImageRef, ...]) -> ImageRef:
+                    chain_below: tuple[ImageRef, ...]) -> ImageRef:
     def top() -> Disk:
         return find_disk(dom.xml(), target)
 

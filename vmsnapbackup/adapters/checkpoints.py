@@ -8,21 +8,22 @@ Whether to make, trust or delete one is the workflow's policy
 from __future__ import annotations
 
 import logging
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 import libvirt
 
 from vmsnapbackup.adapters.domain import Domain
 from vmsnapbackup.adapters.domainxml import checkpoint_xml, parse_disks
+from vmsnapbackup.adapters.host import LOCAL, Host
 from vmsnapbackup.adapters.libvirterrors import message, translated
 from vmsnapbackup.errors import HypervisorError
 
-__all__ = ["qemu_run", "checkpoint_names", "create_checkpoint", "delete_checkpoint"]
+__all__ = ["checkpoint_names", "create_checkpoint", "delete_checkpoint", "qemu_run"]
 
 log = logging.getLogger(__name__)
 
 
-def qemu_run(dom: Domain) -> Optional[str]:
+def qemu_run(dom: Domain, host: Host = LOCAL) -> str | None:
     """Which QEMU process runs the domain: ``<host boot id>:<domain id>`` (None: shut off).
 
     libvirt gives a domain a new id each time it starts, and ids restart
@@ -30,15 +31,17 @@ def qemu_run(dom: Domain) -> Optional[str]:
     writes made while no QEMU had the image open, that is between two runs.
     """
     try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-            boot = f.read().strip()
+        raw = host.read_file("/proc/sys/kernel/random/boot_id", limit=64)
     except OSError:
         return None
+    if raw is None:
+        return None
+    boot = raw.decode("ascii", "replace").strip()
     ident = dom.run_id()
     return f"{boot}:{ident}" if ident > 0 else None
 
 
-def checkpoint_names(dom: Domain) -> List[str]:
+def checkpoint_names(dom: Domain) -> list[str]:
     """Names of the domain's libvirt checkpoints (ours and anybody else's)."""
     with translated(f"list of checkpoints of domain '{dom.name}'"):
         return sorted(str(cp.getName()) for cp in dom.virdomain.listAllCheckpoints(0))

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 class Domain:
     """One domain of one connection."""
 
-    __slots__ = ("virdomain", "name", "uuid")
+    __slots__ = ("name", "uuid", "virdomain")
 
     def __init__(self, virdomain: libvirt.virDomain) -> None:
         #: the libvirt handle: for adapters only

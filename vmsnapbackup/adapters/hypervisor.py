@@ -23,8 +23,9 @@ import os
 import threading
 import time
 import uuid as uuid_mod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Union
 
 import libvirt
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
@@ -56,17 +57,20 @@ from vmsnapbackup.errors import (
     UsageError,
 )
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
 __all__ = [
     "DEFAULT_URI",
     "OVERLAY_MARKER",
+    "CommitResult",
     "Disk",
     "Domain",
+    "Hypervisor",
     "ImageRef",
+    "OverlayFor",
     "SkippedDisk",
     "SnapshotResult",
-    "CommitResult",
-    "OverlayFor",
-    "Hypervisor",
     "connect",
     "is_our_overlay",
     "overlay_id",
@@ -134,8 +138,8 @@ class SnapshotResult:
     """
 
     quiesced: bool
-    overlays: Dict[str, str]
-    frozen: Dict[str, ImageRef]
+    overlays: dict[str, str]
+    frozen: dict[str, ImageRef]
     seconds: float
 
 
@@ -153,7 +157,7 @@ class Hypervisor:
         self.uri = uri
         self.conn = conn
         self._jobs = BlockJobs()
-        self._callback_id: Optional[int] = None
+        self._callback_id: int | None = None
         self._watch_block_jobs()
 
     # -- connection -------------------------------------------------------
@@ -216,7 +220,7 @@ class Hypervisor:
         except libvirt.libvirtError as err:
             log.debug("closing %s: %s", self.uri, message(err))
 
-    def __enter__(self) -> "Hypervisor":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -224,9 +228,9 @@ class Hypervisor:
 
     # -- domains ----------------------------------------------------------
 
-    def find_domain(self, ident: Union[str, int]) -> Domain:
+    def find_domain(self, ident: str | int) -> Domain:
         """The domain named ``ident``, or with that UUID, or with that numeric id."""
-        lookups: List[Tuple[Callable[[], Domain], str]] = []
+        lookups: list[tuple[Callable[[], Domain], str]] = []
         text = str(ident)
         if not isinstance(ident, int):
             lookups.append((lambda: self.conn.lookupByName(text), "name"))
@@ -248,7 +252,7 @@ class Hypervisor:
                     ) from err
         raise NotFoundError(f"domain '{text}' not found on {self.uri}")
 
-    def list_domains(self) -> List[Domain]:
+    def list_domains(self) -> list[Domain]:
         """Every domain defined or running on the connection."""
         with translated(f"listing the domains of {self.uri}"):
             return [Domain(d) for d in self.conn.listAllDomains(0)]
@@ -273,12 +277,12 @@ class Hypervisor:
 
     # -- disks ------------------------------------------------------------
 
-    def disks(self, dom: Domain, inactive: bool = False) -> List[Disk]:
+    def disks(self, dom: Domain, inactive: bool = False) -> list[Disk]:
         return parse_disks(self.domain_xml(dom, inactive=inactive))
 
     def backup_disks(
-        self, dom: Domain, select: Optional[Sequence[str]] = None
-    ) -> Tuple[List[Disk], List[SkippedDisk]]:
+        self, dom: Domain, select: Sequence[str] | None = None
+    ) -> tuple[list[Disk], list[SkippedDisk]]:
         """The disks to back up and those skipped, from the live XML.
 
         For a shut-off domain the live XML is its configuration, which is what
@@ -297,7 +301,7 @@ class Hypervisor:
         dom: Domain,
         disks: Sequence[Disk],
         overlay_for: OverlayFor,
-        quiesce: Optional[bool] = None,
+        quiesce: bool | None = None,
     ) -> SnapshotResult:
         """External disk-only snapshot of ``disks``; the other disks are left alone.
 
@@ -311,7 +315,7 @@ class Hypervisor:
         if not self.is_active(dom):
             raise HypervisorError(f"domain '{name}' is not running: read its images directly")
         live = {d.target: d for d in self.disks(dom)}
-        overlays: Dict[str, str] = {}
+        overlays: dict[str, str] = {}
         for disk in disks:
             current = live.get(disk.target)
             if current is None:
@@ -355,7 +359,7 @@ class Hypervisor:
                 raise HypervisorError(f"{kind}{what}: {message(err)}") from err
         seconds = time.monotonic() - started
 
-        frozen: Dict[str, ImageRef] = {}
+        frozen: dict[str, ImageRef] = {}
         after = {d.target: d for d in self.disks(dom)}
         for target, path in overlays.items():
             now = after.get(target)
@@ -384,10 +388,10 @@ class Hypervisor:
 
     # -- checkpoints (persistent dirty bitmaps): see :mod:`.checkpoints` ---------
 
-    def qemu_run(self, dom: Domain) -> Optional[str]:
+    def qemu_run(self, dom: Domain) -> str | None:
         return checkpoints.qemu_run(dom)
 
-    def checkpoint_names(self, dom: Domain) -> List[str]:
+    def checkpoint_names(self, dom: Domain) -> list[str]:
         return checkpoints.checkpoint_names(dom)
 
     def create_checkpoint(self, dom: Domain, name: str, bitmap_targets: Sequence[str],

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import libvirt
 
 from vmsnapbackup.errors import HypervisorError
 
-__all__ = ["message", "translated", "quiet_default_handler", "open_connection"]
+__all__ = ["message", "open_connection", "quiet_default_handler", "translated"]
 
 log = logging.getLogger(__name__)
 

@@ -13,39 +13,33 @@ acting, that it is what we think it is (top of the disk, or used by nobody).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import stat
-import subprocess
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from io import StringIO
-from typing import Dict, List, Optional, Tuple
 
 from vmsnapbackup.adapters.domain import Domain
 from vmsnapbackup.adapters.domainxml import Disk, ImageRef, find_disk, is_our_overlay
 from vmsnapbackup.adapters.hypervisor import Hypervisor
 from vmsnapbackup.adapters.libvirterrors import translated
+from vmsnapbackup.adapters.qemuimg import QemuImg
 from vmsnapbackup.core.atomic import fsync_path
 from vmsnapbackup.errors import HypervisorError, RepairNeededError, UsageError
 
 __all__ = [
     "OfflineCommitResult",
     "config_disks",
-    "image_users",
-    "overlay_backing",
-    "disk_back_on_image",
-    "offline_commit",
     "delete_unused_overlay",
+    "disk_back_on_image",
+    "image_users",
+    "offline_commit",
+    "overlay_backing",
 ]
 
 log = logging.getLogger(__name__)
-
-#: qemu-img commit of a large overlay may take long; the deadline only catches a hang.
-_QEMU_IMG_TIMEOUT = 24 * 3600.0
-_INFO_TIMEOUT = 60.0
 
 
 def _norm(path: str) -> str:
@@ -64,7 +58,7 @@ class OfflineCommitResult:
 
 # -- the host-wide picture --------------------------------------------------------------
 
-def config_disks(hv: Hypervisor, dom: Domain) -> List[Disk]:
+def config_disks(hv: Hypervisor, dom: Domain) -> list[Disk]:
     """The disks of the persistent definition ([] for a transient domain).
 
     A running domain's definition can still name an overlay after its live XML
@@ -73,14 +67,14 @@ def config_disks(hv: Hypervisor, dom: Domain) -> List[Disk]:
     return hv.disks(dom, inactive=True) if dom.is_persistent() else []
 
 
-def image_users(hv: Hypervisor) -> Dict[str, Tuple[str, ...]]:
+def image_users(hv: Hypervisor) -> dict[str, tuple[str, ...]]:
     """Every image path any domain uses -> the names of those domains.
 
     Live XML (top and backing chain) and persistent definitions both count: a
     shut-off domain whose definition names an overlay needs it as much as a
     running one.  A domain that vanishes while we look is skipped.
     """
-    users: Dict[str, List[str]] = {}
+    users: dict[str, list[str]] = {}
     for dom in hv.list_domains():
         try:
             name = dom.name
@@ -97,34 +91,18 @@ def image_users(hv: Hypervisor) -> Dict[str, Tuple[str, ...]]:
     return {path: tuple(names) for path, names in users.items()}
 
 
-def overlay_backing(path: str) -> Optional[ImageRef]:
+def overlay_backing(path: str) -> ImageRef | None:
     """The backing image an overlay file records (absolute path and format), or None.
 
     Without ``-U``: if a running QEMU holds the file for writing, this fails
     with QEMU's lock message, which is exactly what must stop an offline merge.
     """
-    try:
-        proc = subprocess.run(
-            ["qemu-img", "info", "--output=json", path],
-            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=_INFO_TIMEOUT,
-        )
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise HypervisorError(f"cannot run qemu-img info on {path}: {err}") from err
-    if proc.returncode != 0:
-        raise HypervisorError(
-            f"qemu-img info {path}: {' '.join(proc.stderr.split()) or proc.returncode}")
-    try:
-        info = json.loads(proc.stdout)
-    except ValueError as err:
-        raise HypervisorError(f"qemu-img info {path}: unexpected output") from err
-    if info.get("format") != "qcow2":
-        raise HypervisorError(f"{path} is a {info.get('format')} image, not a qcow2 overlay")
-    backing = info.get("full-backing-filename") or info.get("backing-filename")
-    if not backing:
+    info = QemuImg().info(path)
+    if info.format != "qcow2":
+        raise HypervisorError(f"{path} is a {info.format} image, not a qcow2 overlay")
+    if not info.backing_path:
         return None
-    if not os.path.isabs(backing):
-        backing = os.path.join(os.path.dirname(os.path.abspath(path)), backing)
-    return ImageRef(_norm(backing), info.get("backing-filename-format"))
+    return ImageRef(_norm(info.backing_path), info.backing_format)
 
 
 # -- the offline merge ------------------------------------------------------------------
@@ -189,20 +167,6 @@ def disk_back_on_image(xml: str, target: str, overlay: str, image: ImageRef,
     raise RepairNeededError(f"disk '{target}' is not in the domain's definition")
 
 
-def _qemu_img_commit(overlay: str, image: ImageRef) -> None:
-    # -b names the image we checked, so qemu-img cannot pick another one; it also
-    # implies -d (the overlay is not emptied: we delete it after the redefine).
-    argv = ["qemu-img", "commit", "-q", "-f", "qcow2", "-b", image.path, overlay]
-    try:
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=_QEMU_IMG_TIMEOUT)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise HypervisorError(f"cannot run {' '.join(argv)}: {err}") from err
-    if proc.returncode != 0:
-        raise HypervisorError(f"qemu-img commit of {overlay} into {image.path} failed: "
-                              f"{' '.join(proc.stderr.split()) or proc.returncode}")
-
-
 def offline_commit(hv: Hypervisor, dom: Domain, target: str, overlay: str,
                    image: ImageRef) -> OfflineCommitResult:
     """Merge our overlay of a shut-off domain into ``image`` and define the disk on it.
@@ -234,7 +198,9 @@ def offline_commit(hv: Hypervisor, dom: Domain, target: str, overlay: str,
     except FileNotFoundError:
         raise RepairNeededError(f"backing image {image.path} of overlay {overlay} is missing"
                                 ) from None
-    _qemu_img_commit(overlay, image)
+    # -b names the image we checked, so qemu-img cannot pick another one; it also
+    # implies -d (the overlay is not emptied: we delete it after the redefine).
+    QemuImg().commit(overlay, image.path)
     fsync_path(image.path)
     log.info("domain '%s': merged overlay %s into %s", name, overlay, image.path)
 

@@ -10,7 +10,6 @@ import logging
 import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Optional, Tuple
 
 import libvirt
 
@@ -27,7 +26,7 @@ def looks_like_path(spec: str) -> bool:
     return "/" in spec or spec.startswith((".", "~"))
 
 
-def resolve_pool(spec: str, uri: str) -> Tuple[Path, Optional[str]]:
+def resolve_pool(spec: str, uri: str) -> tuple[Path, str | None]:
     """Return ``(directory, libvirt pool name or None)`` for a ``--pool`` value."""
     if not spec:
         raise UsageError("the pool is empty: give --pool PATH or set VMSNAPBACKUP_POOL")
@@ -63,7 +62,7 @@ def resolve_pool(spec: str, uri: str) -> Tuple[Path, Optional[str]]:
         conn.close()
 
 
-def refresh_pool(name: Optional[str], uri: str) -> None:
+def refresh_pool(name: str | None, uri: str) -> None:
     """Ask libvirt to rescan the storage pool; a failure is only worth a warning."""
     if not name:
         return

@@ -19,8 +19,8 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
 
 from ..adapters.domain import Domain
 from ..adapters.domainxml import Disk, overlay_path
@@ -60,7 +60,7 @@ from .interrupt import interruptible
 from .parallel import run_all
 from .repair import repair_before_backup
 
-__all__ = ["backup", "BackupResult", "DiskResult", "DEFAULT_THRESHOLD"]
+__all__ = ["DEFAULT_THRESHOLD", "BackupResult", "DiskResult", "backup"]
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +72,17 @@ BASE_FORMATS = ("qcow2", "raw")
 
 def backup(
     domain: str,
-    pool: Union[str, "os.PathLike[str]"],
+    pool: str | os.PathLike[str],
     *,
     uri: str = "qemu:///system",
-    disks: Optional[Sequence[str]] = None,
-    quiesce: Optional[bool] = None,
+    disks: Sequence[str] | None = None,
+    quiesce: bool | None = None,
     new_generation: bool = False,
     threshold: float = DEFAULT_THRESHOLD,
     block_size: int = DEFAULT_BLOCK_SIZE,
     base_format: str = "qcow2",
-    overlay_dir: Optional[str] = None,
-    progress: Optional[ProgressCallback] = None,
+    overlay_dir: str | None = None,
+    progress: ProgressCallback | None = None,
     dirty_bitmaps: bool = True,
 ) -> BackupResult:
     """Back up ``domain`` (name, UUID or id) into ``pool`` (a path or a libvirt pool name).
@@ -135,9 +135,9 @@ class _BackupRun(BackupVolumes, BackupUndo):
     """One backup of one domain, with the lock held.  Keeps what it created so it can undo it."""
 
     def __init__(self, hv: Hypervisor, dom: Domain, store: DomainStore, name: str, uuid: str,
-                 disks: List[Disk], pool_dir: Path, *, quiesce: Optional[bool],
+                 disks: list[Disk], pool_dir: Path, *, quiesce: bool | None,
                  new_generation: bool, threshold: float, block_size: int, base_format: str,
-                 overlay_dir: Optional[str], progress: Optional[ProgressCallback],
+                 overlay_dir: str | None, progress: ProgressCallback | None,
                  dirty_bitmaps: bool = True) -> None:
         self.hv, self.dom, self.store = hv, dom, store
         self.name, self.uuid, self.pool_dir = name, uuid, pool_dir
@@ -150,19 +150,19 @@ class _BackupRun(BackupVolumes, BackupUndo):
         self.point = 0
         self.generation = 0
         self.new_gen = False
-        self.gen_record: Optional[GenerationRecord] = None
+        self.gen_record: GenerationRecord | None = None
         self.consistency = "offline"
-        self.committed: List[str] = []
+        self.committed: list[str] = []
         self.sealed = False
-        self.created: List[Path] = []   # pool files and dirs to remove if we fail
+        self.created: list[Path] = []   # pool files and dirs to remove if we fail
         self.started = utc_now()
-        self.snapshot_at: Optional[str] = None
+        self.snapshot_at: str | None = None
         self.snapshot_mono = 0.0
         self.overlay_seconds = 0.0
         self.domain_xml = ""
         self.dirty_bitmaps = dirty_bitmaps
         self.bitmaps = BitmapPolicy(hv, self.journal, name, 0, pool_dir, dirty_bitmaps)
-        self.qemu_run: Optional[str] = None             # the QEMU run at the snapshot
+        self.qemu_run: str | None = None             # the QEMU run at the snapshot
         self.current = CurrentGeneration()
 
     def execute(self) -> BackupResult:
@@ -208,7 +208,7 @@ class _BackupRun(BackupVolumes, BackupUndo):
     def _run(self) -> None:
         """The recipe: the method's steps in order, each a method named after it."""
         self.current = read_current(self.store)
-        bitmap: Optional[str] = None
+        bitmap: str | None = None
         if self.active:
             bitmap = self._snapshot()
         else:
@@ -226,7 +226,7 @@ class _BackupRun(BackupVolumes, BackupUndo):
 
     # -- the steps -------------------------------------------------------------
 
-    def _snapshot(self) -> Optional[str]:
+    def _snapshot(self) -> str | None:
         """Step 1: external disk-only snapshot; the guest goes on writing to overlays.
 
         Returns the generation's dirty bitmap to export with the frozen images, if usable.
@@ -263,7 +263,7 @@ class _BackupRun(BackupVolumes, BackupUndo):
             w.image, w.image_format = w.disk.source or "", w.disk.format or "raw"
         self.snapshot_at = utc_now()
 
-    def _export(self, daemon: StorageDaemon, bitmap: Optional[str]) -> None:
+    def _export(self, daemon: StorageDaemon, bitmap: str | None) -> None:
         """Step 2: each frozen image as a read-only NBD export (with its bitmap, if any)."""
         assert daemon.pid is not None and daemon.runtime_dir is not None
         self.journal.update(step="read", daemon=JournalDaemon(
@@ -311,12 +311,12 @@ class _BackupRun(BackupVolumes, BackupUndo):
         """Step 6: volumes, then tables, then the manifest (FORMAT §10 steps 3–5)."""
         self.journal.update(step="seal")
         g = self.generation
-        disks: List[PointDisk] = []
+        disks: list[PointDisk] = []
         for w in self.work:
             assert w.volume_partial and w.volume_final and w.table and w.stats
             durable_rename(w.volume_partial, w.volume_final)
             self.created.append(w.volume_final)
-        gen_disks: Dict[str, GenerationDisk] = {}
+        gen_disks: dict[str, GenerationDisk] = {}
         for w in self.work:
             target = w.disk.target
             assert w.table is not None and w.stats is not None and w.volume_final
@@ -387,7 +387,7 @@ class _BackupRun(BackupVolumes, BackupUndo):
 
     # -- the generation ----------------------------------------------------------
 
-    def _new_generation_reason(self, sizes: Optional[Dict[str, int]]) -> Optional[str]:
+    def _new_generation_reason(self, sizes: dict[str, int] | None) -> str | None:
         return new_generation_reason(
             self.current, force=self.force_new, targets={w.disk.target for w in self.work},
             block_size=self.block_size, threshold=self.threshold, sizes=sizes)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import List
 
 from ..adapters.blockjobs import block_job, cancel_block_job
 from ..adapters.domain import Domain
@@ -37,9 +36,9 @@ class BackupUndo:
     point: int
     active: bool
     sealed: bool
-    work: List[DiskWork]
-    committed: List[str]
-    created: List[Path]   # pool files and dirs to remove if we fail
+    work: list[DiskWork]
+    committed: list[str]
+    created: list[Path]   # pool files and dirs to remove if we fail
     journal: Journal
     bitmaps: BitmapPolicy
 

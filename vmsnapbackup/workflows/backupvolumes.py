@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import List, Optional
 
 from ..adapters.nbdclient import NbdClient
 from ..adapters.storagedaemon import Export, StorageDaemon
@@ -39,10 +38,10 @@ class BackupVolumes:
     point: int
     generation: int
     new_gen: bool
-    gen_record: Optional[GenerationRecord]
+    gen_record: GenerationRecord | None
     base_format: str
     block_size: int
-    created: List[Path]
+    created: list[Path]
     bitmaps: BitmapPolicy
 
     def _open_volume(self, daemon: StorageDaemon, w: DiskWork) -> Export:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 from ..adapters.domainxml import Disk
 from ..adapters.storagedaemon import Export
@@ -23,11 +23,11 @@ class DiskResult:
     format: str
     virtual_size: int
     volume: str
-    blocks: Dict[str, int]
+    blocks: dict[str, int]
     bytes_written: int
-    seconds: Dict[str, float]
+    seconds: dict[str, float]
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
@@ -42,11 +42,11 @@ class BackupResult:
     new_generation: bool
     consistency: str
     pool: str
-    disks: List[DiskResult] = field(default_factory=list)
-    skipped: List[Tuple[str, str]] = field(default_factory=list)
-    seconds: Dict[str, float] = field(default_factory=dict)
+    disks: list[DiskResult] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["disks"] = [x.to_dict() for x in self.disks]
         d["skipped"] = [{"target": t, "reason": r} for t, r in self.skipped]
@@ -62,17 +62,17 @@ class DiskWork:
     disk: Disk
     image: str = ""              # what is read: the frozen image, or the image of a shut-off domain
     image_format: str = "raw"
-    overlay: Optional[str] = None
+    overlay: str | None = None
     size: int = 0
-    source_export: Optional[Export] = None
-    volume_partial: Optional[Path] = None
-    volume_final: Optional[Path] = None
-    table1: Optional[CheckTable] = None   # the generation's first table (None: new generation)
-    table: Optional[CheckTable] = None    # this point's check table, built by the pass
-    difference: Optional[DifferenceTable] = None   # table against table1 (None: new generation)
-    stats: Optional[PassStats] = None
+    source_export: Export | None = None
+    volume_partial: Path | None = None
+    volume_final: Path | None = None
+    table1: CheckTable | None = None   # the generation's first table (None: new generation)
+    table: CheckTable | None = None    # this point's check table, built by the pass
+    difference: DifferenceTable | None = None   # table against table1 (None: new generation)
+    stats: PassStats | None = None
     commit_seconds: float = 0.0
-    dirty_bitmap: Optional[str] = None    # the bitmap the pass trusted to skip reads
+    dirty_bitmap: str | None = None    # the bitmap the pass trusted to skip reads
 
     def result(self, volume: str) -> DiskResult:
         """This disk's line of the :class:`BackupResult` (``volume`` relative to the pool)."""

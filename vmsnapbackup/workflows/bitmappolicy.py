@@ -21,8 +21,8 @@ Any doubt means reading every data block: slower, never wrong.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional, Sequence, Set, Tuple
 
 from ..adapters.domain import Domain
 from ..adapters.hypervisor import Hypervisor
@@ -37,7 +37,7 @@ __all__ = ["BitmapPolicy"]
 
 log = logging.getLogger(__name__)
 
-Runs = List[Tuple[int, int]]
+Runs = list[tuple[int, int]]
 
 
 class BitmapPolicy:
@@ -48,11 +48,11 @@ class BitmapPolicy:
         self.hv, self.journal = hv, journal
         self.name, self.point, self.pool_dir = name, point, pool_dir
         self.enabled = enabled
-        self.checkpoint: Optional[str] = None   # made by this backup for its new generation
-        self.distrusted: Optional[str] = None   # a bitmap that failed its check
+        self.checkpoint: str | None = None   # made by this backup for its new generation
+        self.distrusted: str | None = None   # a bitmap that failed its check
         self.proven = False   # the generation's last point was in this QEMU run
 
-    def start_generation(self, dom: Domain, new_generation: Optional[str],
+    def start_generation(self, dom: Domain, new_generation: str | None,
                          targets: Sequence[str]) -> None:
         """Before the snapshot of a new generation's first point, start its bitmap.
 
@@ -79,7 +79,7 @@ class BitmapPolicy:
         self.checkpoint = name
 
     def usable_bitmap(self, dom: Domain, current: CurrentGeneration,
-                      qemu_run: Optional[str]) -> Optional[str]:
+                      qemu_run: str | None) -> str | None:
         """The current generation's checkpoint, if libvirt still has it (else None)."""
         name = current.checkpoint
         if not self.enabled or name is None:
@@ -103,8 +103,8 @@ class BitmapPolicy:
                      "every data block to prove bitmap %s", self.name, current.number, name)
         return name
 
-    def trusted_runs(self, target: str, table1: Optional[CheckTable], src: NbdClient,
-                     dirty: Runs, data: Runs) -> Optional[Runs]:
+    def trusted_runs(self, target: str, table1: CheckTable | None, src: NbdClient,
+                     dirty: Runs, data: Runs) -> Runs | None:
         """The bitmap's dirty runs for this disk, or None when every block must be read."""
         if table1 is None or not self.proven:
             return None
@@ -118,7 +118,7 @@ class BitmapPolicy:
         return dirty
 
     def prove(self, target: str, table1: CheckTable, table: CheckTable,
-              bitmap: Optional[str], marked: Runs) -> None:
+              bitmap: str | None, marked: Runs) -> None:
         """After a full read: did the bitmap see every change since table 1?"""
         block = change_outside(table1, table, marked)
         if block is None:
@@ -131,14 +131,14 @@ class BitmapPolicy:
                     self.name, block, target, bitmap)
         self.distrusted = bitmap
 
-    def retire(self, dom: Domain, replaced: Optional[str]) -> None:
+    def retire(self, dom: Domain, replaced: str | None) -> None:
         """After the seal: drop the checkpoint a new generation ``replaced``, or one that lied.
 
         Best effort: a checkpoint left behind costs QEMU a bitmap to keep,
         never a wrong backup (only the generation record's checkpoint is
         ever trusted, and only after its checks).
         """
-        retire: Set[str] = set()
+        retire: set[str] = set()
         if replaced and replaced != self.checkpoint:
             retire.add(replaced)
         if self.distrusted:

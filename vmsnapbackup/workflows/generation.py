@@ -9,27 +9,28 @@ needs a checkpoint; once with the exported sizes, for good.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import AbstractSet, Mapping, Optional
 
 from ..core.manifest import GenerationRecord, PointManifest
 from ..core.pool import DomainStore
 from ..errors import VmSnapBackupError
 
-__all__ = ["CurrentGeneration", "read_current", "new_generation_reason"]
+__all__ = ["CurrentGeneration", "new_generation_reason", "read_current"]
 
 
 @dataclass(frozen=True)
 class CurrentGeneration:
     """The generation a backup may continue, read once: the pool lock keeps it still."""
 
-    number: Optional[int] = None
-    record: Optional[GenerationRecord] = None
-    unreadable: Optional[str] = None          # why the record could not be read
-    latest: Optional[PointManifest] = None    # its newest sealed point
+    number: int | None = None
+    record: GenerationRecord | None = None
+    unreadable: str | None = None          # why the record could not be read
+    latest: PointManifest | None = None    # its newest sealed point
 
     @property
-    def checkpoint(self) -> Optional[str]:
+    def checkpoint(self) -> str | None:
         return self.record.checkpoint if self.record is not None else None
 
 
@@ -49,7 +50,7 @@ def read_current(store: DomainStore) -> CurrentGeneration:
 
 def new_generation_reason(current: CurrentGeneration, *, force: bool, targets: AbstractSet[str],
                           block_size: int, threshold: float,
-                          sizes: Optional[Mapping[str, int]]) -> Optional[str]:
+                          sizes: Mapping[str, int] | None) -> str | None:
     """Why a new generation starts, or None: continue ``current`` (its record is readable).
 
     ``sizes`` (target -> virtual size) None leaves out the one reason that

@@ -29,7 +29,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from ..adapters import offline
 from ..adapters.domain import Domain
@@ -70,21 +70,31 @@ from .repairplan import (
 )
 
 __all__ = [
-    "STOP_DAEMON", "CANCEL_JOB", "COMMIT", "OFFLINE_COMMIT", "DELETE_OVERLAY", "DELETE_CHECKPOINT",
-    "REMOVE_FILE", "REMOVE_GENERATION", "CLEAR_JOURNAL", "CLEAR_INFLIGHT", "REFUSE", "SKIP",
-    "RepairAction",
-    "PoolFacts",
+    "CANCEL_JOB",
+    "CLEAR_INFLIGHT",
+    "CLEAR_JOURNAL",
+    "COMMIT",
+    "DELETE_CHECKPOINT",
+    "DELETE_OVERLAY",
+    "OFFLINE_COMMIT",
+    "REFUSE",
+    "REMOVE_FILE",
+    "REMOVE_GENERATION",
+    "SKIP",
+    "STOP_DAEMON",
     "DomainFacts",
     "DomainRepair",
+    "PoolFacts",
+    "RepairAction",
     "RepairReport",
-    "plan",
-    "plan_vm",
-    "plan_pool",
     "gather",
     "needs_repair",
-    "repair_held",
-    "repair_before_backup",
+    "plan",
+    "plan_pool",
+    "plan_vm",
     "repair",
+    "repair_before_backup",
+    "repair_held",
 ]
 
 log = logging.getLogger(__name__)
@@ -98,23 +108,23 @@ class DomainRepair:
 
     domain: str
     uuid: str
-    actions: List[RepairAction] = field(default_factory=list)
-    error: Optional[str] = None
-    error_code: Optional[ExitCode] = None
+    actions: list[RepairAction] = field(default_factory=list)
+    error: str | None = None
+    error_code: ExitCode | None = None
 
     @property
-    def refused(self) -> List[RepairAction]:
+    def refused(self) -> list[RepairAction]:
         return [a for a in self.actions if a.action == REFUSE]
 
     @property
-    def changed(self) -> List[RepairAction]:
+    def changed(self) -> list[RepairAction]:
         return [a for a in self.actions if a.changes]
 
     @property
     def nothing_to_do(self) -> bool:
         return not self.changed and not self.refused and self.error is None
 
-    def lines(self, dry_run: bool = False) -> List[str]:
+    def lines(self, dry_run: bool = False) -> list[str]:
         head = f"domain {self.domain} ({self.uuid})"
         if self.error is not None:
             return [f"{head}: failed: {self.error}"] + [f"  {a.line()}" for a in self.actions]
@@ -126,7 +136,7 @@ class DomainRepair:
         verb = "would do" if dry_run else "repaired"
         return [f"{head}: {verb}:"] + [f"  {a.line()}" for a in self.actions]
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {"domain": self.domain, "uuid": self.uuid,
                 "actions": [a.to_dict() for a in self.actions],
                 "refused": bool(self.refused), "nothing_to_do": self.nothing_to_do,
@@ -139,10 +149,10 @@ class RepairReport:
 
     pool: str
     dry_run: bool
-    domains: List[DomainRepair] = field(default_factory=list)
+    domains: list[DomainRepair] = field(default_factory=list)
 
     @property
-    def actions(self) -> List[RepairAction]:
+    def actions(self) -> list[RepairAction]:
         return [a for d in self.domains for a in d.actions]
 
     @property
@@ -159,17 +169,17 @@ class RepairReport:
             return ExitCode.REPAIR_NEEDED
         return ExitCode.OK
 
-    def lines(self) -> List[str]:
+    def lines(self) -> list[str]:
         if not self.domains:
             return ["nothing to repair"]
-        out: List[str] = []
+        out: list[str] = []
         for d in self.domains:
             out += d.lines(self.dry_run)
         if self.dry_run:
             out.append("(dry run: nothing was changed)")
         return out
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {"pool": self.pool, "dry_run": self.dry_run,
                 "nothing_to_do": self.nothing_to_do,
                 "domains": [d.to_dict() for d in self.domains],
@@ -177,7 +187,7 @@ class RepairReport:
                             for d in self.domains for a in d.actions]}
 
 
-def _repair_facts(hv: Hypervisor, dom: Optional[Domain], store: Optional[DomainStore],
+def _repair_facts(hv: Hypervisor, dom: Domain | None, store: DomainStore | None,
                   pool_dir: str, name: str, uuid: str, dry_run: bool) -> DomainRepair:
     facts = gather(hv, dom, store, name, uuid)
     actions = plan(facts)
@@ -195,7 +205,7 @@ def _repair_facts(hv: Hypervisor, dom: Optional[Domain], store: Optional[DomainS
     return result
 
 
-def repair_held(store: DomainStore, hypervisor: Hypervisor, dom: Optional[Domain], *,
+def repair_held(store: DomainStore, hypervisor: Hypervisor, dom: Domain | None, *,
                 dry_run: bool = False) -> DomainRepair:
     """Repair one domain whose pool lock the caller already holds (the backup's
     "repair first" path).  Refusals come back in the result; nothing changed then."""
@@ -237,11 +247,11 @@ def repair_before_backup(store: DomainStore, hv: Hypervisor, dom: Domain, name: 
 class _Target:
     name: str
     uuid: str
-    dom: Optional[Domain]
-    store: Optional[DomainStore]
+    dom: Domain | None
+    store: DomainStore | None
 
 
-def _store_of(the_pool: Optional[Pool], uuid: str) -> Optional[DomainStore]:
+def _store_of(the_pool: Pool | None, uuid: str) -> DomainStore | None:
     if the_pool is None:
         return None
     try:
@@ -250,7 +260,7 @@ def _store_of(the_pool: Optional[Pool], uuid: str) -> Optional[DomainStore]:
         return None
 
 
-def _find_target(hv: Hypervisor, the_pool: Optional[Pool], ident: str) -> _Target:
+def _find_target(hv: Hypervisor, the_pool: Pool | None, ident: str) -> _Target:
     try:
         dom = hv.find_domain(ident)
     except NotFoundError:
@@ -269,10 +279,10 @@ def _find_target(hv: Hypervisor, the_pool: Optional[Pool], ident: str) -> _Targe
     return _Target(hv.domain_name(dom), uuid, dom, _store_of(the_pool, uuid))
 
 
-def _all_targets(hv: Hypervisor, the_pool: Optional[Pool], pool_dir: str) -> List[_Target]:
+def _all_targets(hv: Hypervisor, the_pool: Pool | None, pool_dir: str) -> list[_Target]:
     """Domains of the pool with a journal, domains on the hypervisor with one of our
     overlays in a disk, and domains whose stale in-flight record names this pool."""
-    found: Dict[str, _Target] = {}
+    found: dict[str, _Target] = {}
 
     def add_uuid(uuid: str, fallback_name: str) -> None:
         if uuid in found:
@@ -314,9 +324,9 @@ def _repair_target(hv: Hypervisor, t: _Target, pool_dir: str, dry_run: bool) -> 
 
 
 def repair(
-    pool: "str | os.PathLike[str]",
+    pool: str | os.PathLike[str],
     *,
-    domain: Optional[str] = None,
+    domain: str | None = None,
     all_domains: bool = False,
     dry_run: bool = False,
     uri: str = DEFAULT_URI,
@@ -335,7 +345,7 @@ def repair(
         raise UsageError("repair needs either a DOMAIN or --all")
     pool_dir, _libvirt_pool = resolve_pool(os.fspath(pool), uri)
     try:
-        the_pool: Optional[Pool] = Pool.open(pool_dir)
+        the_pool: Pool | None = Pool.open(pool_dir)
     except NotFoundError as err:
         log.warning("%s; repairing the hypervisor side only", err)
         the_pool = None

@@ -11,7 +11,6 @@ import logging
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import List, Optional
 
 from ..adapters import offline
 from ..adapters.blockjobs import cancel_block_job
@@ -43,10 +42,10 @@ __all__ = ["carry_out", "execute", "remove_tree_of_ours"]
 
 log = logging.getLogger(__name__)
 
-def remove_tree_of_ours(path: Path) -> List[str]:
+def remove_tree_of_ours(path: Path) -> list[str]:
     """Remove a generation (or disk) directory no sealed point refers to: only names the
     pool format defines, then the directories left empty.  Returns what was kept."""
-    kept: List[str] = []
+    kept: list[str] = []
     for dirpath, dirnames, filenames in os.walk(path, topdown=False):
         for fname in filenames:
             f = Path(dirpath) / fname
@@ -72,7 +71,7 @@ def remove_tree_of_ours(path: Path) -> List[str]:
     return kept
 
 
-def execute(hv: Hypervisor, dom: Optional[Domain], store: Optional[DomainStore],
+def execute(hv: Hypervisor, dom: Domain | None, store: DomainStore | None,
              action: RepairAction) -> RepairAction:
     """Carry out one action; returns it with what happened added to its detail."""
     kind = action.action
@@ -125,14 +124,14 @@ def execute(hv: Hypervisor, dom: Optional[Domain], store: Optional[DomainStore],
     return replace(action, detail=f"{action.detail} [{result}]")
 
 
-def carry_out(hv: Hypervisor, dom: Optional[Domain], store: Optional[DomainStore], pool_dir: str,
-               facts: DomainFacts, actions: List[RepairAction]) -> List[RepairAction]:
+def carry_out(hv: Hypervisor, dom: Domain | None, store: DomainStore | None, pool_dir: str,
+               facts: DomainFacts, actions: list[RepairAction]) -> list[RepairAction]:
     images = [a.image.path for a in actions if a.image is not None]
     images += [d.source for d in facts.disks if d.source and d.source not in images]
     record = inflight.InflightRecord.now(
         facts.uuid, facts.name, "repair", pool_dir, images,
         offline=any(a.action == OFFLINE_COMMIT for a in actions))
-    done: List[RepairAction] = []
+    done: list[RepairAction] = []
     # registering replaces a stale record, and fails if a live operation took the
     # domain since we looked (the host-wide guard; the pool lock is per pool)
     with inflight.inflight(record):

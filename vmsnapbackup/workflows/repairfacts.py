@@ -12,11 +12,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Dict, FrozenSet, List, Mapping, Optional, Set, Tuple
 
-from ..adapters import offline
+from ..adapters import offline, processes
 from ..adapters.blockjobs import block_job
 from ..adapters.domain import Domain
 from ..adapters.domainxml import Disk, ImageRef, is_our_overlay
@@ -33,7 +33,7 @@ from ..errors import (
 )
 from .dirtymap import is_our_checkpoint
 
-__all__ = ["PoolFacts", "DomainFacts", "gather", "needs_repair", "norm_path"]
+__all__ = ["DomainFacts", "PoolFacts", "gather", "needs_repair", "norm_path"]
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +49,13 @@ class PoolFacts:
     every generation is treated as holding some.
     """
 
-    leftovers: Tuple[Leftover, ...] = ()
-    journal_files: FrozenSet[str] = frozenset()   # the journal's files that exist
-    directories: FrozenSet[str] = frozenset()     # those of them that are directories
-    referenced: FrozenSet[str] = frozenset()      # every path a valid manifest names
-    manifest_points: FrozenSet[int] = frozenset()  # points with a manifest file, valid or not
-    sealed_generations: Optional[FrozenSet[int]] = frozenset()
-    generation_checkpoints: FrozenSet[str] = frozenset()  # named by generations with points
+    leftovers: tuple[Leftover, ...] = ()
+    journal_files: frozenset[str] = frozenset()   # the journal's files that exist
+    directories: frozenset[str] = frozenset()     # those of them that are directories
+    referenced: frozenset[str] = frozenset()      # every path a valid manifest names
+    manifest_points: frozenset[int] = frozenset()  # points with a manifest file, valid or not
+    sealed_generations: frozenset[int] | None = frozenset()
+    generation_checkpoints: frozenset[str] = frozenset()  # named by generations with points
 
 
 @dataclass(frozen=True)
@@ -75,27 +75,27 @@ class DomainFacts:
     host: str
     defined: bool = True
     active: bool = False
-    disks: Tuple[Disk, ...] = ()
-    config: Tuple[Disk, ...] = ()
-    journal: Optional[JournalEntry] = None
-    journal_error: Optional[str] = None
-    existing: FrozenSet[str] = frozenset()
-    users: Mapping[str, Tuple[str, ...]] = field(default_factory=dict)
-    backing: Mapping[str, Optional[ImageRef]] = field(default_factory=dict)
+    disks: tuple[Disk, ...] = ()
+    config: tuple[Disk, ...] = ()
+    journal: JournalEntry | None = None
+    journal_error: str | None = None
+    existing: frozenset[str] = frozenset()
+    users: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    backing: Mapping[str, ImageRef | None] = field(default_factory=dict)
     jobs: Mapping[str, str] = field(default_factory=dict)
     daemon_alive: bool = False
-    pool: Optional[PoolFacts] = None
-    stale_inflight: Optional[str] = None
-    checkpoints: Tuple[str, ...] = ()   # libvirt checkpoints of the domain with our prefix
+    pool: PoolFacts | None = None
+    stale_inflight: str | None = None
+    checkpoints: tuple[str, ...] = ()   # libvirt checkpoints of the domain with our prefix
 
 
-def norm_path(path: Optional[str]) -> str:
+def norm_path(path: str | None) -> str:
     """A path as compared with the paths libvirt reports ("" for none)."""
     return os.path.normpath(path) if path else ""
 
 
 class _NoJournal(Journal):
-    def read(self) -> Optional[JournalEntry]:
+    def read(self) -> JournalEntry | None:
         return None
 
 
@@ -108,12 +108,12 @@ class _StoreAsIfNoJournal(DomainStore):
         return _NoJournal(self.journal_path)
 
 
-def _pool_facts(store: DomainStore, entry: Optional[JournalEntry]) -> PoolFacts:
+def _pool_facts(store: DomainStore, entry: JournalEntry | None) -> PoolFacts:
     view = _StoreAsIfNoJournal(store.pool, store.uuid)
     leftovers = tuple(Leftover(Path(store.relpath(lo.path)), lo.kind, lo.reason)
                       for lo in view.leftovers())
-    referenced: Set[str] = set()
-    sealed: Set[int] = set()
+    referenced: set[str] = set()
+    sealed: set[int] = set()
     damaged = False
     infos = store.list_points()
     for info in infos:
@@ -123,15 +123,15 @@ def _pool_facts(store: DomainStore, entry: Optional[JournalEntry]) -> PoolFacts:
         sealed.add(info.manifest.generation)
         for d in info.manifest.disks:
             referenced.update(p for p in (d.volume, d.base, d.table, d.difference) if p)
-    existing: Set[str] = set()
-    dirs: Set[str] = set()
+    existing: set[str] = set()
+    dirs: set[str] = set()
     for rel in (entry.files if entry is not None else ()):
         p = store.resolve(rel)
         if os.path.lexists(p):
             existing.add(rel)
             if p.is_dir() and not p.is_symlink():
                 dirs.add(rel)
-    named: Set[str] = set()
+    named: set[str] = set()
     for g in store.generations():
         if not damaged and g not in sealed:
             continue   # repair removes a generation without a sealed point, and so its checkpoint
@@ -148,11 +148,7 @@ def _pool_facts(store: DomainStore, entry: Optional[JournalEntry]) -> PoolFacts:
         generation_checkpoints=frozenset(named))
 
 
-def _pid_exists(pid: int) -> bool:
-    return os.path.exists(f"/proc/{pid}")
-
-
-def _inflight_state(uuid: str) -> Optional[str]:
+def _inflight_state(uuid: str) -> str | None:
     """A description of a stale (or damaged) in-flight record; LockedError for a live one."""
     try:
         rec = inflight.read(uuid)
@@ -170,7 +166,7 @@ def _inflight_state(uuid: str) -> Optional[str]:
             f"{rec.since} (pool {rec.pool})")
 
 
-def gather(hv: Hypervisor, dom: Optional[Domain], store: Optional[DomainStore], name: str,
+def gather(hv: Hypervisor, dom: Domain | None, store: DomainStore | None, name: str,
            uuid: str) -> DomainFacts:
     """Read what :func:`plan` needs, changing nothing.
 
@@ -179,22 +175,22 @@ def gather(hv: Hypervisor, dom: Optional[Domain], store: Optional[DomainStore], 
     operation holds the domain's in-flight record.
     """
     stale = _inflight_state(uuid)
-    entry: Optional[JournalEntry] = None
-    journal_error: Optional[str] = None
+    entry: JournalEntry | None = None
+    journal_error: str | None = None
     if store is not None:
         try:
             entry = store.journal.read()
         except (CorruptFileError, IncompatibleFormatError) as err:
             journal_error = str(err)
     active = False
-    disks: Tuple[Disk, ...] = ()
-    config: Tuple[Disk, ...] = ()
+    disks: tuple[Disk, ...] = ()
+    config: tuple[Disk, ...] = ()
     if dom is not None:
         active = hv.is_active(dom)
         disks = tuple(hv.disks(dom))
         if active:
             config = tuple(offline.config_disks(hv, dom))
-    paths: Set[str] = set()
+    paths: set[str] = set()
     if entry is not None:
         for jd in entry.disks.values():
             paths.update(p for p in (jd.overlay, jd.frozen, jd.source) if p)
@@ -203,7 +199,7 @@ def gather(hv: Hypervisor, dom: Optional[Domain], store: Optional[DomainStore], 
     for d in (*disks, *config):
         if d.source:
             paths.add(d.source)
-    backing: Dict[str, Optional[ImageRef]] = {}
+    backing: dict[str, ImageRef | None] = {}
     if dom is not None and not active:
         for d in disks:
             if is_our_overlay(d.source) and os.path.lexists(d.source or ""):
@@ -211,7 +207,7 @@ def gather(hv: Hypervisor, dom: Optional[Domain], store: Optional[DomainStore], 
                 backing[norm_path(d.source)] = b
                 if b is not None:
                     paths.add(b.path)
-    jobs: Dict[str, str] = {}
+    jobs: dict[str, str] = {}
     if dom is not None and active:
         for d in disks:
             if is_our_overlay(d.source):
@@ -219,7 +215,7 @@ def gather(hv: Hypervisor, dom: Optional[Domain], store: Optional[DomainStore], 
                 if job is not None:
                     jobs[d.target] = job
     users = offline.image_users(hv) if (entry is not None or dom is not None) else {}
-    checkpoints: Tuple[str, ...] = ()
+    checkpoints: tuple[str, ...] = ()
     if dom is not None:
         try:
             checkpoints = tuple(n for n in hv.checkpoint_names(dom) if is_our_checkpoint(n))
@@ -230,12 +226,12 @@ def gather(hv: Hypervisor, dom: Optional[Domain], store: Optional[DomainStore], 
         active=active, disks=disks, config=config, journal=entry, journal_error=journal_error,
         existing=frozenset(norm_path(p) for p in paths if os.path.lexists(p)),
         users=users, backing=backing, jobs=jobs,
-        daemon_alive=bool(entry and entry.daemon and _pid_exists(entry.daemon.pid)),
+        daemon_alive=bool(entry and entry.daemon and processes.is_alive(entry.daemon.pid)),
         pool=_pool_facts(store, entry) if store is not None and journal_error is None else None,
         stale_inflight=stale, checkpoints=checkpoints)
 
 
-def needs_repair(store: DomainStore, hypervisor: Hypervisor, dom: Domain) -> Optional[str]:
+def needs_repair(store: DomainStore, hypervisor: Hypervisor, dom: Domain) -> str | None:
     """Why the domain needs a repair before it can be backed up, or None.
 
     A journal (readable or not), or a disk on one of our overlays (live or in the
@@ -244,7 +240,7 @@ def needs_repair(store: DomainStore, hypervisor: Hypervisor, dom: Domain) -> Opt
     record alone (registering a new one replaces it; the overlays it might stand for
     are looked at directly).
     """
-    reasons: List[str] = []
+    reasons: list[str] = []
     try:
         entry = store.journal.read()
     except (CorruptFileError, IncompatibleFormatError) as err:

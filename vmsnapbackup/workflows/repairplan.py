@@ -13,7 +13,6 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
 
 from ..adapters.domainxml import Disk, ImageRef, is_our_overlay, same_image
 from ..adapters.storagedaemon import RUNTIME_DIR_PREFIX
@@ -28,9 +27,23 @@ NUMBERED_FILE = re.compile(r"(table|point|diff)-([0-9]{6,})\.(vsbt|qcow2|vsbd)(\
 BASE_VOLUME_FILE = re.compile(r"base\.(qcow2|raw)(\.partial)?")
 
 __all__ = [
-    "STOP_DAEMON", "CANCEL_JOB", "COMMIT", "OFFLINE_COMMIT", "DELETE_OVERLAY", "DELETE_CHECKPOINT",
-    "REMOVE_FILE", "REMOVE_GENERATION", "CLEAR_JOURNAL", "CLEAR_INFLIGHT", "REFUSE", "SKIP",
-    "RepairAction", "plan", "plan_vm", "plan_checkpoints", "plan_pool",
+    "CANCEL_JOB",
+    "CLEAR_INFLIGHT",
+    "CLEAR_JOURNAL",
+    "COMMIT",
+    "DELETE_CHECKPOINT",
+    "DELETE_OVERLAY",
+    "OFFLINE_COMMIT",
+    "REFUSE",
+    "REMOVE_FILE",
+    "REMOVE_GENERATION",
+    "SKIP",
+    "STOP_DAEMON",
+    "RepairAction",
+    "plan",
+    "plan_checkpoints",
+    "plan_pool",
+    "plan_vm",
 ]
 
 # -- actions ----------------------------------------------------------------------------
@@ -66,10 +79,10 @@ class RepairAction:
     action: str
     target: str
     detail: str
-    disk: Optional[str] = field(default=None, compare=False)
-    path: Optional[str] = field(default=None, compare=False)
-    image: Optional[ImageRef] = field(default=None, compare=False)
-    pid: Optional[int] = field(default=None, compare=False)
+    disk: str | None = field(default=None, compare=False)
+    path: str | None = field(default=None, compare=False)
+    image: ImageRef | None = field(default=None, compare=False)
+    pid: int | None = field(default=None, compare=False)
 
     @property
     def changes(self) -> bool:
@@ -78,13 +91,13 @@ class RepairAction:
     def line(self) -> str:
         return f"{self.action} {self.target}: {self.detail}"
 
-    def to_dict(self) -> Dict[str, str]:
+    def to_dict(self) -> dict[str, str]:
         return {"action": self.action, "target": self.target, "detail": self.detail}
 
 
 # -- planning (pure) --------------------------------------------------------------------
 
-def plan(facts: DomainFacts) -> List[RepairAction]:
+def plan(facts: DomainFacts) -> list[RepairAction]:
     """What to do for one domain, in the order to do it.
 
     Refusals are included as REFUSE actions; if there is any, the caller changes
@@ -101,7 +114,7 @@ def plan(facts: DomainFacts) -> List[RepairAction]:
         return [RepairAction(REFUSE, "journal.json",
                              f"the journal was written by pid {entry.pid} on host {entry.host}, "
                              f"not on this host ({facts.host}): run repair there")]
-    actions: List[RepairAction] = []
+    actions: list[RepairAction] = []
     if entry is not None and entry.daemon is not None:
         d = entry.daemon
         if not os.path.basename(norm_path(d.runtime_dir)).startswith(RUNTIME_DIR_PREFIX):
@@ -137,18 +150,18 @@ def plan(facts: DomainFacts) -> List[RepairAction]:
     return actions
 
 
-def plan_vm(facts: DomainFacts) -> List[RepairAction]:
+def plan_vm(facts: DomainFacts) -> list[RepairAction]:
     """The hypervisor side: commits, offline merges, unused overlays, refusals."""
     entry = facts.journal
     jdisks = dict(entry.disks) if entry is not None else {}
     live = {d.target: d for d in facts.disks}
     config = {d.target: d for d in facts.config}
-    targets: List[str] = list(jdisks)
+    targets: list[str] = list(jdisks)
     for d in (*facts.disks, *facts.config):
         if d.target not in targets and has_our_overlay(d):
             targets.append(d.target)
 
-    out: List[RepairAction] = []
+    out: list[RepairAction] = []
     for target in targets:
         jd = jdisks.get(target)
         recorded = jd.overlay if jd is not None else None
@@ -195,7 +208,7 @@ def plan_vm(facts: DomainFacts) -> List[RepairAction]:
     return out
 
 
-def plan_checkpoints(facts: DomainFacts, vm: List[RepairAction]) -> List[RepairAction]:
+def plan_checkpoints(facts: DomainFacts, vm: list[RepairAction]) -> list[RepairAction]:
     """Checkpoints of ours that must go (FORMAT §4, §9).
 
     ``qemu-img commit`` of an overlay (the offline merge) copies its data but not
@@ -225,7 +238,7 @@ def has_our_overlay(disk: Disk) -> bool:
     return is_our_overlay(disk.source) or any(is_our_overlay(i.path) for i in disk.backing_chain)
 
 
-def _config_mismatch(facts: DomainFacts, other: Disk, live_top: Optional[str]) -> RepairAction:
+def _config_mismatch(facts: DomainFacts, other: Disk, live_top: str | None) -> RepairAction:
     return RepairAction(
         REFUSE, other.target,
         f"the definition of domain {facts.name} names overlay {other.source} for "
@@ -233,14 +246,14 @@ def _config_mismatch(facts: DomainFacts, other: Disk, live_top: Optional[str]) -
         "and run repair again, or fix the definition by hand")
 
 
-def _plan_our_top(facts: DomainFacts, disk: Disk, frozen: Optional[str]) -> List[RepairAction]:
+def _plan_our_top(facts: DomainFacts, disk: Disk, frozen: str | None) -> list[RepairAction]:
     target, overlay = disk.target, disk.source or ""
     if facts.active:
         if not disk.backing_chain:
             return [RepairAction(REFUSE, target, f"overlay {overlay} of {target} has no "
                                  "backing image in the live XML: cannot commit it")]
         below = disk.backing_chain[0]
-        out: List[RepairAction] = []
+        out: list[RepairAction] = []
         job = facts.jobs.get(target)
         if job == "active-commit":
             out.append(RepairAction(
@@ -295,17 +308,17 @@ def _plan_unused_overlay(facts: DomainFacts, target: str, overlay: str) -> Repai
         "commit did not finish)", disk=target, path=overlay)
 
 
-def _generation_of(rel: str) -> Optional[int]:
+def _generation_of(rel: str) -> int | None:
     parts = rel.split("/")
     if len(parts) >= 2 and parts[0] == GENERATIONS_DIR:
         return parse_number_name(parts[1])
     return None
 
 
-def plan_pool(entry: Optional[JournalEntry], pool: PoolFacts) -> List[RepairAction]:
+def plan_pool(entry: JournalEntry | None, pool: PoolFacts) -> list[RepairAction]:
     """Pool files the interrupted operation left: never one a sealed manifest refers to."""
-    candidates: Dict[str, RepairAction] = {}
-    notes: List[RepairAction] = []
+    candidates: dict[str, RepairAction] = {}
+    notes: list[RepairAction] = []
     sealed = pool.sealed_generations
 
     def protected(rel: str) -> bool:
