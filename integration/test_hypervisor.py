@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 import libvirt
 import pytest
@@ -48,7 +48,7 @@ def image_digest(path: str, fmt: str, workdir: str) -> str:
     os.close(fd)
     try:
         subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", path, tmp], check=True,
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                       capture_output=True)
         with open(tmp, "rb") as fh:
             return hashlib.sha256(fh.read()).hexdigest()
     finally:
@@ -286,7 +286,7 @@ def test_commit_refused_while_an_exporter_holds_the_frozen_image(
          "--blockdev", f"driver=file,node-name=f,filename={frozen},read-only=on",
          "--blockdev", "driver=qcow2,node-name=q,file=f,read-only=on",
          "--daemonize", "--pidfile", str(pidfile)],
-        check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        check=True, capture_output=True,
     )
     pid = int(pidfile.read_text())
     try:

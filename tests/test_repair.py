@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import pytest
 
@@ -16,9 +16,24 @@ from vmsnapbackup.core.pool import DomainStore, Leftover, Pool
 from vmsnapbackup.errors import ExitCode, RepairNeededError, UsageError
 from vmsnapbackup.workflows import repairexec, repairfacts
 from vmsnapbackup.workflows.repair import (
-    CANCEL_JOB, CLEAR_INFLIGHT, CLEAR_JOURNAL, COMMIT, DELETE_OVERLAY, OFFLINE_COMMIT, REFUSE,
-    REMOVE_FILE, REMOVE_GENERATION, SKIP, STOP_DAEMON, DomainFacts, DomainRepair, PoolFacts,
-    RepairAction, RepairReport, plan, plan_pool,
+    CANCEL_JOB,
+    CLEAR_INFLIGHT,
+    CLEAR_JOURNAL,
+    COMMIT,
+    DELETE_OVERLAY,
+    OFFLINE_COMMIT,
+    REFUSE,
+    REMOVE_FILE,
+    REMOVE_GENERATION,
+    SKIP,
+    STOP_DAEMON,
+    DomainFacts,
+    DomainRepair,
+    PoolFacts,
+    RepairAction,
+    RepairReport,
+    plan,
+    plan_pool,
 )
 
 HOST = "hostA"
@@ -33,14 +48,14 @@ D = "ab" * 16
 
 
 def disk(target: str, source: str, fmt: str = "qcow2",
-         chain: Sequence[Tuple[str, str]] = ()) -> Disk:
+         chain: Sequence[tuple[str, str]] = ()) -> Disk:
     return Disk(target=target, device="disk", type="file", source=source, format=fmt,
                 backing_chain=tuple(ImageRef(p, f) for p, f in chain))
 
 
-def journal(step: str = "read", disks: Optional[Dict[str, JournalDisk]] = None,
-            daemon: Optional[JournalDaemon] = None, files: Sequence[str] = (),
-            host: str = HOST, point: int = 3, generation: Optional[int] = 1) -> JournalEntry:
+def journal(step: str = "read", disks: dict[str, JournalDisk] | None = None,
+            daemon: JournalDaemon | None = None, files: Sequence[str] = (),
+            host: str = HOST, point: int = 3, generation: int | None = 1) -> JournalEntry:
     if disks is None:
         disks = {"vda": JournalDisk(source=IMG, overlay=OVL, frozen=IMG)}
     return JournalEntry(operation="backup", pid=4242, host=host,
@@ -49,12 +64,12 @@ def journal(step: str = "read", disks: Optional[Dict[str, JournalDisk]] = None,
 
 
 def facts(**kw) -> DomainFacts:  # type: ignore[no-untyped-def]
-    base = dict(name="web1", uuid=UUID, host=HOST, defined=True, active=True)
+    base = {"name": "web1", "uuid": UUID, "host": HOST, "defined": True, "active": True}
     base.update(kw)
     return DomainFacts(**base)  # type: ignore[arg-type]
 
 
-def kinds(actions: List[RepairAction]) -> List[Tuple[str, str]]:
+def kinds(actions: list[RepairAction]) -> list[tuple[str, str]]:
     return [(a.action, a.target) for a in actions]
 
 
@@ -192,12 +207,12 @@ def test_shut_off_domain_on_our_overlay_is_merged_offline() -> None:
     (ImageRef(IMG, "qcow2"), {OVL}, "is missing"),
     (ImageRef(IMG, "qcow2"), {IMG}, "which does not exist"),
 ])
-def test_offline_merge_refusals(backing: Optional[ImageRef], existing: set, why: str) -> None:
+def test_offline_merge_refusals(backing: ImageRef | None, existing: set, why: str) -> None:
     f = facts(active=False, journal=journal(), disks=(disk("vda", OVL),),
               existing=frozenset(existing), backing={OVL: backing})
     actions = plan(f)
     assert [a.action for a in actions if a.action == REFUSE] == [REFUSE]
-    assert why in [a for a in actions if a.action == REFUSE][0].detail
+    assert why in next(a for a in actions if a.action == REFUSE).detail
 
 
 def test_running_domain_whose_definition_still_names_our_overlay_is_refused() -> None:
@@ -482,8 +497,8 @@ def test_offline_merge_deletes_every_checkpoint_of_ours_first() -> None:
 def test_checkpoint_of_an_unsealed_generation_is_deleted_and_a_sealed_one_kept() -> None:
     from vmsnapbackup.workflows.repair import DELETE_CHECKPOINT
     entry = dataclasses.replace(journal(), checkpoint=CP_NEW)
-    base = dict(journal=entry, disks=(disk("vda", OVL, chain=[(IMG, "qcow2")]),),
-                existing=frozenset([IMG, OVL]), checkpoints=(CP_OLD, CP_NEW))
+    base = {"journal": entry, "disks": (disk("vda", OVL, chain=[(IMG, "qcow2")]),),
+                "existing": frozenset([IMG, OVL]), "checkpoints": (CP_OLD, CP_NEW)}
     unsealed = facts(pool=PoolFacts(generation_checkpoints=frozenset([CP_OLD])), **base)
     assert kinds(plan(unsealed)) == [(COMMIT, "vda"), (DELETE_CHECKPOINT, CP_NEW),
                                      (CLEAR_JOURNAL, "journal.json")]

@@ -1,4 +1,4 @@
-"""The backup: the method's steps, in order, for one domain (docs/DESIGN.md).
+"""The backup: the method's steps, in order, for one domain (the patent US9250824).
 
 :meth:`_BackupRun._run` is the recipe -- snapshot, export, check table,
 difference, commit back, seal -- each step a method of that name below.  The

@@ -1,6 +1,6 @@
 """One pass over one frozen image: build its check table, write what the point needs.
 
-This is the patent's core loop (DESIGN.md §2 steps 4–5) and the backup's hot
+This is the patent's core loop (check table, then base or point volume) and the hot
 path.  It reads only the extents the export reports as data, hashes every
 block once, straight from the read buffer, and decides per chunk:
 
