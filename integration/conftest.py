@@ -7,16 +7,18 @@ exercised.  Without it, tests skip with the reason.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
+import libvirt
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from domains import DiskSpec, DomainFactory, TestDomain, sweep_stale_domains  # noqa: E402
+from domains import DiskSpec, DomainFactory, TestDomain, sweep_stale_domains
 
 # Overridable so the "no libvirtd" path can be tried without stopping the daemon.
 LIBVIRT_URI = os.environ.get("VMSNAPBACKUP_TEST_LIBVIRT_URI", "qemu:///system")
@@ -90,10 +92,8 @@ def libvirt_conn(_swept):  # type: ignore[no-untyped-def]
     try:
         yield conn
     finally:
-        try:
+        with contextlib.suppress(libvirt.libvirtError):   # already dead with a restarted daemon
             conn.close()
-        except Exception:  # already dead with a restarted daemon
-            pass
 
 
 @pytest.fixture

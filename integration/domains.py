@@ -28,9 +28,9 @@ import tempfile
 import time
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 from xml.sax.saxutils import quoteattr
 
 import libvirt
@@ -73,7 +73,7 @@ class DiskSpec:
     target: str
     fmt: str = "qcow2"
     size: int = 64 * 2**20
-    backing: Optional[str] = None
+    backing: str | None = None
 
     def __post_init__(self) -> None:
         if self.fmt not in ("qcow2", "raw"):
@@ -87,7 +87,7 @@ class DiskSpec:
 
 
 def _run(argv: Sequence[str]) -> str:
-    proc = subprocess.run(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(list(argv), check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         raise FixtureError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc.stdout
@@ -129,10 +129,10 @@ def kvm_usable_by_qemu() -> bool:
     return st.st_mode & orw == orw
 
 
-_virt_type_cache: Dict[str, str] = {}
+_virt_type_cache: dict[str, str] = {}
 
 
-def choose_virt_type(conn: "libvirt.virConnect") -> str:
+def choose_virt_type(conn: libvirt.virConnect) -> str:
     """'kvm' when both QEMU and libvirt can use it, else TCG ('qemu')."""
     key = conn.getURI()
     if key not in _virt_type_cache:
@@ -173,7 +173,7 @@ def domain_xml(
     uuid: str,
     virt_type: str,
     disks: Sequence[DiskSpec],
-    images: Dict[str, Path],
+    images: dict[str, Path],
     workdir: Path,
     cache_none: bool,
 ) -> str:
@@ -203,9 +203,9 @@ def domain_xml(
     )
 
 
-def _disk_elements(xml: str) -> Dict[str, ET.Element]:
+def _disk_elements(xml: str) -> dict[str, ET.Element]:
     root = ET.fromstring(xml)
-    found: Dict[str, ET.Element] = {}
+    found: dict[str, ET.Element] = {}
     for disk in root.findall("./devices/disk"):
         target = disk.find("target")
         if target is not None and target.get("dev"):
@@ -222,21 +222,21 @@ class TestDomain:
         self,
         name: str,
         uuid: str,
-        conn: "libvirt.virConnect",
+        conn: libvirt.virConnect,
         workdir: Path,
-        disks: Dict[str, Path],
-        specs: Dict[str, DiskSpec],
+        disks: dict[str, Path],
+        specs: dict[str, DiskSpec],
         virt_type: str,
     ) -> None:
         self.name = name
         self.uuid = uuid
         self.conn = conn
-        self.dom: "libvirt.virDomain" = None  # type: ignore[assignment]
+        self.dom: libvirt.virDomain = None  # type: ignore[assignment]
         self.workdir = workdir
         self.disks = disks
         self.specs = specs
         self.virt_type = virt_type
-        self.timings: Dict[str, float] = {}
+        self.timings: dict[str, float] = {}
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -303,10 +303,10 @@ class TestDomain:
     def _await_qemu_io_verdict(
         self, log_path: Path, start: int, command: str, offset: int, length: int
     ) -> None:
-        ok = re.compile(rf"^wrote {length}/{length} bytes at offset {offset}$", re.M)
-        bad = re.compile(r"^(.*failed.*|.*not found.*|.*[Ee]rror.*)$", re.M)
+        ok = re.compile(rf"^wrote {length}/{length} bytes at offset {offset}$", re.MULTILINE)
+        bad = re.compile(r"^(.*failed.*|.*not found.*|.*[Ee]rror.*)$", re.MULTILINE)
 
-        def verdict() -> Optional[str]:
+        def verdict() -> str | None:
             try:
                 with open(log_path, "rb") as fh:
                     if os.fstat(fh.fileno()).st_size < start:  # rotated by virtlogd
@@ -363,12 +363,12 @@ class TestDomain:
 class DomainFactory:
     """Creates throwaway domains and removes every trace of them on close()."""
 
-    def __init__(self, conn: "libvirt.virConnect", images_root: Path = IMAGES_ROOT) -> None:
+    def __init__(self, conn: libvirt.virConnect, images_root: Path = IMAGES_ROOT) -> None:
         self.conn = conn
         self.images_root = images_root
-        self.domains: List[TestDomain] = []
-        self.scratch_dirs: List[Path] = []
-        self._cache_none: Optional[bool] = None
+        self.domains: list[TestDomain] = []
+        self.scratch_dirs: list[Path] = []
+        self._cache_none: bool | None = None
 
     def scratch_dir(self, prefix: str = "vsb-scratch") -> Path:
         """A fresh 0755 directory QEMU can reach (e.g. for a backing image).
@@ -384,7 +384,7 @@ class DomainFactory:
 
     def __call__(
         self,
-        disks: Optional[Sequence[DiskSpec]] = None,
+        disks: Sequence[DiskSpec] | None = None,
         start: bool = True,
         name_prefix: str = "vsb-test",
     ) -> TestDomain:
@@ -430,7 +430,7 @@ class DomainFactory:
 
     def close(self) -> None:
         """Remove every domain made here; raise at the end if anything stayed."""
-        problems: List[str] = []
+        problems: list[str] = []
         while self.domains:
             td = self.domains.pop()
             problems += remove_domain(self.conn, td.name, td.uuid, td.workdir)
@@ -443,7 +443,7 @@ class DomainFactory:
             raise FixtureError("cleanup left things behind: " + "; ".join(problems))
 
 
-def _lookup(conn: "libvirt.virConnect", name: str, uuid: str) -> Optional["libvirt.virDomain"]:
+def _lookup(conn: libvirt.virConnect, name: str, uuid: str) -> libvirt.virDomain | None:
     # Listing instead of lookupBy*(): a miss is the normal case here, and
     # libvirt's default error handler would print every miss to stderr.
     for dom in conn.listAllDomains(0):
@@ -452,9 +452,9 @@ def _lookup(conn: "libvirt.virConnect", name: str, uuid: str) -> Optional["libvi
     return None
 
 
-def remove_domain(conn: "libvirt.virConnect", name: str, uuid: str, workdir: Path) -> List[str]:
+def remove_domain(conn: libvirt.virConnect, name: str, uuid: str, workdir: Path) -> list[str]:
     """Destroy and undefine a test domain, delete its files; returns what failed."""
-    problems: List[str] = []
+    problems: list[str] = []
     try:
         dom = _lookup(conn, name, uuid)
         if dom is not None:
@@ -495,9 +495,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def sweep_stale_domains(conn: "libvirt.virConnect") -> List[str]:
+def sweep_stale_domains(conn: libvirt.virConnect) -> list[str]:
     """Remove fixture domains whose creating process is gone (a killed run)."""
-    removed: List[str] = []
+    removed: list[str] = []
     for dom in conn.listAllDomains(0):
         try:
             meta = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, 0)
@@ -539,5 +539,5 @@ class DiskModel:
         self.dom.write_zeroes(target, offset, length)
         self.disks[target][offset:offset + length] = bytes(length)
 
-    def snapshot(self) -> Dict[str, bytes]:
+    def snapshot(self) -> dict[str, bytes]:
         return {t: bytes(b) for t, b in self.disks.items()}

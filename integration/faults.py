@@ -29,13 +29,14 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Set
+from typing import Any
 
 import libvirt
 import tenacity
-
 from domains import DiskModel, TestDomain
+
 from vmsnapbackup.adapters.domainxml import OVERLAY_MARKER, find_disk, is_our_overlay
 from vmsnapbackup.adapters.storagedaemon import stop_leftover_daemon
 from vmsnapbackup.core import inflight
@@ -149,7 +150,7 @@ class ChildBackup:
                 [sys.executable, "-c", CHILD_SCRIPT, json.dumps(args)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
                 cwd=str(REPO))
-        self._lines: "queue.Queue[Optional[str]]" = queue.Queue()
+        self._lines: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -169,7 +170,7 @@ class ChildBackup:
         except FileNotFoundError:
             return ""
 
-    def _next(self, timeout: float) -> Optional[Dict[str, Any]]:
+    def _next(self, timeout: float) -> dict[str, Any] | None:
         try:
             line = self._lines.get(timeout=timeout)
         except queue.Empty:
@@ -189,7 +190,7 @@ class ChildBackup:
         self.proc.stdin.write("go\n")
         self.proc.stdin.flush()
 
-    def outcome(self, timeout: float = 120.0) -> Dict[str, Any]:
+    def outcome(self, timeout: float = 120.0) -> dict[str, Any]:
         """The last line (result or error) and the exit code, once the child has ended."""
         msg = self._next(timeout)
         rc = self.proc.wait(timeout=timeout)
@@ -223,8 +224,8 @@ class Reaper:
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
-        self.children: List[ChildBackup] = []
-        self.watched: List[tuple] = []   # (pool, uuid, name)
+        self.children: list[ChildBackup] = []
+        self.watched: list[tuple] = []   # (pool, uuid, name)
 
     def start(self, td: TestDomain, pool: Path, step: str, action: str = "block") -> ChildBackup:
         self.watch(td, pool)
@@ -273,10 +274,10 @@ def assert_same_bytes(got: bytes, want: bytes, what: str) -> None:
                              f"(got {got[first]:#04x}, expected {want[first]:#04x})")
 
 
-def point_bytes(pool: Path, uuid: str, point: int, scratch: Path) -> Dict[str, bytes]:
+def point_bytes(pool: Path, uuid: str, point: int, scratch: Path) -> dict[str, bytes]:
     """The guest-visible bytes of every disk of a point (``qemu-img convert`` of its volume)."""
     store = Pool.open(pool).domain(uuid)
-    out: Dict[str, bytes] = {}
+    out: dict[str, bytes] = {}
     for d in store.read_manifest(point).disks:
         raw = scratch / f".point-{point}-{d.target}.raw"
         subprocess.run(["qemu-img", "convert", "-O", "raw", str(store.resolve(d.volume)),
@@ -288,7 +289,7 @@ def point_bytes(pool: Path, uuid: str, point: int, scratch: Path) -> Dict[str, b
     return out
 
 
-def assert_points(pool: Path, uuid: str, expected: Dict[int, Dict[str, bytes]],
+def assert_points(pool: Path, uuid: str, expected: dict[int, dict[str, bytes]],
                   scratch: Path) -> None:
     """``list`` shows exactly these points, complete, and each holds these bytes."""
     listed = list_points(pool, domain=uuid)
@@ -302,7 +303,7 @@ def assert_points(pool: Path, uuid: str, expected: Dict[int, Dict[str, bytes]],
 
 # -- the invariants after a fault --------------------------------------------------------
 
-def qsd_processes(name: str) -> List[int]:
+def qsd_processes(name: str) -> list[int]:
     """Storage daemons serving this domain (their runtime dir carries its name)."""
     found = []
     needle = f"/qsd-{name}-".encode()
@@ -319,10 +320,10 @@ def qsd_processes(name: str) -> List[int]:
     return found
 
 
-def unreferenced_pool_files(pool: Path, uuid: str) -> List[str]:
+def unreferenced_pool_files(pool: Path, uuid: str) -> list[str]:
     """Files in the domain's point stores that no sealed manifest refers to."""
     store = Pool.open(pool).domain(uuid)
-    referenced: Set[str] = set()
+    referenced: set[str] = set()
     for info in store.list_points():
         if info.manifest is not None:
             for d in info.manifest.disks:
@@ -339,7 +340,7 @@ def unreferenced_pool_files(pool: Path, uuid: str) -> List[str]:
 
 
 def assert_recovered(td: TestDomain, pool: Path, *, active: bool,
-                     pool_writable: bool = True, other_pools: Sequence[Path] = ()) -> List[int]:
+                     pool_writable: bool = True, other_pools: Sequence[Path] = ()) -> list[int]:
     """The issue's invariants once a fault was dealt with; returns the listed points.
 
     The domain is (not) running on its original images, live and in its
@@ -487,7 +488,7 @@ def restart_libvirtd() -> int:
     return int(LIBVIRTD_PID_FILE.read_text().split()[0])
 
 
-def revive_connection(conn: "libvirt.virConnect", domains: Sequence[TestDomain] = ()) -> None:
+def revive_connection(conn: libvirt.virConnect, domains: Sequence[TestDomain] = ()) -> None:
     """Give ``conn`` (the session's connection, shared by the domain fixtures) a live
     connection to the restarted daemon, in place, and look the domains up again.
 
@@ -506,7 +507,7 @@ def revive_connection(conn: "libvirt.virConnect", domains: Sequence[TestDomain] 
 
 # -- the hook ----------------------------------------------------------------------------
 
-def hook_jobs_running(name: str) -> List[int]:
+def hook_jobs_running(name: str) -> list[int]:
     """vmsnapbackup processes the hook started for this domain (detached jobs)."""
     found = []
     for entry in os.listdir("/proc"):

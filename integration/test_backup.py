@@ -10,11 +10,10 @@ import glob
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
-from typing import Dict, List
 
 import pytest
-
 from domains import DiskModel, DiskSpec, TestDomain
 
 from vmsnapbackup.adapters.domainxml import OVERLAY_MARKER
@@ -35,7 +34,7 @@ def convert(volume: Path, out: Path) -> bytes:
     return data
 
 
-def assert_points_match(pool: Path, uuid: str, expected: Dict[int, Dict[str, bytes]],
+def assert_points_match(pool: Path, uuid: str, expected: dict[int, dict[str, bytes]],
                         tmp: Path) -> None:
     store = Pool.open(pool).domain(uuid)
     points = {p.number: p.manifest for p in store.points()}
@@ -52,14 +51,14 @@ def assert_points_match(pool: Path, uuid: str, expected: Dict[int, Dict[str, byt
                 pytest.fail(f"point {n} disk {d.target} differs first at byte {first}")
 
 
-def assert_clean(dom: TestDomain, images: Dict[str, Path]) -> None:
+def assert_clean(dom: TestDomain, images: dict[str, Path]) -> None:
     """Running on the original images, no overlay, no storage daemon, no socket."""
     for target, image in images.items():
         assert dom.current_source(target) == image
     for image in images.values():
         assert not glob.glob(str(image.parent / f"*{OVERLAY_MARKER}*"))
     out = subprocess.run(["pgrep", "-af", f"qemu-storage-daemon.*qsd-{dom.name}-"],
-                         capture_output=True, text=True)
+                         check=False, capture_output=True, text=True)
     assert out.stdout.strip() == "", "a storage daemon was left running"
     assert not glob.glob(f"/run/vmsnapbackup/qsd-{dom.name}-*"), "a runtime dir was left behind"
     assert not os.path.exists(f"/run/vmsnapbackup/inflight/{dom.uuid}.json"), \
@@ -70,7 +69,7 @@ def test_four_points_of_a_running_two_disk_domain(running_domain: TestDomain, tm
     dom = running_domain
     model = DiskModel(dom)
     pool = tmp_path / "pool"
-    expected: Dict[int, Dict[str, bytes]] = {}
+    expected: dict[int, dict[str, bytes]] = {}
 
     model.write("vda", 0, 64 * 1024, 0x11)
     model.write("vda", 5 * MiB + 4096, 300 * 1024, 0x22)
@@ -89,7 +88,7 @@ def test_four_points_of_a_running_two_disk_domain(running_domain: TestDomain, tm
     expected[2] = model.snapshot()
 
     # writes while the backup reads: not in this point, but on the disk afterwards
-    during: List[str] = []
+    during: list[str] = []
 
     def write_during(ev: ProgressEvent) -> None:
         if ev.disk == "vda" and not during:
@@ -179,6 +178,19 @@ def test_cli_errors_are_one_line_with_distinct_codes(running_domain: TestDomain,
         assert main(["--pool", pool, "backup", running_domain.name]) == 4
     assert "lock" in capsys.readouterr().err.lower()
     assert_clean(running_domain, running_domain.disks)
+
+
+def test_unknown_libvirt_pool_is_one_line_on_stderr(tmp_path: Path) -> None:
+    """The real CLI, as a user runs it: an unknown ``--pool`` name is one line and exit 3,
+    without libvirt's own "libvirt: Storage Driver error" line from its default handler."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "vmsnapbackup", "--pool", "vsb-no-such-libvirt-pool", "list"],
+        check=False, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={**os.environ, "VMSNAPBACKUP_POOL": ""})
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 3, proc.stderr
+    assert len(lines) == 1 and "vsb-no-such-libvirt-pool" in lines[0], proc.stderr
+    assert not any(line.startswith("libvirt:") for line in lines), proc.stderr
 
 
 def test_pool_given_as_a_libvirt_storage_pool_name(running_domain: TestDomain, make_domain):

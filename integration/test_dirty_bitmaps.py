@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
-from typing import Dict, List
 
 import pytest
-
 from domains import DiskModel, DiskSpec, TestDomain
 from test_backup import assert_clean, assert_points_match
 
@@ -31,7 +29,7 @@ MiB = 2**20
 KiB = 1024
 
 
-def our_checkpoints(dom: TestDomain) -> List[str]:
+def our_checkpoints(dom: TestDomain) -> list[str]:
     return sorted(c.getName() for c in dom.dom.listAllCheckpoints()
                   if c.getName().startswith("vmsnapbackup-"))
 
@@ -75,7 +73,7 @@ def test_later_points_read_only_the_dirty_blocks(running_domain: TestDomain, tmp
     dom = running_domain
     model = DiskModel(dom)
     pool = tmp_path / "pool"
-    expected: Dict[int, Dict[str, bytes]] = {}
+    expected: dict[int, dict[str, bytes]] = {}
     seed(model)
     r1 = backup(dom.name, pool)
     expected[1] = model.snapshot()
@@ -99,7 +97,7 @@ def test_later_points_read_only_the_dirty_blocks(running_domain: TestDomain, tmp
     assert vdb.dirty_bitmap is None and vdb.blocks.unchanged == 0
 
     # writes while the pass reads are not in this point (the overlay takes them)
-    during: List[str] = []
+    during: list[str] = []
 
     def write_during(ev: ProgressEvent) -> None:
         if ev.disk == "vda" and not during:

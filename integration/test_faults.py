@@ -18,18 +18,29 @@ import json
 import os
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Dict, Iterator
 
 import libvirt
 import pytest
-
 from domains import DiskSpec, DomainFactory, TestDomain
 from faults import (
-    MiB, Model, Reaper, assert_points, assert_recovered, hook_jobs_running,
-    remount, restart_libvirtd, revive_connection, tmpfs, until, used_inodes, wait_gone,
+    MiB,
+    Model,
+    Reaper,
+    assert_points,
+    assert_recovered,
+    hook_jobs_running,
+    remount,
+    restart_libvirtd,
+    revive_connection,
+    tmpfs,
+    until,
+    used_inodes,
+    wait_gone,
     wait_libvirtd,
 )
+
 from vmsnapbackup.adapters.domainxml import find_disk, is_our_overlay
 from vmsnapbackup.cli import main
 from vmsnapbackup.core import inflight
@@ -45,7 +56,7 @@ from vmsnapbackup.workflows.repair import CANCEL_JOB, OFFLINE_COMMIT, repair
 
 pytestmark = pytest.mark.integration
 
-Points = Dict[int, Dict[str, bytes]]
+Points = dict[int, dict[str, bytes]]
 
 
 @pytest.fixture(autouse=True)
@@ -78,11 +89,11 @@ def cli(*argv: str) -> int:
     return main([str(a) for a in argv])
 
 
-def on_overlays(td: TestDomain) -> Dict[str, bool]:
+def on_overlays(td: TestDomain) -> dict[str, bool]:
     return {t: is_our_overlay(find_disk(td.live_xml(), t).source) for t in td.disks}
 
 
-def assert_stopped_at(step: str, td: TestDomain, store: "DomainStore") -> None:
+def assert_stopped_at(step: str, td: TestDomain, store: DomainStore) -> None:
     """The child really stopped where it was asked to (the state each step leaves)."""
     entry = store.journal.read()
     assert entry is not None
@@ -239,7 +250,7 @@ def test_sigterm_of_the_backup(step: str, make_domain: DomainFactory, tmp_path: 
 
 # -- libvirtd restarted during a backup -----------------------------------------------------
 
-def test_libvirtd_restarted_during_a_backup(libvirt_conn: "libvirt.virConnect",
+def test_libvirtd_restarted_during_a_backup(libvirt_conn: libvirt.virConnect,
                                             make_domain: DomainFactory, tmp_path: Path,
                                             reaper: Reaper, capsys: pytest.CaptureFixture
                                             ) -> None:
@@ -611,8 +622,8 @@ def test_hook_refuses_an_incoming_migration_during_a_backup(
     xml = td.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE)
     argv = [td.name, "migrate", "begin", "-"]
     hook_file = hookinstall.hook_path(hookinstall.DEFAULT_HOOKS_DIR)
-    proc = subprocess.run([str(hook_file), *argv], input=xml, capture_output=True, text=True,
-                          env=HOOK_ENV, cwd="/", timeout=60)
+    proc = subprocess.run([str(hook_file), *argv], check=False, input=xml,
+                          capture_output=True, text=True, env=HOOK_ENV, cwd="/", timeout=60)
     assert proc.returncode == 1, proc
     assert f"domain {td.name} cannot migrate" in proc.stderr and f"pid {child.pid}" in proc.stderr
     assert proc.stdout == ""   # libvirt would read stdout as a replacement XML
@@ -624,8 +635,8 @@ def test_hook_refuses_an_incoming_migration_during_a_backup(
     child.resume()
     out = child.outcome()
     assert out.get("point") == 1, out
-    proc = subprocess.run([str(hook_file), *argv], input=xml, capture_output=True, text=True,
-                          env=HOOK_ENV, cwd="/", timeout=60)
+    proc = subprocess.run([str(hook_file), *argv], check=False, input=xml,
+                          capture_output=True, text=True, env=HOOK_ENV, cwd="/", timeout=60)
     assert (proc.returncode, proc.stdout) == (0, ""), proc   # the backup is over: welcome
     assert assert_recovered(td, pool, active=True) == [1]
     assert_points(pool, td.uuid, {1: model.snapshot()}, tmp_path)

@@ -98,7 +98,7 @@ def test_backing_chain_disk_reads_through(make_domain: DomainFactory) -> None:
     assert base.read_bytes() == b"\x42" * (1 * MiB)
 
 
-def test_factory_close_removes_everything(libvirt_conn: "libvirt.virConnect") -> None:
+def test_factory_close_removes_everything(libvirt_conn: libvirt.virConnect) -> None:
     factory = DomainFactory(libvirt_conn)
     try:
         running = factory(disks=[DiskSpec("vda", "qcow2", 1 * MiB)], start=True)
@@ -120,7 +120,7 @@ def test_factory_close_removes_everything(libvirt_conn: "libvirt.virConnect") ->
     assert factory.domains == []
 
 
-def test_factory_close_removes_scratch_dirs(libvirt_conn: "libvirt.virConnect") -> None:
+def test_factory_close_removes_scratch_dirs(libvirt_conn: libvirt.virConnect) -> None:
     factory = DomainFactory(libvirt_conn)
     try:
         scratch = factory.scratch_dir()

@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 import libvirt
 import pytest
@@ -48,7 +48,7 @@ def image_digest(path: str, fmt: str, workdir: str) -> str:
     os.close(fd)
     try:
         subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", path, tmp], check=True,
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                       capture_output=True)
         with open(tmp, "rb") as fh:
             return hashlib.sha256(fh.read()).hexdigest()
     finally:
@@ -195,7 +195,7 @@ def test_commit_refuses_when_top_is_not_our_overlay(
     # Somebody else's snapshot on top of ours.
     snap = hv.snapshot(dom, disks, {"vda": ours})
     foreign = str(td.workdir / "vda.someone-else.qcow2")
-    dom.snapshotCreateXML(
+    dom.virdomain.snapshotCreateXML(
         "<domainsnapshot><disks><disk name='vda' snapshot='external' type='file'>"
         f"<source file='{foreign}'/></disk><disk name='vdb' snapshot='no'/></disks>"
         "</domainsnapshot>",
@@ -286,7 +286,7 @@ def test_commit_refused_while_an_exporter_holds_the_frozen_image(
          "--blockdev", f"driver=file,node-name=f,filename={frozen},read-only=on",
          "--blockdev", "driver=qcow2,node-name=q,file=f,read-only=on",
          "--daemonize", "--pidfile", str(pidfile)],
-        check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        check=True, capture_output=True,
     )
     pid = int(pidfile.read_text())
     try:

@@ -8,10 +8,8 @@ bytes the guest had at its snapshot, and a generation with no point left is gone
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict
 
 import pytest
-
 from domains import DiskModel, TestDomain
 from test_backup import convert
 
@@ -28,10 +26,10 @@ pytestmark = pytest.mark.integration
 MiB = 2**20
 
 
-def take_points(dom: TestDomain, pool: Path) -> Dict[int, Dict[str, bytes]]:
+def take_points(dom: TestDomain, pool: Path) -> dict[int, dict[str, bytes]]:
     """Five points: 1-2 in generation 1, 3-5 in generation 2."""
     model = DiskModel(dom)
-    expected: Dict[int, Dict[str, bytes]] = {}
+    expected: dict[int, dict[str, bytes]] = {}
     for n in range(1, 6):
         model.write("vda", n * MiB, 64 * 1024, 0x10 + n)
         model.write("vdb", (n - 1) * 2 * MiB, 4096, 0x20 + n)

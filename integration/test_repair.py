@@ -15,8 +15,9 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any
 
 import libvirt
 import pytest
@@ -34,8 +35,18 @@ from vmsnapbackup.core.pool import DomainStore, Pool
 from vmsnapbackup.errors import ExitCode, HypervisorError, LockedError
 from vmsnapbackup.workflows.backup import backup
 from vmsnapbackup.workflows.repair import (
-    CANCEL_JOB, CLEAR_INFLIGHT, CLEAR_JOURNAL, COMMIT, DELETE_OVERLAY, OFFLINE_COMMIT, REFUSE,
-    REMOVE_FILE, REMOVE_GENERATION, STOP_DAEMON, needs_repair, repair,
+    CANCEL_JOB,
+    CLEAR_INFLIGHT,
+    CLEAR_JOURNAL,
+    COMMIT,
+    DELETE_OVERLAY,
+    OFFLINE_COMMIT,
+    REFUSE,
+    REMOVE_FILE,
+    REMOVE_GENERATION,
+    STOP_DAEMON,
+    needs_repair,
+    repair,
 )
 
 pytestmark = pytest.mark.integration
@@ -60,10 +71,10 @@ class Leftovers:
     """Runtime state a test may leave if it fails half-way: removed at teardown."""
 
     def __init__(self) -> None:
-        self.uuids: List[str] = []
-        self.daemons: List[Dict[str, Any]] = []
-        self.procs: List["subprocess.Popen[str]"] = []
-        self.stores: List[DomainStore] = []
+        self.uuids: list[str] = []
+        self.daemons: list[dict[str, Any]] = []
+        self.procs: list[subprocess.Popen[str]] = []
+        self.stores: list[DomainStore] = []
 
     def close(self) -> None:
         for proc in self.procs:
@@ -90,16 +101,16 @@ def leftovers() -> Iterator[Leftovers]:
         lo.close()
 
 
-def top_images(td: TestDomain, inactive: bool = False) -> Dict[str, str]:
+def top_images(td: TestDomain, inactive: bool = False) -> dict[str, str]:
     xml = td.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0)
     return {d.target: d.source or "" for d in parse_disks(xml)}
 
 
-def originals(td: TestDomain) -> Dict[str, str]:
+def originals(td: TestDomain) -> dict[str, str]:
     return {t: str(p) for t, p in td.disks.items()}
 
 
-def our_files(td: TestDomain) -> List[str]:
+def our_files(td: TestDomain) -> list[str]:
     return sorted(p.name for p in td.workdir.iterdir() if ".vmsnapbackup-" in p.name)
 
 
@@ -154,7 +165,7 @@ _DYING_BACKUP = textwrap.dedent("""
 
 
 def start_dying_backup(lo: Leftovers, pool: Path, td: TestDomain,
-                       disks: Dict[str, Dict[str, str]]) -> Dict[str, Any]:
+                       disks: dict[str, dict[str, str]]) -> dict[str, Any]:
     entry = JournalEntry(
         operation="backup", pid=1, host=socket.gethostname(), started=utc_now(), step="read",
         disks={t: JournalDisk(source=d["frozen"], overlay=d["overlay"], frozen=d["frozen"])
@@ -307,9 +318,9 @@ def test_offline_merge_of_a_domain_that_died_on_our_overlay(
     snap = hv.snapshot(dom, disks, lambda d: overlay_path(d, "p7-offln1"))
     td.write("vda", 3 * MiB, 64 * 1024, 0x32)
     td.write("vdb", 4096, 8192, 0x33)
-    dom.destroy()
+    dom.virdomain.destroy()
     assert top_images(td, inactive=True) == snap.overlays  # libvirt kept the overlay
-    metadata_before = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+    metadata_before = dom.virdomain.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
                                    "https://vmsnapbackup.invalid/integration-fixture", 0)
 
     dry = repair(pool_dir, domain=td.name, dry_run=True)
@@ -324,7 +335,7 @@ def test_offline_merge_of_a_domain_that_died_on_our_overlay(
     assert (xml_disks["vda"].format, xml_disks["vdb"].format) == ("qcow2", "raw")
     assert all(d.backing_chain == () for d in xml_disks.values())
     assert our_files(td) == []
-    assert dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+    assert dom.virdomain.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
                         "https://vmsnapbackup.invalid/integration-fixture", 0) == metadata_before
     assert repair(pool_dir, domain=td.name).nothing_to_do
 
@@ -416,6 +427,11 @@ def test_live_daemon_is_stopped_before_the_commit_it_would_block(
     assert td.read_image("vda")[:4096] == b"\x41" * 4096
 
 
+def job_ready(info: dict[str, int]) -> bool:
+    """A block job libvirt reports as ready to pivot (cur == end)."""
+    return bool(info) and info["cur"] == info["end"]
+
+
 def test_commit_job_left_ready_is_cancelled_and_redone(
         hv: Hypervisor, make_domain: DomainFactory, pool_dir: Path) -> None:
     td = make_domain(disks=[DiskSpec("vda", "qcow2", 16 * MiB)], start=True)
@@ -423,16 +439,16 @@ def test_commit_job_left_ready_is_cancelled_and_redone(
     disks, _ = hv.backup_disks(dom)
     hv.snapshot(dom, disks, lambda d: overlay_path(d, "p5-job001"))
     td.write("vda", 1 * MiB, 64 * 1024, 0x51)
-    dom.blockCommit("vda", None, None, 0, libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
+    dom.virdomain.blockCommit("vda", None, None, 0, libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
                     | libvirt.VIR_DOMAIN_BLOCK_COMMIT_SHALLOW)
     tenacity.Retrying(retry=tenacity.retry_if_result(lambda ok: not ok),
                       stop=tenacity.stop_after_delay(30),
                       wait=tenacity.wait_exponential(multiplier=0.01, max=0.2))(
-        lambda: (lambda i: bool(i) and i["cur"] == i["end"])(dom.blockJobInfo("vda", 0)))
+        lambda: job_ready(dom.virdomain.blockJobInfo("vda", 0)))
 
     report = repair(pool_dir, domain=td.name)
     assert [a.action for a in report.actions] == [CANCEL_JOB, COMMIT]
-    assert dom.blockJobInfo("vda", 0) == {}
+    assert dom.virdomain.blockJobInfo("vda", 0) == {}
     assert top_images(td) == originals(td) and our_files(td) == []
     td.shutoff()
     assert td.read_image("vda")[MiB:MiB + 64 * 1024] == b"\x51" * (64 * 1024)

@@ -11,8 +11,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from test_restore import BS, KiB, data_offset, flip_byte, three_backups, three_points
+
 from vmsnapbackup.cli import main
 from vmsnapbackup.core.pool import Pool
 from vmsnapbackup.errors import ExitCode, NotFoundError, UsageError
@@ -133,7 +133,7 @@ def test_cli_prints_report_and_exits_integrity(tmp_path: Path, capsys) -> None: 
     doc = json.loads(capsys.readouterr().out)
     (point,) = doc["domains"][0]["points"]
     assert point["status"] == "damaged" and doc["ok"] is False
-    vdb = [d for d in point["disks"] if d["target"] == "vdb"][0]
+    vdb = next(d for d in point["disks"] if d["target"] == "vdb")
     assert vdb["problems"][0]["mismatch"]["blocks"] == [3]
     assert main(["--pool", pool, "verify", "--point", "3"]) == ExitCode.USAGE
 
@@ -159,7 +159,7 @@ def test_damage_in_backups_of_a_running_domain(running_domain, tmp_path: Path,  
     assert statuses(report) == {1: DAMAGED, 2: DAMAGED, 3: DAMAGED}
     last = 32 * 1024 * KiB // BS
     for p in report.domains[0].points:
-        vdb = [d for d in p.disks if d.target == "vdb"][0]
+        vdb = next(d for d in p.disks if d.target == "vdb")
         assert vdb.problems[0].kind == "base volume"
         assert vdb.problems[0].mismatch.indexes == (last,)
     assert main(["--pool", str(pool), "verify", running_domain.name]) == ExitCode.INTEGRITY

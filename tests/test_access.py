@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from vmsnapbackup.errors import CorruptFileError, NotFoundError, UsageError
-from vmsnapbackup.workflows import access
+from vmsnapbackup.adapters import bootdaemon, domaindefine
+from vmsnapbackup.workflows import boot as access
 from vmsnapbackup.workflows.access import BootDisk, boot_domain_xml
 
 SOCK = "/var/lib/libvirt/images/vmsnapbackup-boot/web1-r/nbd.sock"
@@ -147,7 +148,7 @@ def test_a_point_disk_missing_from_the_xml_is_refused() -> None:
     ("root:root", (0, 0)),
 ])
 def test_dac_labels(label: str, want: tuple) -> None:
-    assert access._parse_label(label) == want
+    assert domaindefine.parse_dac_label(label) == want
 
 
 def test_boot_names_are_safe_path_components(tmp_path: Path) -> None:
@@ -182,10 +183,11 @@ def test_daemon_command_line_serves_read_only(tmp_path: Path) -> None:
     note = {"disks": {"vda": {"volume": "/pool/a,b/point-000002.qcow2", "format": "qcow2",
                               "export": "vda"},
                       "vdb": {"volume": "/pool/base.raw", "format": "raw", "export": "vdb"}}}
-    argv = access._daemon_argv(tmp_path, note)
+    argv = bootdaemon.daemon_args(str(tmp_path), access._served_images(note))
     text = " ".join(argv)
     assert "filename=/pool/a,,b/point-000002.qcow2,read-only=on" in text
     assert "driver=raw,node-name=vsbd1,file=vsbf1,read-only=on" in text
     assert text.count("writable=off") == 2 and "writable=on" not in text
     assert f"addr.path={tmp_path / 'nbd.sock'}" in text
-    assert argv[-1] == "--daemonize"
+    # not --daemonize: QEMU's daemonize sets umask 027 (a group-readable socket)
+    assert "--daemonize" not in argv and argv[-2:] == ["--pidfile", str(tmp_path / "qsd.pid")]

@@ -7,9 +7,9 @@ proof against real exports is in integration/test_backup.py.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Tuple
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vmsnapbackup.core.checktable import CheckTable, zero_value
 from vmsnapbackup.core.difftable import compare
@@ -21,7 +21,7 @@ BS = 4096
 class MemDisk:
     """A disk whose extents are given explicitly (as block status would report)."""
 
-    def __init__(self, data: bytes, holes: List[Tuple[int, int]] = ()) -> None:
+    def __init__(self, data: bytes, holes: list[tuple[int, int]] = ()) -> None:
         self.data = bytearray(data)
         self.holes = list(holes)  # ranges reported as zero (must be zeros in data)
         self.size = len(data)
@@ -59,10 +59,10 @@ class MemDisk:
 class Overlay:
     """A point volume: written blocks over a backing base (None = fresh base)."""
 
-    def __init__(self, size: int, backing: Optional[bytes]) -> None:
+    def __init__(self, size: int, backing: bytes | None) -> None:
         self.size = size
         self.backing = backing
-        self.writes: Dict[int, bytes] = {}
+        self.writes: dict[int, bytes] = {}
 
     def write_many(self, requests, depth=None) -> None:
         for off, view in requests:
@@ -137,12 +137,12 @@ def test_unchanged_disk_writes_nothing():
 
 # -- the pipelined pass: buffers, the writer thread, failures ------------------------------
 
-import threading  # noqa: E402
+import threading
 
-import pytest  # noqa: E402
+import pytest
 
-from vmsnapbackup.errors import ExportError  # noqa: E402
-from vmsnapbackup.workflows import diskpass  # noqa: E402
+from vmsnapbackup.errors import ExportError
+from vmsnapbackup.workflows import diskpass
 
 
 class PipelinedDisk(MemDisk):
@@ -152,7 +152,7 @@ class PipelinedDisk(MemDisk):
     send it would see it overwritten here, and the volume would differ.
     """
 
-    def __init__(self, data: bytes, holes=(), fail_at: Optional[int] = None) -> None:
+    def __init__(self, data: bytes, holes=(), fail_at: int | None = None) -> None:
         super().__init__(data, holes)
         self.fail_at = fail_at
         self.reads = 0
@@ -190,7 +190,7 @@ class LateOverlay(Overlay):
     """
 
     def __init__(self, size, backing, source: PipelinedDisk, wait_reads: int,
-                 fail_write: Optional[int] = None) -> None:
+                 fail_write: int | None = None) -> None:
         super().__init__(size, backing)
         self.source, self.wait_reads, self.fail_write = source, wait_reads, fail_write
         self.thread_names = set()
@@ -206,7 +206,8 @@ class LateOverlay(Overlay):
                 # that was handed back too early (a correct pass hands none back yet).
                 with changed:
                     before = self.source.reads
-                    changed.wait_for(lambda: self.source.reads > before, timeout=0.5)
+                    changed.wait_for(lambda before=before: self.source.reads > before,
+                                     timeout=0.5)
             if self.fail_write is not None and n >= self.fail_write:
                 err = ExportError("write failed: ENOSPC (scripted)")
                 err.errno_name = "ENOSPC"
@@ -226,7 +227,7 @@ def test_buffers_are_not_reused_before_their_blocks_are_sent():
     data = random_disk(n_buffers * 4 + 7, seed=1)
     disk = PipelinedDisk(data)
     base = LateOverlay(disk.size, None, disk, wait_reads=n_buffers)
-    table1, stats = run_disk_pass(disk, base, BS, None, chunk_size=2 * BS)
+    table1, _stats = run_disk_pass(disk, base, BS, None, chunk_size=2 * BS)
     assert base.image() == data
     assert table1 == table_of(data)
     assert base.thread_names and "MainThread" not in base.thread_names
@@ -285,8 +286,8 @@ def test_an_interrupt_in_the_progress_callback_unwinds_the_writer():
 
 # -- a raw image read directly --------------------------------------------------------------
 
-from vmsnapbackup.errors import IntegrityError, NotFoundError  # noqa: E402
-from vmsnapbackup.workflows.diskpass import RawImageSource  # noqa: E402
+from vmsnapbackup.errors import IntegrityError, NotFoundError
+from vmsnapbackup.workflows.diskpass import RawImageSource
 
 
 def _sparse_file(path, size: int, extents) -> bytes:

@@ -6,12 +6,11 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Sequence
-
-import pytest
 
 import poolfake
+import pytest
 
 from vmsnapbackup.cli import main
 from vmsnapbackup.core.journal import JournalDisk, JournalEntry
@@ -57,7 +56,7 @@ def store(pool: Pool) -> DomainStore:
     return pool.domain(UUID, name="web1", create=True)
 
 
-def tree(root: Path) -> Dict[str, bytes]:
+def tree(root: Path) -> dict[str, bytes]:
     out = {}
     for dirpath, _dirs, files in os.walk(root):
         for f in files:
@@ -68,7 +67,7 @@ def tree(root: Path) -> Dict[str, bytes]:
     return out
 
 
-def numbers(points) -> List[int]:  # type: ignore[no-untyped-def]
+def numbers(points) -> list[int]:  # type: ignore[no-untyped-def]
     return sorted(p.number for p in points)
 
 
@@ -182,8 +181,8 @@ def test_points_in_use_are_kept(pool: Pool, store: DomainStore) -> None:
     for d in (1, 2, 3):
         fake_backup(store, local(d))
     vol = store.point_volume_path(1, "vdb", 2)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys,time; f=open(sys.argv[1],'rb');"
-                               "print('ok',flush=True); time.sleep(60)", str(vol)],
+    holder = subprocess.Popen([sys.executable, "-c", ("import sys,time; f=open(sys.argv[1],'rb');"
+                               "print('ok',flush=True); time.sleep(60)"), str(vol)],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "ok"
@@ -198,8 +197,8 @@ def test_points_in_use_are_kept(pool: Pool, store: DomainStore) -> None:
 
 
 def hold_open(path: Path) -> subprocess.Popen:
-    holder = subprocess.Popen([sys.executable, "-c", "import sys,time; f=open(sys.argv[1],'rb');"
-                               "print('ok',flush=True); time.sleep(60)", str(path)],
+    holder = subprocess.Popen([sys.executable, "-c", ("import sys,time; f=open(sys.argv[1],'rb');"
+                               "print('ok',flush=True); time.sleep(60)"), str(path)],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout is not None and holder.stdout.readline().strip() == "ok"
     return holder

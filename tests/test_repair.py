@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import pytest
 
@@ -14,11 +14,26 @@ from vmsnapbackup.core import manifest as mf
 from vmsnapbackup.core.journal import JournalDaemon, JournalDisk, JournalEntry
 from vmsnapbackup.core.pool import DomainStore, Leftover, Pool
 from vmsnapbackup.errors import ExitCode, RepairNeededError, UsageError
-from vmsnapbackup.workflows import repair as rp
+from vmsnapbackup.workflows import repairexec, repairfacts
 from vmsnapbackup.workflows.repair import (
-    CANCEL_JOB, CLEAR_INFLIGHT, CLEAR_JOURNAL, COMMIT, DELETE_OVERLAY, OFFLINE_COMMIT, REFUSE,
-    REMOVE_FILE, REMOVE_GENERATION, SKIP, STOP_DAEMON, DomainFacts, DomainRepair, PoolFacts,
-    RepairAction, RepairReport, plan, plan_pool,
+    CANCEL_JOB,
+    CLEAR_INFLIGHT,
+    CLEAR_JOURNAL,
+    COMMIT,
+    DELETE_OVERLAY,
+    OFFLINE_COMMIT,
+    REFUSE,
+    REMOVE_FILE,
+    REMOVE_GENERATION,
+    SKIP,
+    STOP_DAEMON,
+    DomainFacts,
+    DomainRepair,
+    PoolFacts,
+    RepairAction,
+    RepairReport,
+    plan,
+    plan_pool,
 )
 
 HOST = "hostA"
@@ -33,14 +48,14 @@ D = "ab" * 16
 
 
 def disk(target: str, source: str, fmt: str = "qcow2",
-         chain: Sequence[Tuple[str, str]] = ()) -> Disk:
+         chain: Sequence[tuple[str, str]] = ()) -> Disk:
     return Disk(target=target, device="disk", type="file", source=source, format=fmt,
                 backing_chain=tuple(ImageRef(p, f) for p, f in chain))
 
 
-def journal(step: str = "read", disks: Optional[Dict[str, JournalDisk]] = None,
-            daemon: Optional[JournalDaemon] = None, files: Sequence[str] = (),
-            host: str = HOST, point: int = 3, generation: Optional[int] = 1) -> JournalEntry:
+def journal(step: str = "read", disks: dict[str, JournalDisk] | None = None,
+            daemon: JournalDaemon | None = None, files: Sequence[str] = (),
+            host: str = HOST, point: int = 3, generation: int | None = 1) -> JournalEntry:
     if disks is None:
         disks = {"vda": JournalDisk(source=IMG, overlay=OVL, frozen=IMG)}
     return JournalEntry(operation="backup", pid=4242, host=host,
@@ -49,12 +64,12 @@ def journal(step: str = "read", disks: Optional[Dict[str, JournalDisk]] = None,
 
 
 def facts(**kw) -> DomainFacts:  # type: ignore[no-untyped-def]
-    base = dict(name="web1", uuid=UUID, host=HOST, defined=True, active=True)
+    base = {"name": "web1", "uuid": UUID, "host": HOST, "defined": True, "active": True}
     base.update(kw)
     return DomainFacts(**base)  # type: ignore[arg-type]
 
 
-def kinds(actions: List[RepairAction]) -> List[Tuple[str, str]]:
+def kinds(actions: list[RepairAction]) -> list[tuple[str, str]]:
     return [(a.action, a.target) for a in actions]
 
 
@@ -192,12 +207,12 @@ def test_shut_off_domain_on_our_overlay_is_merged_offline() -> None:
     (ImageRef(IMG, "qcow2"), {OVL}, "is missing"),
     (ImageRef(IMG, "qcow2"), {IMG}, "which does not exist"),
 ])
-def test_offline_merge_refusals(backing: Optional[ImageRef], existing: set, why: str) -> None:
+def test_offline_merge_refusals(backing: ImageRef | None, existing: set, why: str) -> None:
     f = facts(active=False, journal=journal(), disks=(disk("vda", OVL),),
               existing=frozenset(existing), backing={OVL: backing})
     actions = plan(f)
     assert [a.action for a in actions if a.action == REFUSE] == [REFUSE]
-    assert why in [a for a in actions if a.action == REFUSE][0].detail
+    assert why in next(a for a in actions if a.action == REFUSE).detail
 
 
 def test_running_domain_whose_definition_still_names_our_overlay_is_refused() -> None:
@@ -382,7 +397,7 @@ def test_pool_facts_and_removal_on_a_real_pool(tmp_path: Path) -> None:
         put(store.point_volume_path(1, "vda", n))            # an orphan of the dead point
         put(store.generation_dir(1) / "vda" / ".base.qcow2.tmp-9-aa")  # a temp file
         put(store.generation_dir(g) / "vda" / "notes.txt")   # a stranger's file
-    f = rp._pool_facts(store, entry)
+    f = repairfacts._pool_facts(store, entry)
     assert f.sealed_generations == frozenset([1])
     assert f.journal_files == frozenset([gdir, partial]) and f.directories == frozenset([gdir])
     actions = plan_pool(entry, f)
@@ -392,7 +407,7 @@ def test_pool_facts_and_removal_on_a_real_pool(tmp_path: Path) -> None:
         (REMOVE_GENERATION, gdir),
     ]
     with store.lock("repair"):
-        done = [rp._execute(None, None, store, a) for a in actions]  # type: ignore[arg-type]
+        done = [repairexec.execute(None, None, store, a) for a in actions]  # type: ignore[arg-type]
     assert "kept foreign files" in done[-1].detail and "notes.txt" in done[-1].detail
     left = {p for p in tmp_path.rglob("*")}
     # everything of the sealed point is there; of the dead one only the stranger's file
@@ -408,11 +423,11 @@ def test_remove_tree_of_ours_removes_only_pool_names(tmp_path: Path) -> None:
     for name in ("generation.json", "vda/base.raw", "vda/base.qcow2.partial",
                  "vda/table-000007.vsbt", "vda/.x.tmp-1-aa", "vdb/diff-000008.vsbd"):
         put(g / name)
-    assert rp._remove_tree_of_ours(g) == []
+    assert repairexec.remove_tree_of_ours(g) == []
     assert not g.exists()
     put(g / "vda" / "base.raw")
     put(g / "vda" / "mine.iso")
-    assert rp._remove_tree_of_ours(g) == [str(g / "vda" / "mine.iso")]
+    assert repairexec.remove_tree_of_ours(g) == [str(g / "vda" / "mine.iso")]
     assert sorted(p.name for p in g.rglob("*")) == ["mine.iso", "vda"]
 
 
@@ -482,8 +497,8 @@ def test_offline_merge_deletes_every_checkpoint_of_ours_first() -> None:
 def test_checkpoint_of_an_unsealed_generation_is_deleted_and_a_sealed_one_kept() -> None:
     from vmsnapbackup.workflows.repair import DELETE_CHECKPOINT
     entry = dataclasses.replace(journal(), checkpoint=CP_NEW)
-    base = dict(journal=entry, disks=(disk("vda", OVL, chain=[(IMG, "qcow2")]),),
-                existing=frozenset([IMG, OVL]), checkpoints=(CP_OLD, CP_NEW))
+    base = {"journal": entry, "disks": (disk("vda", OVL, chain=[(IMG, "qcow2")]),),
+                "existing": frozenset([IMG, OVL]), "checkpoints": (CP_OLD, CP_NEW)}
     unsealed = facts(pool=PoolFacts(generation_checkpoints=frozenset([CP_OLD])), **base)
     assert kinds(plan(unsealed)) == [(COMMIT, "vda"), (DELETE_CHECKPOINT, CP_NEW),
                                      (CLEAR_JOURNAL, "journal.json")]

@@ -16,7 +16,7 @@ from typing import Iterator
 import pytest
 
 from vmsnapbackup import errors
-from vmsnapbackup.adapters import storagedaemon
+from vmsnapbackup.adapters import daemonprocess
 from vmsnapbackup.adapters.storagedaemon import (
     RUNTIME_DIR_PREFIX,
     StorageDaemon,
@@ -136,10 +136,10 @@ def test_relative_backing_path(image: str, backing: str, expected: str) -> None:
 def test_lock_wording_is_recognised() -> None:
     for qemu in ('Failed to get shared "write" lock', 'Failed to get "write" lock',
                  'Failed to get "consistent read" lock'):
-        msg = storagedaemon._image_lock_message("/img.qcow2", qemu)
+        msg = daemonprocess.image_lock_message("/img.qcow2", qemu)
         assert msg is not None and "is in use by a running QEMU (image lock)" in msg
         assert qemu in msg
-    assert storagedaemon._image_lock_message("/img", "Could not open '/img': Permission denied") \
+    assert daemonprocess.image_lock_message("/img", "Could not open '/img': Permission denied") \
         is None
 
 

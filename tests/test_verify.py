@@ -6,7 +6,8 @@ import random
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vmsnapbackup.core.checktable import CheckTable
 from vmsnapbackup.errors import UsageError

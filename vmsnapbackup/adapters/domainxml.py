@@ -13,28 +13,34 @@ from __future__ import annotations
 import os
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, NamedTuple
 
 from vmsnapbackup.errors import (
-    CorruptFileError, HypervisorError, NotFoundError, UnsupportedDiskError, UsageError,
+    CorruptFileError,
+    HypervisorError,
+    NotFoundError,
+    UnsupportedDiskError,
+    UsageError,
 )
 
 __all__ = [
-    "OVERLAY_MARKER",
     "BACKUP_FORMATS",
-    "ImageRef",
+    "OVERLAY_MARKER",
     "Disk",
+    "ImageRef",
     "SkippedDisk",
-    "parse_disks",
-    "find_disk",
     "backup_disks",
-    "unsupported_reason",
-    "overlay_path",
+    "checkpoint_xml",
+    "find_disk",
     "is_our_overlay",
     "overlay_id",
-    "checkpoint_xml",
+    "overlay_path",
+    "parse_disks",
+    "same_image",
     "snapshot_xml",
+    "unsupported_reason",
 ]
 
 #: Every overlay we create has this in its file name, followed by the snapshot id and ``.qcow2``.
@@ -51,7 +57,7 @@ class ImageRef(NamedTuple):
     """One image of a disk's chain: where it is and how to read it."""
 
     path: str
-    format: Optional[str]
+    format: str | None
 
 
 @dataclass(frozen=True)
@@ -68,15 +74,15 @@ class Disk:
     target: str
     device: str
     type: str
-    source: Optional[str]
-    format: Optional[str]
+    source: str | None
+    format: str | None
     readonly: bool = False
     shareable: bool = False
     transient: bool = False
-    alias: Optional[str] = None
-    bus: Optional[str] = None
-    protocol: Optional[str] = None
-    backing_chain: Tuple[ImageRef, ...] = ()
+    alias: str | None = None
+    bus: str | None = None
+    protocol: str | None = None
+    backing_chain: tuple[ImageRef, ...] = ()
 
     @property
     def top(self) -> ImageRef:
@@ -99,7 +105,7 @@ def _parse(xml: str) -> ET.Element:
         raise HypervisorError(f"domain XML is not well-formed: {err}") from None
 
 
-def _source_of(kind: str, source: Optional[ET.Element]) -> Tuple[Optional[str], Optional[str]]:
+def _source_of(kind: str, source: ET.Element | None) -> tuple[str | None, str | None]:
     """(source string, network protocol) of a ``<source>`` element of a disk of ``kind``."""
     if source is None:
         return None, None
@@ -123,8 +129,8 @@ def _source_of(kind: str, source: Optional[ET.Element]) -> Tuple[Optional[str], 
     return None, None
 
 
-def _backing_chain(disk_el: ET.Element) -> Tuple[ImageRef, ...]:
-    chain: List[ImageRef] = []
+def _backing_chain(disk_el: ET.Element) -> tuple[ImageRef, ...]:
+    chain: list[ImageRef] = []
     node = disk_el.find("backingStore")
     # An empty <backingStore/> ends the chain in the live XML.
     while node is not None and node.get("type"):
@@ -135,7 +141,7 @@ def _backing_chain(disk_el: ET.Element) -> Tuple[ImageRef, ...]:
     return tuple(chain)
 
 
-def _parse_disk(disk_el: ET.Element) -> Optional[Disk]:
+def _parse_disk(disk_el: ET.Element) -> Disk | None:
     target_el = disk_el.find("target")
     if target_el is None or not target_el.get("dev"):
         return None
@@ -159,7 +165,7 @@ def _parse_disk(disk_el: ET.Element) -> Optional[Disk]:
     )
 
 
-def parse_disks(xml: str) -> List[Disk]:
+def parse_disks(xml: str) -> list[Disk]:
     """Every disk of the domain XML, in XML order."""
     root = _parse(xml)
     disks = []
@@ -180,7 +186,7 @@ def find_disk(xml: str, target: str) -> Disk:
     raise NotFoundError(f"disk '{target}' not found (domain disks: {known})")
 
 
-def unsupported_reason(disk: Disk) -> Optional[str]:
+def unsupported_reason(disk: Disk) -> str | None:
     """Why ``disk`` cannot be backed up by an external snapshot, or None if it can."""
     if disk.device != "disk":
         return f"{disk.device} device"
@@ -203,8 +209,8 @@ def unsupported_reason(disk: Disk) -> Optional[str]:
 
 
 def backup_disks(
-    xml: str, select: Optional[Iterable[str]] = None
-) -> Tuple[List[Disk], List[SkippedDisk]]:
+    xml: str, select: Iterable[str] | None = None
+) -> tuple[list[Disk], list[SkippedDisk]]:
     """Split the domain's disks into (to back up, skipped with a reason).
 
     Without ``select`` every disk that can be backed up is, and the rest are
@@ -214,8 +220,8 @@ def backup_disks(
     reported as "not selected".
     """
     disks = parse_disks(xml)
-    chosen: List[Disk] = []
-    skipped: List[SkippedDisk] = []
+    chosen: list[Disk] = []
+    skipped: list[SkippedDisk] = []
     if select is None:
         for disk in disks:
             reason = unsupported_reason(disk)
@@ -243,7 +249,7 @@ def backup_disks(
     return chosen, skipped
 
 
-def overlay_path(disk: Disk, snapshot_id: str, overlay_dir: Optional[str] = None) -> str:
+def overlay_path(disk: Disk, snapshot_id: str, overlay_dir: str | None = None) -> str:
     """Where the overlay of ``disk`` for snapshot ``snapshot_id`` goes.
 
     Beside the image it is ``<image stem>.vmsnapbackup-<id>.qcow2``; in a shared
@@ -269,12 +275,20 @@ def overlay_path(disk: Disk, snapshot_id: str, overlay_dir: Optional[str] = None
     )
 
 
-def is_our_overlay(path: Optional[str]) -> bool:
+def is_our_overlay(path: str | None) -> bool:
     """True if the file name carries our marker (so we may commit or delete it)."""
     return bool(path) and _OVERLAY_RE.match(os.path.basename(path or "")) is not None
 
 
-def overlay_id(path: str) -> Optional[str]:
+def same_image(a: str | None, b: str | None) -> bool:
+    """Both paths given and naming the same file as libvirt spells it (normalised, not resolved).
+
+    Symlinks are not followed on purpose: libvirt compares the names it was given.
+    """
+    return bool(a) and bool(b) and os.path.normpath(a or "") == os.path.normpath(b or "")
+
+
+def overlay_id(path: str) -> str | None:
     """The snapshot id in one of our overlay names, None for any other name."""
     match = _OVERLAY_RE.match(os.path.basename(path))
     return match.group(1) if match else None
@@ -336,7 +350,7 @@ DiskRewrite = Callable[[ET.Element], None]
 
 def new_domain_xml(xml: str, name: str, disks: Mapping[str, DiskRewrite], *,
                    network: bool = True, what: str = "<saved domain XML>"
-                   ) -> Tuple[str, List[str]]:
+                   ) -> tuple[str, list[str]]:
     """A point's saved domain XML made into a *new* domain that can run beside the original.
 
     Returns ``(xml, dropped targets)``.  The new domain gets ``name`` and no UUID,
@@ -377,12 +391,12 @@ def new_domain_xml(xml: str, name: str, disks: Mapping[str, DiskRewrite], *,
     devices = root.find("devices")
     if devices is None:
         raise CorruptFileError(what, "has no <devices>")
-    dropped: List[str] = []
+    dropped: list[str] = []
     seen = set()
     for disk_el in devices.findall("disk"):
         target_el = disk_el.find("target")
         target = target_el.get("dev") if target_el is not None else None
-        if target in disks:
+        if target is not None and target in disks:
             disks[target](disk_el)
             seen.add(target)
         elif disk_el.get("device") in ("cdrom", "floppy") or disk_el.find("readonly") is not None:
@@ -413,7 +427,7 @@ def new_domain_xml(xml: str, name: str, disks: Mapping[str, DiskRewrite], *,
 
 
 def set_disk_source(disk_el: ET.Element, path: str, fmt: str,
-                    backing: Optional[ET.Element] = None) -> None:
+                    backing: ET.Element | None = None) -> None:
     """Point a ``<disk>`` element at a file image, with an optional explicit backing store."""
     disk_el.set("type", "file")
     if disk_el.get("device") == "lun":

@@ -13,56 +13,33 @@ acting, that it is what we think it is (top of the disk, or used by nobody).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import stat
-import subprocess
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from io import StringIO
-from typing import Dict, List, Optional, Tuple
 
-import libvirt
-
+from vmsnapbackup.adapters.domain import Domain
 from vmsnapbackup.adapters.domainxml import Disk, ImageRef, find_disk, is_our_overlay
 from vmsnapbackup.adapters.hypervisor import Hypervisor
+from vmsnapbackup.adapters.libvirterrors import translated
+from vmsnapbackup.adapters.qemuimg import QemuImg
 from vmsnapbackup.core.atomic import fsync_path
 from vmsnapbackup.errors import HypervisorError, RepairNeededError, UsageError
 
 __all__ = [
-    "BLOCK_JOB_KINDS",
     "OfflineCommitResult",
-    "list_domains",
     "config_disks",
-    "image_users",
-    "overlay_backing",
-    "block_job",
-    "cancel_block_job",
-    "disk_back_on_image",
-    "offline_commit",
     "delete_unused_overlay",
+    "disk_back_on_image",
+    "image_users",
+    "offline_commit",
+    "overlay_backing",
 ]
 
 log = logging.getLogger(__name__)
-
-#: libvirt's block job types (virDomainBlockJobType), named as in messages.
-BLOCK_JOB_KINDS = {
-    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_PULL: "pull",
-    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY: "copy",
-    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT: "commit",
-    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT: "active-commit",
-    getattr(libvirt, "VIR_DOMAIN_BLOCK_JOB_TYPE_BACKUP", 5): "backup",
-}
-
-#: qemu-img commit of a large overlay may take long; the deadline only catches a hang.
-_QEMU_IMG_TIMEOUT = 24 * 3600.0
-_INFO_TIMEOUT = 60.0
-
-
-def _message(err: libvirt.libvirtError) -> str:
-    return " ".join((err.get_error_message() or str(err)).split())
 
 
 def _norm(path: str) -> str:
@@ -81,38 +58,26 @@ class OfflineCommitResult:
 
 # -- the host-wide picture --------------------------------------------------------------
 
-def list_domains(hv: Hypervisor) -> List["libvirt.virDomain"]:
-    """Every domain defined or running on the connection."""
-    try:
-        return list(hv.conn.listAllDomains(0))
-    except libvirt.libvirtError as err:
-        raise HypervisorError(f"listing the domains of {hv.uri}: {_message(err)}") from err
-
-
-def config_disks(hv: Hypervisor, dom: "libvirt.virDomain") -> List[Disk]:
+def config_disks(hv: Hypervisor, dom: Domain) -> list[Disk]:
     """The disks of the persistent definition ([] for a transient domain).
 
     A running domain's definition can still name an overlay after its live XML
     stopped doing so (or the other way round); repair looks at both.
     """
-    try:
-        persistent = bool(dom.isPersistent())
-    except libvirt.libvirtError as err:
-        raise HypervisorError(f"domain '{dom.name()}': {_message(err)}") from err
-    return hv.disks(dom, inactive=True) if persistent else []
+    return hv.disks(dom, inactive=True) if dom.is_persistent() else []
 
 
-def image_users(hv: Hypervisor) -> Dict[str, Tuple[str, ...]]:
+def image_users(hv: Hypervisor) -> dict[str, tuple[str, ...]]:
     """Every image path any domain uses -> the names of those domains.
 
     Live XML (top and backing chain) and persistent definitions both count: a
     shut-off domain whose definition names an overlay needs it as much as a
     running one.  A domain that vanishes while we look is skipped.
     """
-    users: Dict[str, List[str]] = {}
-    for dom in list_domains(hv):
+    users: dict[str, list[str]] = {}
+    for dom in hv.list_domains():
         try:
-            name = str(dom.name())
+            name = dom.name
             disks = hv.disks(dom) + config_disks(hv, dom)
         except HypervisorError as err:
             log.debug("skipping a domain that went away while listing images: %s", err)
@@ -126,64 +91,18 @@ def image_users(hv: Hypervisor) -> Dict[str, Tuple[str, ...]]:
     return {path: tuple(names) for path, names in users.items()}
 
 
-def overlay_backing(path: str) -> Optional[ImageRef]:
+def overlay_backing(path: str) -> ImageRef | None:
     """The backing image an overlay file records (absolute path and format), or None.
 
     Without ``-U``: if a running QEMU holds the file for writing, this fails
     with QEMU's lock message, which is exactly what must stop an offline merge.
     """
-    try:
-        proc = subprocess.run(
-            ["qemu-img", "info", "--output=json", path],
-            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=_INFO_TIMEOUT,
-        )
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise HypervisorError(f"cannot run qemu-img info on {path}: {err}") from err
-    if proc.returncode != 0:
-        raise HypervisorError(
-            f"qemu-img info {path}: {' '.join(proc.stderr.split()) or proc.returncode}")
-    try:
-        info = json.loads(proc.stdout)
-    except ValueError as err:
-        raise HypervisorError(f"qemu-img info {path}: unexpected output") from err
-    if info.get("format") != "qcow2":
-        raise HypervisorError(f"{path} is a {info.get('format')} image, not a qcow2 overlay")
-    backing = info.get("full-backing-filename") or info.get("backing-filename")
-    if not backing:
+    info = QemuImg().info(path)
+    if info.format != "qcow2":
+        raise HypervisorError(f"{path} is a {info.format} image, not a qcow2 overlay")
+    if not info.backing_path:
         return None
-    if not os.path.isabs(backing):
-        backing = os.path.join(os.path.dirname(os.path.abspath(path)), backing)
-    return ImageRef(_norm(backing), info.get("backing-filename-format"))
-
-
-def block_job(dom: "libvirt.virDomain", target: str) -> Optional[str]:
-    """The kind of block job running on ``target`` (``active-commit``, ...), or None."""
-    try:
-        info = dom.blockJobInfo(target, 0)
-    except libvirt.libvirtError as err:
-        raise HypervisorError(
-            f"block job of disk '{target}' of domain '{dom.name()}': {_message(err)}") from err
-    if not info:
-        return None
-    kind = info.get("type")
-    return BLOCK_JOB_KINDS.get(kind, f"type {kind}")
-
-
-def cancel_block_job(dom: "libvirt.virDomain", target: str) -> None:
-    """Cancel a commit a dead backup left running, without pivoting.
-
-    Safe for an active commit of our overlay: the guest stays on the overlay,
-    which still holds every block; the blocks already copied into the frozen
-    image are the same ones, and the fresh commit copies them again.  The call
-    is synchronous (no ABORT_ASYNC): the job is gone when it returns.
-    """
-    try:
-        dom.blockJobAbort(target, 0)
-    except libvirt.libvirtError as err:
-        raise HypervisorError(
-            f"cancelling the block job of disk '{target}' of domain '{dom.name()}': "
-            f"{_message(err)}") from err
-    log.info("domain '%s': cancelled the block job left on disk '%s'", dom.name(), target)
+    return ImageRef(_norm(info.backing_path), info.backing_format)
 
 
 # -- the offline merge ------------------------------------------------------------------
@@ -248,21 +167,7 @@ def disk_back_on_image(xml: str, target: str, overlay: str, image: ImageRef,
     raise RepairNeededError(f"disk '{target}' is not in the domain's definition")
 
 
-def _qemu_img_commit(overlay: str, image: ImageRef) -> None:
-    # -b names the image we checked, so qemu-img cannot pick another one; it also
-    # implies -d (the overlay is not emptied: we delete it after the redefine).
-    argv = ["qemu-img", "commit", "-q", "-f", "qcow2", "-b", image.path, overlay]
-    try:
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=_QEMU_IMG_TIMEOUT)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise HypervisorError(f"cannot run {' '.join(argv)}: {err}") from err
-    if proc.returncode != 0:
-        raise HypervisorError(f"qemu-img commit of {overlay} into {image.path} failed: "
-                              f"{' '.join(proc.stderr.split()) or proc.returncode}")
-
-
-def offline_commit(hv: Hypervisor, dom: "libvirt.virDomain", target: str, overlay: str,
+def offline_commit(hv: Hypervisor, dom: Domain, target: str, overlay: str,
                    image: ImageRef) -> OfflineCommitResult:
     """Merge our overlay of a shut-off domain into ``image`` and define the disk on it.
 
@@ -272,7 +177,7 @@ def offline_commit(hv: Hypervisor, dom: "libvirt.virDomain", target: str, overla
     data), fsync, redefine, then delete the overlay.  A domain started meanwhile
     makes us stop before the redefine.
     """
-    name = str(dom.name())
+    name = dom.name
     started = time.monotonic()
     if not is_our_overlay(overlay):
         raise UsageError(f"{overlay} is not a vmsnapbackup overlay: refusing to merge it")
@@ -293,26 +198,21 @@ def offline_commit(hv: Hypervisor, dom: "libvirt.virDomain", target: str, overla
     except FileNotFoundError:
         raise RepairNeededError(f"backing image {image.path} of overlay {overlay} is missing"
                                 ) from None
-    _qemu_img_commit(overlay, image)
+    # -b names the image we checked, so qemu-img cannot pick another one; it also
+    # implies -d (the overlay is not emptied: we delete it after the redefine).
+    QemuImg().commit(overlay, image.path)
     fsync_path(image.path)
     log.info("domain '%s': merged overlay %s into %s", name, overlay, image.path)
 
-    flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
-    try:
-        xml = str(dom.XMLDesc(flags))
-    except libvirt.libvirtError as err:
-        raise HypervisorError(f"definition of domain '{name}': {_message(err)}") from err
+    xml = dom.xml(inactive=True, secure=True)
     new_xml = disk_back_on_image(xml, target, overlay, image,
                                  block_device=stat.S_ISBLK(st.st_mode))
     if hv.is_active(dom):
         raise RepairNeededError(
             f"domain '{name}' was started during the repair; its overlay {overlay} is merged "
             "but still in use: run repair again")
-    try:
+    with translated(f"redefining domain '{name}' with disk '{target}' on {image.path}"):
         hv.conn.defineXML(new_xml)
-    except libvirt.libvirtError as err:
-        raise HypervisorError(f"redefining domain '{name}' with disk '{target}' on "
-                              f"{image.path}: {_message(err)}") from err
     now = find_disk(hv.domain_xml(dom, inactive=True), target)
     if now.source is None or _norm(now.source) != _norm(image.path):
         raise HypervisorError(f"after the redefine disk '{target}' of domain '{name}' is "

@@ -10,9 +10,11 @@ import logging
 import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Optional, Tuple
+
+import libvirt
 
 from ..errors import HypervisorError, NotFoundError, UnsupportedDiskError, UsageError
+from .libvirterrors import open_connection, translated
 
 log = logging.getLogger(__name__)
 
@@ -24,18 +26,13 @@ def looks_like_path(spec: str) -> bool:
     return "/" in spec or spec.startswith((".", "~"))
 
 
-def resolve_pool(spec: str, uri: str) -> Tuple[Path, Optional[str]]:
+def resolve_pool(spec: str, uri: str) -> tuple[Path, str | None]:
     """Return ``(directory, libvirt pool name or None)`` for a ``--pool`` value."""
     if not spec:
         raise UsageError("the pool is empty: give --pool PATH or set VMSNAPBACKUP_POOL")
     if looks_like_path(spec):
         return Path(os.path.expanduser(spec)).absolute(), None
-    import libvirt  # only needed for a pool name
-
-    try:
-        conn = libvirt.open(uri)
-    except libvirt.libvirtError as exc:
-        raise HypervisorError(f"cannot connect to {uri}: {exc.get_error_message()}") from exc
+    conn = open_connection(uri)
     try:
         try:
             sp = conn.storagePoolLookupByName(spec)
@@ -44,7 +41,9 @@ def resolve_pool(spec: str, uri: str) -> Tuple[Path, Optional[str]]:
                 f"no libvirt storage pool named '{spec}' on {uri} "
                 "(give a directory path with a '/' to use a plain directory)"
             ) from exc
-        root = ET.fromstring(sp.XMLDesc(0))
+        with translated(f"libvirt storage pool '{spec}'"):
+            root = ET.fromstring(sp.XMLDesc(0))
+            active = bool(sp.isActive())
         kind = root.get("type", "")
         if kind not in SUPPORTED_POOL_TYPES:
             raise UnsupportedDiskError(
@@ -54,7 +53,7 @@ def resolve_pool(spec: str, uri: str) -> Tuple[Path, Optional[str]]:
         path = root.findtext("target/path")
         if not path:
             raise HypervisorError(f"libvirt storage pool '{spec}' has no target path")
-        if not sp.isActive():
+        if not active:
             raise HypervisorError(
                 f"libvirt storage pool '{spec}' is not active (virsh pool-start {spec})"
             )
@@ -63,18 +62,16 @@ def resolve_pool(spec: str, uri: str) -> Tuple[Path, Optional[str]]:
         conn.close()
 
 
-def refresh_pool(name: Optional[str], uri: str) -> None:
+def refresh_pool(name: str | None, uri: str) -> None:
     """Ask libvirt to rescan the storage pool; a failure is only worth a warning."""
     if not name:
         return
-    import libvirt
-
     try:
-        conn = libvirt.open(uri)
+        conn = open_connection(uri)
         try:
-            conn.storagePoolLookupByName(name).refresh(0)
+            with translated(f"could not refresh libvirt storage pool {name}"):
+                conn.storagePoolLookupByName(name).refresh(0)
         finally:
             conn.close()
-    except libvirt.libvirtError as exc:
-        log.warning("could not refresh libvirt storage pool %s: %s", name,
-                    exc.get_error_message())
+    except HypervisorError as exc:
+        log.warning("%s", exc)

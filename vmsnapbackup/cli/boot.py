@@ -18,7 +18,7 @@ from .common import Context, add_json_option
 ORDER = 55
 
 
-def register(sub: "argparse._SubParsersAction") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "boot", help="boot a point as a new domain (instant recovery)",
         description="Define a new domain from a point's saved XML whose disks are "
@@ -47,9 +47,8 @@ def register(sub: "argparse._SubParsersAction") -> None:
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
-    if args.discard or args.resume:
-        if args.domain or args.point is not None or args.name:
-            raise UsageError("--discard/--resume take only the boot domain's name")
+    if (args.discard or args.resume) and (args.domain or args.point is not None or args.name):
+        raise UsageError("--discard/--resume take only the boot domain's name")
     if args.discard:
         res = discard_boot(args.discard, ctx.uri, overlay_dir=args.overlay_dir)
         ctx.emit(res.to_dict(),

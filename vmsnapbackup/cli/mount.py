@@ -3,19 +3,16 @@ over NBD until SIGINT/SIGTERM, for file-level restore with stock tools."""
 from __future__ import annotations
 
 import argparse
-import signal
 import threading
-from typing import Any, Dict
 
+from ..adapters.processes import stop_signals
 from ..workflows.access import MountedPoint, mount_point
 from .common import Context, add_json_option, size_text
 
 ORDER = 50
 
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-
-def register(sub: "argparse._SubParsersAction") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "mount", help="serve a point's disk read-only over NBD (file-level restore)",
         description="Export one disk of a point read-only over NBD and wait until "
@@ -38,31 +35,21 @@ def register(sub: "argparse._SubParsersAction") -> None:
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
     stop = threading.Event()
-    previous: Dict[int, Any] = {}
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        stop.set()
-
     # Our handlers are in place before the storage daemon starts, so it leaves
     # signals to us: a signal ends the wait below, and the with-block cleans up.
-    for sig in _STOP_SIGNALS:
-        previous[sig] = signal.signal(sig, on_signal)
-    try:
-        with mount_point(args.domain, ctx.pool, args.point, args.disk, args.socket,
-                         port=args.port, bind=args.bind, uri=ctx.uri) as m:
-            ctx.emit(m.to_dict(), _text(m))
-            stop.wait()
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+    with stop_signals(lambda _signum: stop.set()), \
+            mount_point(args.domain, ctx.pool, args.point, args.disk, args.socket,
+                        port=args.port, bind=args.bind, uri=ctx.uri) as m:
+        ctx.emit(m.to_dict(), _text(m))
+        stop.wait()
     return 0
 
 
 def _text(m: MountedPoint) -> str:
     u = m.uri
     return "\n".join([
-        f"domain {m.domain}, point {m.point}, disk {m.disk} ({size_text(m.size)}) "
-        f"is served read-only at:",
+        (f"domain {m.domain}, point {m.point}, disk {m.disk} ({size_text(m.size)}) "
+        f"is served read-only at:"),
         f"  {u}",
         "use it with, for example:",
         f"  nbdinfo '{u}'",

@@ -3,7 +3,6 @@ optionally as volumes of a libvirt storage pool and as a new (shut-off) domain."
 from __future__ import annotations
 
 import argparse
-from typing import Optional
 
 from ..errors import UsageError
 from ..workflows.restore import RESTORE_FORMATS, RestoreResult, restore
@@ -12,7 +11,7 @@ from .common import Context, add_json_option, size_text
 ORDER = 30
 
 
-def register(sub: "argparse._SubParsersAction") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "restore", help="restore the disks of a point as image files",
         description="Write each disk of a point as an image file named after its target "
@@ -40,7 +39,7 @@ def register(sub: "argparse._SubParsersAction") -> None:
     p.set_defaults(run=run)
 
 
-def parse_point(text: str) -> Optional[int]:
+def parse_point(text: str) -> int | None:
     """``latest`` (None) or a point number."""
     if text.strip().lower() == "latest":
         return None
@@ -64,8 +63,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def format_result(r: RestoreResult) -> str:
-    lines = [f"domain {r.domain}: point {r.point} (generation {r.generation}, "
-             f"{r.snapshot_at or '?'}) restored to {r.directory} in {r.seconds:.1f} s"]
+    lines = [(f"domain {r.domain}: point {r.point} (generation {r.generation}, "
+             f"{r.snapshot_at or '?'}) restored to {r.directory} in {r.seconds:.1f} s")]
     for d in r.disks:
         state = "verified" if d.verified else "NOT VERIFIED"
         lines.append(f"  {d.target}: {d.path} ({d.format}, {size_text(d.size)}, "

@@ -34,7 +34,8 @@ from __future__ import annotations
 import logging
 import random
 import secrets
-from typing import Any, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -43,9 +44,18 @@ from ..core.checktable import CheckTable, hash_blocks, zero_value
 from ..core.difftable import changed_indexes
 from ..core.manifest import CHECKPOINT_PREFIX
 
-__all__ = ["new_checkpoint_name", "is_our_checkpoint", "unchanged_blocks_disagree",
-           "change_outside",
-           "SAMPLE_FRACTION", "SAMPLE_MIN", "SAMPLE_MAX"]
+if TYPE_CHECKING:
+    from ..adapters.nbdclient import NbdClient
+
+__all__ = [
+    "SAMPLE_FRACTION",
+    "SAMPLE_MAX",
+    "SAMPLE_MIN",
+    "change_outside",
+    "is_our_checkpoint",
+    "new_checkpoint_name",
+    "unchanged_blocks_disagree",
+]
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +82,9 @@ def is_our_checkpoint(name: str) -> bool:
     return name.startswith(CHECKPOINT_PREFIX)
 
 
-def unchanged_blocks_disagree(source: Any, table1: CheckTable, dirty: Sequence[Run],
-                              *, data: Optional[Sequence[Run]] = None,
-                              rng: Optional[random.Random] = None) -> Optional[str]:
+def unchanged_blocks_disagree(source: NbdClient, table1: CheckTable, dirty: Sequence[Run],
+                              *, data: Sequence[Run] | None = None,
+                              rng: random.Random | None = None) -> str | None:
     """Why the bitmap's "unwritten" blocks cannot be trusted, or None when they pass.
 
     ``source`` is the export of the frozen image (``size``, ``data_ranges``,
@@ -109,7 +119,7 @@ def unchanged_blocks_disagree(source: Any, table1: CheckTable, dirty: Sequence[R
         return None
     want = min(total, max(SAMPLE_MIN, min(SAMPLE_MAX, int(total * SAMPLE_FRACTION))))
     chooser = rng or random.SystemRandom()
-    sample: List[int] = []
+    sample: list[int] = []
     walk = iter(spans)
     first, stop = next(walk)
     passed = 0   # blocks in the spans before the current one
@@ -130,7 +140,7 @@ def unchanged_blocks_disagree(source: Any, table1: CheckTable, dirty: Sequence[R
     return None
 
 
-def change_outside(table1: CheckTable, table: CheckTable, dirty: Sequence[Run]) -> Optional[int]:
+def change_outside(table1: CheckTable, table: CheckTable, dirty: Sequence[Run]) -> int | None:
     """The first block that differs from table 1 but is clean in the bitmap, or None.
 
     ``table`` comes from a full read, so this proves (or refutes) that the

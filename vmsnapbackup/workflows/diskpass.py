@@ -1,6 +1,6 @@
 """One pass over one frozen image: build its check table, write what the point needs.
 
-This is the patent's core loop (DESIGN.md §2 steps 4–5) and the backup's hot
+This is the patent's core loop (check table, then base or point volume) and the hot
 path.  It reads only the extents the export reports as data, hashes every
 block once, straight from the read buffer, and decides per chunk:
 
@@ -43,19 +43,36 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Deque, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+    from ..adapters.nbdclient import NbdClient
 
 from ..core.blockruns import (
-    Run, block_runs, complement_runs, intersect_runs, whole_block_runs,
+    Run,
+    block_runs,
+    complement_runs,
+    intersect_runs,
+    whole_block_runs,
 )
 from ..core.checktable import CheckTable, CheckTableBuilder
 from ..core.difftable import changed_indexes
 from ..errors import IntegrityError, NotFoundError, UsageError
 from ..progress import ProgressCallback, ProgressEvent, emit
 
-__all__ = ["PassStats", "RawImageSource", "run_disk_pass", "DEFAULT_CHUNK_SIZE", "READ_DEPTH",
-           "WRITE_DEPTH", "WRITE_BACKLOG"]
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "READ_DEPTH",
+    "WRITE_BACKLOG",
+    "WRITE_DEPTH",
+    "PassStats",
+    "RawImageSource",
+    "run_disk_pass",
+]
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +112,7 @@ def _pieces(ranges: Iterable[Run], chunk: int) -> Iterator[Run]:
             offset += step
 
 
-def _zero_byte_runs(table: CheckTable, indexes: Iterable[int]) -> List[Run]:
+def _zero_byte_runs(table: CheckTable, indexes: Iterable[int]) -> list[Run]:
     """Block indexes as ``(offset, length)`` byte runs, the last block clipped to the disk."""
     bs = table.block_size
     out = []
@@ -108,24 +125,24 @@ def _zero_byte_runs(table: CheckTable, indexes: Iterable[int]) -> List[Run]:
 class _Plan:
     """What one chunk needs written: data runs (views into the chunk) and zero runs."""
 
-    __slots__ = ("writes", "zeros", "changed", "zero", "bytes")
+    __slots__ = ("bytes", "changed", "writes", "zero", "zeros")
 
     def __init__(self) -> None:
-        self.writes: List[Tuple[int, memoryview]] = []
-        self.zeros: List[Run] = []
+        self.writes: list[tuple[int, memoryview]] = []
+        self.zeros: list[Run] = []
         self.changed = 0
         self.zero = 0
         self.bytes = 0
 
 
-def _plan_chunk(table: CheckTable, table1: Optional[CheckTable], offset: int,
-                view: memoryview, first: int, zero_flags: List[bool]) -> _Plan:
+def _plan_chunk(table: CheckTable, table1: CheckTable | None, offset: int,
+                view: memoryview, first: int, zero_flags: list[bool]) -> _Plan:
     """The writes one hashed chunk needs (first point: non-zero blocks; point N: changes)."""
     plan = _Plan()
     n = len(zero_flags)
     if table1 is None:
         data_idx = [first + k for k in range(n) if not zero_flags[k]]
-        zero_idx: List[int] = []
+        zero_idx: list[int] = []
     else:
         wanted = changed_indexes(table1, table, first, first + n).tolist()
         data_idx = [i for i in wanted if not zero_flags[i - first]]
@@ -156,20 +173,20 @@ class _Writer:
     on a failure ``None`` goes there instead, to wake the reading thread.
     """
 
-    def __init__(self, target: Any, free: "queue.Queue[Optional[bytearray]]", depth: int,
+    def __init__(self, target: NbdClient, free: queue.Queue[bytearray | None], depth: int,
                  disk: str) -> None:
         self._target = target
         self._free = free
         self._depth = depth
-        self._queue: "queue.Queue[Any]" = queue.Queue()
-        self._zeros: List[Run] = []
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._zeros: list[Run] = []
         self._aborted = False
-        self.error: Optional[BaseException] = None
+        self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._main, name=f"vsb-write-{disk}",
                                         daemon=True)
         self._thread.start()
 
-    def submit(self, writes: List[Tuple[int, memoryview]], zeros: List[Run],
+    def submit(self, writes: list[tuple[int, memoryview]], zeros: list[Run],
                buffer: bytearray) -> None:
         self._queue.put((writes, zeros, buffer))
 
@@ -191,11 +208,11 @@ class _Writer:
             if not self._aborted:
                 for offset, length in self._zeros:
                     self._target.write_zeroes(offset, length)
-        except BaseException as exc:  # handed to the reading thread, raised there
+        except BaseException as exc:  # noqa: BLE001 - handed to the reading thread, raised there
             self.error = exc
             self._free.put(None)
 
-    def _items(self) -> Iterator[Tuple[int, memoryview]]:
+    def _items(self) -> Iterator[tuple[int, memoryview]]:
         while True:
             item = self._queue.get()
             if item is _STOP:
@@ -228,7 +245,7 @@ class RawImageSource:
         self.name = name
 
     @classmethod
-    def open(cls, path: "str | os.PathLike[str]") -> "RawImageSource":
+    def open(cls, path: str | os.PathLike[str]) -> RawImageSource:
         name = os.fspath(path)
         try:
             fd = os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -252,7 +269,7 @@ class RawImageSource:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> "RawImageSource":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -278,7 +295,7 @@ class RawImageSource:
         return whole_block_runs(self._extents(), block_size, 0, self.size)
 
     def read_chunks(self, ranges: Iterable[Run], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                    depth: Optional[int] = None) -> Iterator[Tuple[int, memoryview]]:
+                    depth: int | None = None) -> Iterator[tuple[int, memoryview]]:
         """Each range in chunks, read into one reused buffer (valid until the next item)."""
         buffer = memoryview(bytearray(chunk_size))
         for offset, length in _pieces(ranges, chunk_size):
@@ -294,17 +311,17 @@ class RawImageSource:
 
 
 def run_disk_pass(
-    source,  # NbdClient on the frozen image (read-only)
-    target,  # NbdClient on the base or point volume (writable)
+    source: NbdClient,  # on the frozen image (read-only)
+    target: NbdClient,  # on the base or point volume (writable)
     block_size: int,
-    table1: Optional[CheckTable],
+    table1: CheckTable | None,
     *,
     disk: str = "",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-    progress: Optional[ProgressCallback] = None,
-    dirty: Optional[Sequence[Run]] = None,
-    data: Optional[Sequence[Run]] = None,
-) -> Tuple[CheckTable, PassStats]:
+    progress: ProgressCallback | None = None,
+    dirty: Sequence[Run] | None = None,
+    data: Sequence[Run] | None = None,
+) -> tuple[CheckTable, PassStats]:
     """Read ``source`` once; return its check table and what was written to ``target``.
 
     ``table1`` None means this is the generation's first point and ``target``
@@ -359,9 +376,9 @@ def run_disk_pass(
     return builder.finish(), stats
 
 
-def _hash_only(source, builder: CheckTableBuilder, data: List[Run], chunk: int,
+def _hash_only(source: NbdClient, builder: CheckTableBuilder, data: list[Run], chunk: int,
                stats: PassStats, disk: str, data_bytes: int,
-               progress: Optional[ProgressCallback]) -> None:
+               progress: ProgressCallback | None) -> None:
     done = 0
     for offset, view in source.read_chunks(data, chunk_size=chunk, depth=READ_DEPTH):
         hashed = builder.hash_into(offset, view)
@@ -371,18 +388,18 @@ def _hash_only(source, builder: CheckTableBuilder, data: List[Run], chunk: int,
         emit(progress, ProgressEvent(disk, "read", done, data_bytes))
 
 
-def _copy(source, target, builder: CheckTableBuilder, table1: Optional[CheckTable],
-          data: List[Run], chunk: int, stats: PassStats, disk: str, data_bytes: int,
-          progress: Optional[ProgressCallback]) -> None:
+def _copy(source: NbdClient, target: NbdClient, builder: CheckTableBuilder, table1: CheckTable | None,
+          data: list[Run], chunk: int, stats: PassStats, disk: str, data_bytes: int,
+          progress: ProgressCallback | None) -> None:
     """Read and hash here, write from the writer thread (see the module docstring)."""
     table = builder.table
-    free: "queue.Queue[Optional[bytearray]]" = queue.Queue()
+    free: queue.Queue[bytearray | None] = queue.Queue()
     for _ in range(READ_DEPTH + WRITE_BACKLOG):
         free.put(bytearray(chunk))
-    in_flight: Deque[bytearray] = collections.deque()
+    in_flight: collections.deque[bytearray] = collections.deque()
     writer = _Writer(target, free, WRITE_DEPTH, disk)
 
-    def requests() -> Iterator[Tuple[int, memoryview]]:
+    def requests() -> Iterator[tuple[int, memoryview]]:
         for offset, length in _pieces(data, chunk):
             buffer = free.get()
             if buffer is None:  # the writer failed; its error is raised below

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Iterable, Optional, Tuple
+from collections.abc import Iterable
+
+from typing_extensions import Self
 
 from ..errors import StorageError, storage_error_from_oserror
 
@@ -57,8 +59,8 @@ class RawImageWriter:
         self.size = size
 
     @classmethod
-    def create(cls, path: "str | os.PathLike[str]", size: int,
-               mode: int = 0o600) -> "RawImageWriter":
+    def create(cls, path: str | os.PathLike[str], size: int,
+               mode: int = 0o600) -> RawImageWriter:
         """A new file of ``size`` bytes, all of them reading as zero (no block allocated).
 
         ``mode`` defaults to owner-only: a disk's contents are as private as the pool's.
@@ -103,8 +105,8 @@ class RawImageWriter:
                                    f"offset {offset + done}")
             done += n
 
-    def write_many(self, items: Iterable[Tuple[int, object]],
-                   depth: Optional[int] = None) -> None:
+    def write_many(self, items: Iterable[tuple[int, object]],
+                   depth: int | None = None) -> None:
         """Write every ``(offset, buffer)``; the next item is taken only once the last
         one is completely written.  ``depth`` is accepted for the pass's writer (which
         pipelines NBD writes); a local write has nothing in flight."""
@@ -135,7 +137,7 @@ class RawImageWriter:
             fd, self._fd = self._fd, -1
             os.close(fd)
 
-    def __enter__(self) -> "RawImageWriter":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -11,14 +11,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-import threading
-from typing import Any, Dict, Iterator
+from collections.abc import Iterator
 
+from ..adapters.processes import stop_signals
 from ..errors import BackupInterruptedError
 
 log = logging.getLogger(__name__)
-
-_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 @contextlib.contextmanager
@@ -28,25 +26,17 @@ def interruptible(what: str) -> Iterator[None]:
     Outside the main thread signals cannot be handled; the block then runs
     unchanged (the embedding program owns its signals).
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    state = {"raised": False}
+    raised = False
 
-    def handler(signum: int, _frame: Any) -> None:
+    def handler(signum: int) -> None:
+        nonlocal raised
         name = signal.Signals(signum).name
-        if state["raised"]:
+        if raised:
             log.warning("%s received again: still cleaning up after the interrupted %s, "
                         "please wait", name, what)
             return
-        state["raised"] = True
+        raised = True
         raise BackupInterruptedError(f"{what} interrupted by {name}")
 
-    previous: Dict[int, Any] = {}
-    for sig in _SIGNALS:
-        previous[sig] = signal.signal(sig, handler)
-    try:
+    with stop_signals(handler):
         yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Union
+from typing import Any
 
 from ..adapters.storagepool import resolve_pool
 from ..core.pool import Pool
@@ -17,26 +17,26 @@ class PointSummary:
     domain: str
     uuid: str
     point: int
-    generation: Optional[int] = None
-    taken: Optional[str] = None
-    consistency: Optional[str] = None
-    disks: List[str] = field(default_factory=list)
+    generation: int | None = None
+    taken: str | None = None
+    consistency: str | None = None
+    disks: list[str] = field(default_factory=list)
     virtual_bytes: int = 0
     stored_bytes: int = 0
     generation_start: bool = False
-    damaged: Optional[str] = None
+    damaged: str | None = None
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
-def list_points(pool: Union[str, "os.PathLike[str]"], *, uri: str = "qemu:///system",
-                domain: Optional[str] = None) -> List[PointSummary]:
+def list_points(pool: str | os.PathLike[str], *, uri: str = "qemu:///system",
+                domain: str | None = None) -> list[PointSummary]:
     """Every point of ``domain`` (or of every domain), oldest first; damaged ones flagged."""
     pool_dir, _ = resolve_pool(os.fspath(pool), uri)
     the_pool = Pool.open(pool_dir)
     stores = [the_pool.find_domain(domain)] if domain else the_pool.domains()
-    out: List[PointSummary] = []
+    out: list[PointSummary] = []
     for store in stores:
         name = store.name
         for info in store.list_points():

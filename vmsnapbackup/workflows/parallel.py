@@ -26,11 +26,12 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from typing import Any, Callable, List, Optional, Sequence, Tuple, TypeVar
+from collections.abc import Sequence
+from typing import Any, Callable, TypeVar
 
 from ..progress import ProgressCallback, ProgressEvent
 
-__all__ = ["Job", "run_all", "DEFAULT_MAX_PARALLEL"]
+__all__ = ["DEFAULT_MAX_PARALLEL", "Job", "run_all"]
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,8 @@ class _Stopped(Exception):
 _PROGRESS, _DONE, _FAILED = "progress", "done", "failed"
 
 
-def run_all(jobs: Sequence[Job], *, progress: Optional[ProgressCallback] = None,
-            max_parallel: int = DEFAULT_MAX_PARALLEL, name: str = "vsb-disk") -> List[Any]:
+def run_all(jobs: Sequence[Job[Any]], *, progress: ProgressCallback | None = None,
+            max_parallel: int = DEFAULT_MAX_PARALLEL, name: str = "vsb-disk") -> list[Any]:
     """Run ``jobs`` at most ``max_parallel`` at a time; their results in the jobs' order.
 
     One job runs directly in this thread (no thread to gain anything from).
@@ -60,13 +61,13 @@ def run_all(jobs: Sequence[Job], *, progress: Optional[ProgressCallback] = None,
     if len(jobs) <= 1 or max_parallel == 1:
         return [job(_direct(progress)) for job in jobs]
 
-    events: "queue.Queue[Tuple[str, int, Any]]" = queue.Queue()
+    events: queue.Queue[tuple[str, int, Any]] = queue.Queue()
     stop = threading.Event()
-    results: List[Any] = [None] * len(jobs)
+    results: list[Any] = [None] * len(jobs)
     pending = list(range(len(jobs)))
-    threads: List[threading.Thread] = []
+    threads: list[threading.Thread] = []
     running = 0
-    first_error: Optional[BaseException] = None
+    first_error: BaseException | None = None
 
     def relay(event: ProgressEvent) -> None:
         if stop.is_set():
@@ -78,7 +79,7 @@ def run_all(jobs: Sequence[Job], *, progress: Optional[ProgressCallback] = None,
             value = jobs[index](relay)
         except _Stopped:
             events.put((_FAILED, index, None))
-        except BaseException as exc:  # handed to the calling thread, raised there
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread, raised there
             events.put((_FAILED, index, exc))
         else:
             events.put((_DONE, index, value))
@@ -120,7 +121,7 @@ def run_all(jobs: Sequence[Job], *, progress: Optional[ProgressCallback] = None,
     return results
 
 
-def _direct(progress: Optional[ProgressCallback]) -> ProgressCallback:
+def _direct(progress: ProgressCallback | None) -> ProgressCallback:
     def call(event: ProgressEvent) -> None:
         if progress is not None:
             progress(event)

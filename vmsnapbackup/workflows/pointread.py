@@ -18,41 +18,44 @@ import dataclasses
 import logging
 import os
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Union
 
 import numpy as np
 
 from ..adapters.nbdclient import NbdClient
 from ..adapters.storagedaemon import StorageDaemon
 from ..adapters.storagepool import resolve_pool
+from ..core.blockruns import block_runs
 from ..core.checktable import CheckTable, hash_blocks, read_check_table
 from ..core.difftable import DifferenceTable, apply, changed_indexes, read_difference_table
 from ..core.manifest import PointDisk, PointManifest
 from ..core.pool import DomainStore, Pool
 from ..errors import CorruptFileError, NotFoundError, UsageError
 from ..progress import ProgressCallback, ProgressEvent, emit
-from ..core.blockruns import block_runs
 from .diskpass import RawImageSource, run_disk_pass
 
 __all__ = [
-    "PoolLike",
-    "PointTables",
     "BlockMismatch",
-    "open_pool",
-    "select_point",
-    "select_disks",
-    "read_table1",
-    "read_point_tables",
-    "compare_tables",
-    "compare_sampled",
-    "sample_indexes",
+    "PointTables",
+    "PoolLike",
     "block_runs",
+    "compare_sampled",
+    "compare_tables",
     "hash_export",
     "hash_image",
     "hash_sampled",
+    "open_pool",
+    "point_disk",
+    "point_volume",
     "read_daemon",
+    "read_point_tables",
+    "read_table1",
+    "sample_indexes",
+    "select_disks",
+    "select_point",
     "with_phase",
 ]
 
@@ -83,7 +86,7 @@ def open_pool(pool: PoolLike, uri: str = DEFAULT_URI) -> Pool:
     return Pool.open(pool)
 
 
-def select_point(store: DomainStore, point: Optional[int]) -> PointManifest:
+def select_point(store: DomainStore, point: int | None) -> PointManifest:
     """The manifest of point ``point``, or of the newest valid point when None.
 
     A damaged manifest asked for by number raises its CorruptFileError: a damaged
@@ -101,7 +104,7 @@ def select_point(store: DomainStore, point: Optional[int]) -> PointManifest:
     return store.read_manifest(point)
 
 
-def select_disks(manifest: PointManifest, disks: Optional[Sequence[str]]) -> List[PointDisk]:
+def select_disks(manifest: PointManifest, disks: Sequence[str] | None) -> list[PointDisk]:
     """The point's disks named in ``disks`` (all when None), in the manifest's order."""
     if not disks:
         return list(manifest.disks)
@@ -114,6 +117,29 @@ def select_disks(manifest: PointManifest, disks: Optional[Sequence[str]]) -> Lis
     return [d for d in manifest.disks if d.target in wanted]
 
 
+def point_disk(store: DomainStore, manifest: PointManifest, disk: str | None) -> PointDisk:
+    """Disk ``disk`` of the point; may be left out for a point with one disk."""
+    targets = [d.target for d in manifest.disks]
+    if disk is None:
+        if len(targets) != 1:
+            raise UsageError(f"point {manifest.point} has disks {', '.join(targets)}; "
+                             "choose one with --disk")
+        return manifest.disks[0]
+    try:
+        return manifest.disk(disk)
+    except KeyError:
+        raise NotFoundError(f"point {manifest.point} of domain {store.name} has no disk "
+                            f"{disk!r} (it has {', '.join(targets)})") from None
+
+
+def point_volume(store: DomainStore, d: PointDisk) -> Path:
+    """The point volume of disk ``d`` (a reader must not start on a missing one)."""
+    path = store.resolve(d.volume)
+    if not path.is_file():
+        raise CorruptFileError(path, f"point volume of disk {d.target} is missing")
+    return path
+
+
 # --- tables ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -122,7 +148,7 @@ class PointTables:
 
     table1: CheckTable
     table: CheckTable
-    difference: Optional[DifferenceTable]
+    difference: DifferenceTable | None
 
 
 def read_table1(store: DomainStore, disk: PointDisk) -> CheckTable:
@@ -140,7 +166,7 @@ def read_table1(store: DomainStore, disk: PointDisk) -> CheckTable:
 
 
 def read_point_tables(store: DomainStore, disk: PointDisk,
-                      table1: Optional[CheckTable] = None) -> PointTables:
+                      table1: CheckTable | None = None) -> PointTables:
     """Table 1 and table N of one disk of a point, every check of FORMAT §5-§7 passed.
 
     ``table1`` may be passed when the caller already read it for this generation
@@ -186,8 +212,8 @@ class BlockMismatch:
     block_size: int
     total: int
     checked: int
-    indexes: Tuple[int, ...]
-    size_note: Optional[str] = None
+    indexes: tuple[int, ...]
+    size_note: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -197,7 +223,7 @@ class BlockMismatch:
     def count(self) -> int:
         return len(self.indexes)
 
-    def offsets(self, limit: int = NAMED_BLOCKS) -> List[Tuple[int, int]]:
+    def offsets(self, limit: int = NAMED_BLOCKS) -> list[tuple[int, int]]:
         """(block index, byte offset) of the first ``limit`` differing blocks."""
         return [(i, i * self.block_size) for i in self.indexes[:limit]]
 
@@ -213,13 +239,13 @@ class BlockMismatch:
             f"{self.checked} sampled of {self.total}"
         return f"{self.count} of {of} blocks differ: {named}{more}"
 
-    def to_dict(self, limit: int = 1000) -> dict:
+    def to_dict(self, limit: int = 1000) -> dict[str, Any]:
         return {"block_size": self.block_size, "total": self.total, "checked": self.checked,
                 "differ": self.count, "blocks": list(self.indexes[:limit]),
                 "size": self.size_note}
 
 
-def _size_mismatch(expected: CheckTable, size: int, checked: int = 0) -> Optional[BlockMismatch]:
+def _size_mismatch(expected: CheckTable, size: int, checked: int = 0) -> BlockMismatch | None:
     if size == expected.disk_size:
         return None
     return BlockMismatch(expected.block_size, expected.count, checked, (),
@@ -252,7 +278,7 @@ def compare_sampled(expected: CheckTable, indexes: np.ndarray,
 
 
 def sample_indexes(count: int, percent: float,
-                   rng: Optional[random.Random] = None) -> np.ndarray:
+                   rng: random.Random | None = None) -> np.ndarray:
     """A sorted random sample of block indexes: ``percent`` of ``count``, at least one.
 
     ``rng`` lets a caller (and the tests) make the sample reproducible.
@@ -261,7 +287,7 @@ def sample_indexes(count: int, percent: float,
         raise UsageError(f"a sample is more than 0 and at most 100 percent, not {percent}")
     if count <= 0:
         return np.zeros(0, dtype=np.int64)
-    k = max(1, min(count, int(round(count * percent / 100.0))))
+    k = max(1, min(count, round(count * percent / 100.0)))
     if k == count:
         return np.arange(count, dtype=np.int64)
     rng = rng or random.Random()
@@ -270,7 +296,7 @@ def sample_indexes(count: int, percent: float,
 
 # --- hashing an image through an export ----------------------------------------------------
 
-def with_phase(progress: Optional[ProgressCallback], phase: str) -> Optional[ProgressCallback]:
+def with_phase(progress: ProgressCallback | None, phase: str) -> ProgressCallback | None:
     """``progress`` with every event's phase renamed (the disk pass says "read")."""
     if progress is None:
         return None
@@ -282,7 +308,7 @@ def with_phase(progress: Optional[ProgressCallback], phase: str) -> Optional[Pro
 
 
 @contextlib.contextmanager
-def read_daemon(tag: str, runtime_base: Optional[str] = None) -> Iterator[StorageDaemon]:
+def read_daemon(tag: str, runtime_base: str | None = None) -> Iterator[StorageDaemon]:
     """One private storage daemon for a whole restore or verify run."""
     with StorageDaemon(runtime_base, tag=tag) as daemon:
         yield daemon
@@ -291,6 +317,7 @@ def read_daemon(tag: str, runtime_base: Optional[str] = None) -> Iterator[Storag
 @contextlib.contextmanager
 def _exported(daemon: StorageDaemon, path: Path, fmt: str) -> Iterator[NbdClient]:
     export = daemon.export_image(os.fspath(path), fmt, direct=True)   # read once, end to end
+    assert export.socket_path is not None   # the daemon's private socket
     try:
         with NbdClient.open_unix(export.socket_path, export.name) as client:
             yield client
@@ -299,7 +326,7 @@ def _exported(daemon: StorageDaemon, path: Path, fmt: str) -> Iterator[NbdClient
 
 
 def hash_export(client: NbdClient, block_size: int, *, disk: str = "",
-                progress: Optional[ProgressCallback] = None) -> CheckTable:
+                progress: ProgressCallback | None = None) -> CheckTable:
     """The check table of everything an export serves (holes are not read)."""
     table, _stats = run_disk_pass(client, None, block_size, None, disk=disk, progress=progress)
     return table
@@ -307,7 +334,7 @@ def hash_export(client: NbdClient, block_size: int, *, disk: str = "",
 
 def hash_image(daemon: StorageDaemon, path: Path, fmt: str, expected: CheckTable, *,
                disk: str = "", phase: str = "verify",
-               progress: Optional[ProgressCallback] = None) -> BlockMismatch:
+               progress: ProgressCallback | None = None) -> BlockMismatch:
     """Export ``path`` read-only, hash all of it and compare with ``expected``.
 
     A qcow2 point volume is exported with its backing base, so what is hashed is
@@ -333,7 +360,7 @@ def hash_image(daemon: StorageDaemon, path: Path, fmt: str, expected: CheckTable
 
 def hash_sampled(daemon: StorageDaemon, path: Path, fmt: str, expected: CheckTable,
                  indexes: np.ndarray, *, disk: str = "", phase: str = "verify",
-                 progress: Optional[ProgressCallback] = None) -> BlockMismatch:
+                 progress: ProgressCallback | None = None) -> BlockMismatch:
     """Read only the blocks ``indexes`` (holes included: they read as zeros) and
     compare their values with ``expected``."""
     bs = expected.block_size

@@ -37,9 +37,11 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Set, Tuple, Union
+from typing import Any
 
+from ..adapters.openfiles import files_held_open
 from ..adapters.storagepool import refresh_pool, resolve_pool
+from ..core.manifest import PointManifest, parse_timestamp
 from ..core.pool import (
     DomainStore,
     PointInfo,
@@ -48,12 +50,17 @@ from ..core.pool import (
     partial_name,
     point_volume_name,
 )
-from ..core.manifest import parse_timestamp
 from ..core.retention import Policy, decide
 from ..errors import RepairNeededError
 
-__all__ = ["prune", "PruneReport", "PrunedPoint", "REASON_DAMAGED", "REASON_IN_USE",
-           "REASON_REMOVED"]
+__all__ = [
+    "REASON_DAMAGED",
+    "REASON_IN_USE",
+    "REASON_REMOVED",
+    "PruneReport",
+    "PrunedPoint",
+    "prune",
+]
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +74,12 @@ class PrunedPoint:
     """One point in a prune report: kept (with the rules that kept it) or removed."""
 
     number: int
-    generation: Optional[int]
-    taken: Optional[str]
-    reasons: List[str] = field(default_factory=list)
-    damaged: Optional[str] = None
+    generation: int | None
+    taken: str | None
+    reasons: list[str] = field(default_factory=list)
+    damaged: str | None = None
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
@@ -89,19 +96,19 @@ class PruneReport:
     uuid: str
     pool: str
     dry_run: bool
-    policy: Dict[str, Optional[int]]
-    kept: List[PrunedPoint] = field(default_factory=list)
-    removed: List[PrunedPoint] = field(default_factory=list)
+    policy: dict[str, int | None]
+    kept: list[PrunedPoint] = field(default_factory=list)
+    removed: list[PrunedPoint] = field(default_factory=list)
     bytes_freed: int = 0
-    files_removed: List[str] = field(default_factory=list)
-    bases_removed: List[str] = field(default_factory=list)
-    generations_removed: List[int] = field(default_factory=list)
+    files_removed: list[str] = field(default_factory=list)
+    bases_removed: list[str] = field(default_factory=list)
+    generations_removed: list[int] = field(default_factory=list)
 
     @property
-    def damaged(self) -> List[PrunedPoint]:
+    def damaged(self) -> list[PrunedPoint]:
         return [p for p in self.kept if p.damaged is not None]
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k not in ("kept", "removed")}
         d["kept"] = [p.to_dict() for p in self.kept]
         d["removed"] = [p.to_dict() for p in self.removed]
@@ -111,13 +118,13 @@ class PruneReport:
 
 def prune(
     domain: str,
-    pool: Union[str, "os.PathLike[str]", Pool],
+    pool: str | os.PathLike[str] | Pool,
     *,
     uri: str = "qemu:///system",
-    keep_last: Optional[int] = None,
-    keep_daily: Optional[int] = None,
-    keep_weekly: Optional[int] = None,
-    keep_monthly: Optional[int] = None,
+    keep_last: int | None = None,
+    keep_daily: int | None = None,
+    keep_weekly: int | None = None,
+    keep_monthly: int | None = None,
     dry_run: bool = False,
 ) -> PruneReport:
     """Apply a retention policy to ``domain``'s points in ``pool``.
@@ -127,7 +134,7 @@ def prune(
     open :class:`Pool`.  At least one ``keep_*`` is required (UsageError).
     """
     policy = Policy(keep_last, keep_daily, keep_weekly, keep_monthly)  # validates first
-    libvirt_pool: Optional[str] = None
+    libvirt_pool: str | None = None
     if isinstance(pool, Pool):
         the_pool = pool
     else:
@@ -157,7 +164,7 @@ def _run(store: DomainStore, pool: Pool, policy: Policy, dry_run: bool) -> Prune
                                              policy)}
     in_use = _points_in_use(store, valid,
                             {n for n, d in decisions.items() if not d.keep})
-    remove: List[PointInfo] = []
+    remove: list[PointInfo] = []
     for info in infos:
         if info.manifest is None:
             log.warning("domain %s: point %d is damaged (%s); keeping it for verify/repair",
@@ -186,7 +193,7 @@ def _run(store: DomainStore, pool: Pool, policy: Policy, dry_run: bool) -> Prune
     return report
 
 
-def _taken(info: PointInfo) -> Tuple[_dt.datetime, str]:
+def _taken(info: PointInfo) -> tuple[_dt.datetime, str]:
     """When a point was taken: its snapshot time (else its start), in local time."""
     assert info.manifest is not None
     text = info.manifest.snapshot_at or info.manifest.started
@@ -203,7 +210,7 @@ def _allocated(path: Path) -> int:
     return st.st_blocks * 512 if path.is_file() else 0
 
 
-def _remove(store: DomainStore, remove: List[PointInfo], report: PruneReport) -> None:
+def _remove(store: DomainStore, remove: list[PointInfo], report: PruneReport) -> None:
     """Oldest first, so an interrupted prune leaves the newer points, as a re-run would."""
     for info in sorted(remove, key=lambda i: i.number):
         sizes = _sizes_of_candidates(store, info)
@@ -213,9 +220,9 @@ def _remove(store: DomainStore, remove: List[PointInfo], report: PruneReport) ->
             _account(store, path, sizes.get(path), report)
 
 
-def _sizes_of_candidates(store: DomainStore, info: PointInfo) -> Dict[Path, int]:
+def _sizes_of_candidates(store: DomainStore, info: PointInfo) -> dict[Path, int]:
     """Allocated sizes of every file ``remove_point`` may remove, taken before it does."""
-    sizes: Dict[Path, int] = {info.path: _allocated(info.path)}
+    sizes: dict[Path, int] = {info.path: _allocated(info.path)}
     assert info.manifest is not None
     gdir = store.generation_dir(info.manifest.generation)
     for root, _dirs, files in os.walk(gdir):
@@ -225,7 +232,7 @@ def _sizes_of_candidates(store: DomainStore, info: PointInfo) -> Dict[Path, int]
     return sizes
 
 
-def _account(store: DomainStore, path: Path, size: Optional[int],
+def _account(store: DomainStore, path: Path, size: int | None,
              report: PruneReport) -> None:
     """Add one removed path to the report; ``size`` None means it was a directory."""
     rel = store.relpath(path)
@@ -240,7 +247,7 @@ def _account(store: DomainStore, path: Path, size: Optional[int],
     report.bytes_freed += size
 
 
-def _plan(store: DomainStore, infos: List[PointInfo], remove: List[PointInfo],
+def _plan(store: DomainStore, infos: list[PointInfo], remove: list[PointInfo],
           report: PruneReport) -> None:
     """What :meth:`DomainStore.remove_point` would remove, without removing it.
 
@@ -250,7 +257,7 @@ def _plan(store: DomainStore, infos: List[PointInfo], remove: List[PointInfo],
     """
     removing = {i.number for i in remove}
     protected = _generations_still_referenced(store, infos, removing)
-    emptied: Set[int] = set()
+    emptied: set[int] = set()
     for info in sorted(remove, key=lambda i: i.number):
         assert info.manifest is not None
         g = info.manifest.generation
@@ -274,18 +281,18 @@ def _plan(store: DomainStore, infos: List[PointInfo], remove: List[PointInfo],
         _account(store, gdir, None, report)
 
 
-def _children(path: Path) -> List[Path]:
+def _children(path: Path) -> list[Path]:
     try:
         return [path / n for n in os.listdir(path)]
     except OSError:
         return []
 
 
-def _generations_still_referenced(store: DomainStore, infos: List[PointInfo],
-                                  removing: Set[int]) -> Optional[Set[int]]:
+def _generations_still_referenced(store: DomainStore, infos: list[PointInfo],
+                                  removing: set[int]) -> set[int] | None:
     """Generations a point left after the prune refers to; None when a damaged
     manifest's generation cannot be told (then no generation may go)."""
-    used: Set[int] = set()
+    used: set[int] = set()
     for info in infos:
         if info.number in removing:
             continue
@@ -299,9 +306,9 @@ def _generations_still_referenced(store: DomainStore, infos: List[PointInfo],
     return used
 
 
-def _damaged_generations(store: DomainStore, info: PointInfo) -> Set[int]:
+def _damaged_generations(store: DomainStore, info: PointInfo) -> set[int]:
     """Where a damaged point's files are, and what its ``generation`` field still says."""
-    found: Set[int] = set()
+    found: set[int] = set()
     try:
         obj = json.loads(info.path.read_bytes())
         g = obj.get("generation") if isinstance(obj, dict) else None
@@ -319,8 +326,8 @@ def _damaged_generations(store: DomainStore, info: PointInfo) -> Set[int]:
 
 # --- points held open by a process -------------------------------------------------------------
 
-def _points_in_use(store: DomainStore, valid: List[PointInfo],
-                   removing: Set[int]) -> Dict[int, str]:
+def _points_in_use(store: DomainStore, valid: list[PointInfo],
+                   removing: set[int]) -> dict[int, str]:
     """Points to be removed whose removal would delete a file some process holds open,
     with ``pid N (command)`` of such a process.
 
@@ -328,14 +335,14 @@ def _points_in_use(store: DomainStore, valid: List[PointInfo],
     generation is to be removed (otherwise the base stays anyway): then the
     generation's first point (whose volume is the base), or its newest point, is kept.
     """
-    holders = _open_files()
+    holders = files_held_open()
     if not holders:
         return {}
-    users: Dict[int, str] = {}
-    by_generation: Dict[int, List[PointInfo]] = {}
+    users: dict[int, str] = {}
+    by_generation: dict[int, list[tuple[PointInfo, PointManifest]]] = {}
     for info in valid:
         assert info.manifest is not None
-        by_generation.setdefault(info.manifest.generation, []).append(info)
+        by_generation.setdefault(info.manifest.generation, []).append((info, info.manifest))
         if info.number not in removing:
             continue
         for d in info.manifest.disks:
@@ -343,13 +350,13 @@ def _points_in_use(store: DomainStore, valid: List[PointInfo],
             if not d.is_base and path in holders:
                 users.setdefault(info.number, holders[path])
     for g, points in sorted(by_generation.items()):
-        if any(i.number not in removing or i.number in users for i in points):
+        if any(i.number not in removing or i.number in users for i, _ in points):
             continue  # a point of the generation stays, and with it the base
         holder = next((holders[b] for b in (_real(store.resolve(d.base))
-                                            for i in points for d in i.manifest.disks)
+                                            for _, m in points for d in m.disks)
                        if b in holders), None)
         if holder is not None:
-            keeper = next((i for i in points if i.manifest.is_generation_start), points[-1])
+            keeper = next((i for i, m in points if m.is_generation_start), points[-1][0])
             users[keeper.number] = holder
     return users
 
@@ -359,39 +366,3 @@ def _real(path: Path) -> str:
         return os.path.realpath(path)
     except OSError:
         return os.fspath(path)
-
-
-def _open_files() -> Dict[str, str]:
-    """Every file some other process holds open: path -> ``pid N (command)``."""
-    out: Dict[str, str] = {}
-    me = os.getpid()
-    try:
-        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
-        return out
-    for pid in pids:
-        if pid == me:
-            continue
-        fd_dir = f"/proc/{pid}/fd"
-        try:
-            fds = os.listdir(fd_dir)
-        except OSError:
-            continue  # gone, or not ours to see
-        for fd in fds:
-            try:
-                target = os.readlink(f"{fd_dir}/{fd}")
-            except OSError:
-                continue
-            if target.endswith(" (deleted)"):
-                target = target[:-len(" (deleted)")]
-            if target.startswith("/") and target not in out:
-                out[target] = f"pid {pid} ({_comm(pid)})"
-    return out
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip() or "?"
-    except OSError:
-        return "?"

@@ -27,7 +27,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 from ..core.checktable import CheckTable, read_check_table
 from ..core.manifest import PointDisk
@@ -53,17 +53,17 @@ from .pointread import (
 )
 
 __all__ = [
-    "GOOD",
     "DAMAGED",
+    "GOOD",
     "INCOMPATIBLE",
-    "Problem",
     "DiskCheck",
-    "PointCheck",
     "DomainCheck",
+    "PointCheck",
+    "Problem",
     "VerifyReport",
-    "verify",
-    "format_report",
     "format_point",
+    "format_report",
+    "verify",
 ]
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,6 @@ INCOMPATIBLE = "incompatible"
 TEXT_BLOCKS = 8
 
 # What can be wrong with one part of a point.
-MANIFEST = "manifest"
 TABLE1 = "table 1"
 DIFFERENCE = "difference table"
 BASE = "base volume"
@@ -94,9 +93,9 @@ class Problem:
 
     kind: str
     message: str
-    mismatch: Optional[BlockMismatch] = None
+    mismatch: BlockMismatch | None = None
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "message": self.message,
                 "mismatch": self.mismatch.to_dict() if self.mismatch else None}
 
@@ -106,7 +105,7 @@ class DiskCheck:
     target: str
     total: int = 0
     checked: int = 0
-    problems: List[Problem] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -127,7 +126,7 @@ class DiskCheck:
                 parts.append(f"{self.target}: {p.kind} damaged: {p.message}")
         return "; ".join(parts)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {"target": self.target, "ok": self.ok, "blocks": self.total,
                 "checked": self.checked, "problems": [p.to_dict() for p in self.problems]}
 
@@ -135,17 +134,17 @@ class DiskCheck:
 @dataclass
 class PointCheck:
     number: int
-    generation: Optional[int]
-    taken: Optional[str]
+    generation: int | None
+    taken: str | None
     status: str = GOOD
-    reason: Optional[str] = None  # a manifest that cannot be read
-    disks: List[DiskCheck] = field(default_factory=list)
+    reason: str | None = None  # a manifest that cannot be read
+    disks: list[DiskCheck] = field(default_factory=list)
 
     def settle(self) -> None:
         if self.status == GOOD and any(not d.ok for d in self.disks):
             self.status = DAMAGED
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {"point": self.number, "generation": self.generation, "taken": self.taken,
                 "status": self.status, "reason": self.reason,
                 "disks": [d.to_dict() for d in self.disks]}
@@ -155,14 +154,14 @@ class PointCheck:
 class DomainCheck:
     uuid: str
     name: str
-    points: List[PointCheck] = field(default_factory=list)
-    problems: List[str] = field(default_factory=list)  # records outside any point
+    points: list[PointCheck] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # records outside any point
 
     @property
     def damaged(self) -> bool:
         return bool(self.problems) or any(p.status == DAMAGED for p in self.points)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {"uuid": self.uuid, "name": self.name, "ok": not self.damaged,
                 "problems": list(self.problems), "points": [p.to_dict() for p in self.points]}
 
@@ -170,8 +169,8 @@ class DomainCheck:
 @dataclass
 class VerifyReport:
     pool: str
-    sample: Optional[float]
-    domains: List[DomainCheck] = field(default_factory=list)
+    sample: float | None
+    domains: list[DomainCheck] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -183,14 +182,14 @@ class VerifyReport:
     def incompatible(self) -> bool:
         return any(p.status == INCOMPATIBLE for d in self.domains for p in d.points)
 
-    def counts(self) -> Dict[str, int]:
+    def counts(self) -> dict[str, int]:
         out = {GOOD: 0, DAMAGED: 0, INCOMPATIBLE: 0}
         for d in self.domains:
             for p in d.points:
                 out[p.status] += 1
         return out
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {"pool": self.pool, "sample_percent": self.sample, "ok": self.ok,
                 "seconds": round(self.seconds, 3), "counts": self.counts(),
                 "domains": [d.to_dict() for d in self.domains]}
@@ -230,13 +229,13 @@ def format_report(report: VerifyReport) -> str:
 def verify(
     pool: PoolLike,
     *,
-    domain: Optional[str] = None,
-    point: Optional[int] = None,
-    sample: Optional[float] = None,
+    domain: str | None = None,
+    point: int | None = None,
+    sample: float | None = None,
     uri: str = "qemu:///system",
-    progress: Optional[ProgressCallback] = None,
-    seed: Optional[int] = None,
-    runtime_base: Optional[str] = None,
+    progress: ProgressCallback | None = None,
+    seed: int | None = None,
+    runtime_base: str | None = None,
 ) -> VerifyReport:
     """Check the points of ``domain`` (every domain when None), or only ``point``.
 
@@ -269,19 +268,19 @@ def verify(
 class _DomainChecker:
     """One domain's points; caches what a generation's points share (table 1, base check)."""
 
-    def __init__(self, store: DomainStore, daemon: Any, sample: Optional[float],
-                 rng: random.Random, progress: Optional[ProgressCallback]) -> None:
+    def __init__(self, store: DomainStore, daemon: Any, sample: float | None,
+                 rng: random.Random, progress: ProgressCallback | None) -> None:
         self.store = store
         self.daemon = daemon
         self.sample = sample
         self.rng = rng
         self.progress = progress
-        self._table1: Dict[Tuple[int, str, str], Any] = {}  # CheckTable or Problem
-        self._base: Dict[Tuple[int, str, str], Tuple[Optional[Problem], int]] = {}
-        self._generations_checked: Dict[int, bool] = {}
-        self._samples: Dict[Tuple[int, str, int], Any] = {}
+        self._table1: dict[tuple[int, str, str], Any] = {}  # CheckTable or Problem
+        self._base: dict[tuple[int, str, str], tuple[Problem | None, int]] = {}
+        self._generations_checked: dict[int, bool] = {}
+        self._samples: dict[tuple[int, str, int], Any] = {}
 
-    def run(self, point: Optional[int]) -> DomainCheck:
+    def run(self, point: int | None) -> DomainCheck:
         result = DomainCheck(uuid=self.store.uuid, name=self.store.name)
         infos = self.store.list_points()
         if point is not None:
@@ -352,7 +351,7 @@ class _DomainChecker:
         return self._table1[key]
 
     def _check_base(self, generation: int, disk: PointDisk, table1: CheckTable,
-                    dc: DiskCheck) -> Optional[Problem]:
+                    dc: DiskCheck) -> Problem | None:
         key = (generation, disk.target, disk.base)
         if key not in self._base:
             probe = DiskCheck(disk.target)
@@ -397,7 +396,7 @@ class _DomainChecker:
         return self._samples[key]
 
     def _check_volume(self, kind: str, path: Any, fmt: str, expected: CheckTable,
-                      label: str, dc: DiskCheck, indexes: Any) -> Optional[Problem]:
+                      label: str, dc: DiskCheck, indexes: Any) -> Problem | None:
         if not path.is_file():
             return Problem(kind, f"{path} is missing")
         try:

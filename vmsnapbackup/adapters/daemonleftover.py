@@ -1,0 +1,91 @@
+"""What a dead backup's storage daemon leaves behind, and how ``repair`` removes it.
+
+A backup killed without its ``close()`` (SIGKILL, a crash, a power cut) leaves
+its runtime directory, and -- only if it died between fork and the death signal,
+or the daemon is still tearing down -- the daemon itself.  The journal recorded
+both; these functions trust neither blindly: a directory is only removed when
+its name and its contents are ours, a pid only signalled when its command line
+names that directory (pid reuse).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+from .. import errors
+from . import processes
+from .daemonprocess import PID_FILE, RUNTIME_DIR_PREFIX, RUNTIME_FILES
+from .host import LOCAL, Host
+
+__all__ = ["remove_runtime_dir", "stop_leftover_daemon"]
+
+log = logging.getLogger(__name__)
+
+
+def remove_runtime_dir(path: str, host: Host = LOCAL) -> None:
+    """Remove one of *our* runtime directories, refusing anything else.
+
+    The path may come from a journal on disk; a damaged journal must not make
+    us delete an arbitrary directory, hence the name and content checks.
+    """
+    if not os.path.basename(os.path.normpath(path)).startswith(RUNTIME_DIR_PREFIX):
+        raise errors.UsageError(f"{path} is not a vmsnapbackup runtime directory")
+    try:
+        names = host.listdir(path)
+    except FileNotFoundError:
+        return
+    foreign = [n for n in names if n not in RUNTIME_FILES]
+    if foreign:
+        raise errors.UsageError(
+            f"{path} holds files vmsnapbackup did not create ({', '.join(sorted(foreign))}); "
+            "not removing it")
+    for n in names:
+        host.unlink(os.path.join(path, n))
+    with contextlib.suppress(FileNotFoundError):
+        host.rmdir(path)
+
+
+def stop_leftover_daemon(pid: int | None, runtime_dir: str, *, timeout: float = 15.0,
+                         host: Host = LOCAL) -> bool:
+    """Stop the daemon a dead backup left behind and remove its runtime dir.
+
+    For ``repair``: ``pid`` and ``runtime_dir`` are what the journal recorded
+    (``StorageDaemon.pid``, ``StorageDaemon.runtime_dir``); the pid file in the
+    directory is consulted too. A process is only signalled if it is a
+    qemu-storage-daemon whose command line names that directory (PID reuse).
+    Refuses (UsageError) a directory that is not one of ours.  Returns True if
+    a live daemon was stopped.
+    """
+    if not os.path.basename(os.path.normpath(runtime_dir)).startswith(RUNTIME_DIR_PREFIX):
+        raise errors.UsageError(f"{runtime_dir} is not a vmsnapbackup runtime directory")
+    candidates = [pid] if pid is not None else []
+    with contextlib.suppress(OSError, ValueError):
+        candidates.append(int((host.read_file(os.path.join(runtime_dir, PID_FILE),
+                                              limit=64) or b"").strip()))
+    needle = os.path.join(os.path.normpath(runtime_dir), "")
+    stopped = False
+    for candidate in dict.fromkeys(candidates):
+        if not processes.is_alive(candidate, host):
+            continue
+        if processes.started_with(candidate, needle, host):
+            log.info("stopping leftover storage daemon pid %d (%s)", candidate, runtime_dir)
+            try:
+                stopped = processes.stop(candidate, timeout=timeout, host=host,
+                                         what="leftover storage daemon") or stopped
+            except errors.HypervisorError as err:
+                raise errors.ExportError(str(err)) from err
+        # killed with its parent and still tearing down (its command line is gone
+        # already, its image locks not yet): wait, or a commit fails on the lock.
+        # It was dying already: nothing was stopped here.
+        elif (processes.is_exiting(candidate, "qemu-storage", host)
+              and not processes.wait_gone(candidate, timeout, host)):
+            raise errors.ExportError(f"leftover storage daemon pid {candidate} does not "
+                                     "finish exiting")
+    try:
+        remove_runtime_dir(runtime_dir, host)
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        raise errors.ExportError(f"cannot remove {runtime_dir}: {err.strerror}") from err
+    return stopped
