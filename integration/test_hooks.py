@@ -214,7 +214,7 @@ def test_started_on_our_overlay_hands_repair_to_a_detached_job(
     td.dom.create()
     start_seconds = time.monotonic() - started
     assert find_disk(td.dom.XMLDesc(0), "vda").source == overlay
-    assert hook.await_job(td.name) == ["--pool", "/var/lib/vmsnapbackup-hooktest", "repair", td.name]
+    assert hook.await_job(td.name) == ["--pool=/var/lib/vmsnapbackup-hooktest", "repair", "--", td.name]
     # The job's output went to the job log, not to libvirt.
     assert f"repair {td.name}" in hook.job_log.read_text()
     print(f"domain start with the hook spawning a job: {start_seconds:.3f} s")
@@ -258,6 +258,6 @@ def test_backup_on_shutdown(hook: Hook, runtime_env: Path, make_domain: DomainFa
     try:
         td.dom.destroy()
         assert hook.await_job(td.name) == [
-            "--pool", f"/var/lib/vmsnapbackup-hooktest-{td.name}", "backup", td.name]
+            f"--pool=/var/lib/vmsnapbackup-hooktest-{td.name}", "backup", "--", td.name]
     finally:
         hook.write_conf()

@@ -16,7 +16,7 @@ _RELOAD_NOTE = ("libvirtd looks for hooks at start-up and on SIGHUP: use --reloa
                 "'systemctl reload libvirtd' or restart it")
 
 
-def register(sub: "argparse._SubParsersAction") -> None:
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser(
         "hook", help="install or remove the libvirt qemu hook",
         description="The hook refuses to start a domain while an offline backup reads its "

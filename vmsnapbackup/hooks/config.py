@@ -16,6 +16,11 @@ The hook must decide without libvirt and without a pool, so everything it
 needs beyond the in-flight records is here.  A missing file means defaults;
 a broken one is a :class:`~vmsnapbackup.errors.UsageError` naming it (the hook
 then logs it and goes on with defaults: a typo must never stop a domain).
+
+Its ``command=`` runs as root, so the file is read only when root alone can
+change it and every directory above it (:mod:`.trust`); otherwise loading
+raises :class:`~vmsnapbackup.hooks.trust.UntrustedPathError` and the hook uses
+the defaults, running nothing the file names.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 from ..errors import UsageError
+from .trust import UntrustedPathError, path_problem
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -114,11 +120,19 @@ def load_config(path: Optional[os.PathLike] = None) -> HookConfig:  # type: igno
     """Read the policy file (defaults when it does not exist)."""
     p = Path(path) if path is not None else config_path()
     parser = configparser.ConfigParser(defaults={"pool": DEFAULT_POOL}, interpolation=None)
+    if not os.path.lexists(p):
+        return HookConfig()
+    # checked before opening: nothing an untrusted user planted (a FIFO, a symlink
+    # to a device) is even opened
+    problem = path_problem(p)
+    if problem:
+        raise UntrustedPathError(f"{p}: hook configuration not trusted ({problem}); "
+                                 "it must be owned by root and writable by root alone")
+    if not p.is_file():
+        raise UsageError(f"{p}: hook configuration is not a regular file")
     try:
         with open(p, encoding="utf-8") as f:
             parser.read_file(f)
-    except FileNotFoundError:
-        return HookConfig()
     except (OSError, UnicodeDecodeError, configparser.Error) as err:
         raise UsageError(f"{p}: cannot read hook configuration: {' '.join(str(err).split())}") from None
 
