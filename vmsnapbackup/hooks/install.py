@@ -221,6 +221,10 @@ def install(
     python = interpreter or sys.executable
     text = shim_text(python)
     if check:
+        problem = path_problem(python)  # before running it at all
+        if problem:
+            raise UntrustedPathError(f"refusing to install the hook: {problem}; "
+                                     "libvirtd would run it as root")
         _check_trusted(python, _probe(python))
     target = hook_path(hooks_dir)
     try:
