@@ -292,7 +292,7 @@ def hung(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
     release = threading.Event()
 
     def hang() -> List[InflightRecord]:
-        release.wait(60)
+        release.wait(8)
         return []
 
     monkeypatch.setattr(inflight, "records", hang)
