@@ -261,3 +261,30 @@ def test_backup_on_shutdown(hook: Hook, runtime_env: Path, make_domain: DomainFa
             f"--pool=/var/lib/vmsnapbackup-hooktest-{td.name}", "backup", "--", td.name]
     finally:
         hook.write_conf()
+
+
+def test_a_domain_named_like_an_option_is_repaired_by_name(
+        hook: Hook, runtime_env: Path, make_domain: DomainFactory) -> None:
+    """A domain called ``--all`` left on our overlay: the hook must ask for the repair of
+    that one domain, not ``repair --all`` (every domain of the pool)."""
+    from vmsnapbackup.cli import build_parser
+
+    td = make_domain(disks=[DiskSpec("vda", "qcow2", 16 * 2**20)], start=False)
+    # the fixture's cleanup finds the domain by uuid; td.name stays the work directory's name
+    td.dom.rename("--all", 0)
+    td.dom = td.conn.lookupByUUIDString(td.uuid)
+    try:
+        xml = td.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        base = str(td.disks["vda"])
+        overlay = overlay_path(find_disk(xml, "vda"), "hooktest3")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2",
+                        overlay], check=True)
+        td.dom = td.conn.defineXML(xml.replace(f"file='{base}'", f"file='{overlay}'"))
+        td.dom.create()
+        job = hook.await_job("--all")
+        assert job == ["--pool=/var/lib/vmsnapbackup-hooktest", "repair", "--", "--all"]
+        args = build_parser().parse_args(job)  # what the real CLI makes of it
+        assert args.domain == "--all" and not args.all_domains
+        td.shutoff()
+    finally:
+        Path("/var/log/libvirt/qemu/--all.log").unlink(missing_ok=True)
