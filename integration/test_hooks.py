@@ -216,7 +216,7 @@ def test_started_on_our_overlay_hands_repair_to_a_detached_job(
     assert find_disk(td.dom.XMLDesc(0), "vda").source == overlay
     assert hook.await_job(td.name) == ["--pool=/var/lib/vmsnapbackup-hooktest", "repair", "--", td.name]
     # The job's output went to the job log, not to libvirt.
-    assert f"repair {td.name}" in hook.job_log.read_text()
+    assert f"repair -- {td.name}" in hook.job_log.read_text()
     print(f"domain start with the hook spawning a job: {start_seconds:.3f} s")
     td.shutoff()
 
