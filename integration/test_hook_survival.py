@@ -15,13 +15,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
 from domains import DiskSpec, DomainFactory, TestDomain
 from test_hooks import _Saved, _sighup
+
 from vmsnapbackup.core import inflight
 from vmsnapbackup.core.inflight import InflightRecord
 from vmsnapbackup.hooks import install as hookinstall
@@ -83,7 +83,7 @@ def guarded(make_domain: DomainFactory, monkeypatch: pytest.MonkeyPatch) -> Iter
         yield td
 
 
-def _virsh_start(td: TestDomain) -> subprocess.CompletedProcess:  # type: ignore[type-arg]
+def _virsh_start(td: TestDomain) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["virsh", "-c", "qemu:///system", "start", td.name],
                           capture_output=True, text=True, timeout=120, check=False)
 

@@ -19,15 +19,15 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional
 
 import libvirt
 import pytest
 import tenacity
-
 from domains import DiskSpec, DomainFactory, TestDomain
+
 from vmsnapbackup.adapters.domainxml import find_disk, is_our_overlay, overlay_path
 from vmsnapbackup.core import inflight
 from vmsnapbackup.core.inflight import InflightRecord
@@ -42,11 +42,11 @@ class _Saved:
     """A file we replace for the duration of the module, to put back afterwards."""
 
     path: Path
-    data: Optional[bytes]
+    data: bytes | None
     mode: int = 0
 
     @classmethod
-    def take(cls, path: Path) -> "_Saved":
+    def take(cls, path: Path) -> _Saved:
         if path.exists():
             return cls(path, path.read_bytes(), stat.S_IMODE(path.stat().st_mode))
         return cls(path, None)
@@ -73,14 +73,14 @@ class Hook:
             f"[DEFAULT]\npool = /var/lib/vmsnapbackup-hooktest\ncommand = {self.recorder}\n"
             f"job_log = {self.job_log}\n{extra}")
 
-    def job_lines(self, domain: str) -> List[List[str]]:
+    def job_lines(self, domain: str) -> list[list[str]]:
         try:
             lines = self.jobs.read_text().splitlines()
         except FileNotFoundError:
             return []
         return [line.split() for line in lines if line.split()[-1:] == [domain]]
 
-    def await_job(self, domain: str) -> List[str]:
+    def await_job(self, domain: str) -> list[str]:
         """The jobs are detached: wait (bounded) until the recorder has run."""
         for attempt in tenacity.Retrying(stop=tenacity.stop_after_delay(20),
                                          wait=tenacity.wait_exponential(0.01, max=0.2),
@@ -233,9 +233,8 @@ def test_started_with_live_backup_starts_no_repair(
     online = InflightRecord.now(td.uuid, td.name, "backup", "/var/lib/vmsnapbackup-hooktest",
                                 [overlay], offline=False)
     # The live record names the overlay as an image in use: start must be refused...
-    with inflight.inflight(online):
-        with pytest.raises(libvirt.libvirtError, match="in use"):
-            td.dom.create()
+    with inflight.inflight(online), pytest.raises(libvirt.libvirtError, match="in use"):
+        td.dom.create()
     # ...and with a live record that does not hold its images, started spawns nothing.
     with inflight.inflight(InflightRecord.now(td.uuid, td.name, "backup", "/p", [])):
         td.dom.create()

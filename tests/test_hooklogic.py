@@ -7,8 +7,8 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional, Sequence
 
 import pytest
 import tenacity
@@ -19,10 +19,19 @@ from vmsnapbackup.core.inflight import InflightRecord
 from vmsnapbackup.errors import NotFoundError, UsageError
 from vmsnapbackup.hooks import install as hookinstall
 from vmsnapbackup.hooks.config import (
-    CONFIG_ENV, DEFAULT_POOL, DomainPolicy, HookConfig, default_command, load_config,
+    CONFIG_ENV,
+    DEFAULT_POOL,
+    DomainPolicy,
+    HookConfig,
+    default_command,
+    load_config,
 )
 from vmsnapbackup.hooks.logic import (
-    HookCall, hook_main, parse_domain, setup_hook_logging, spawn_detached,
+    HookCall,
+    hook_main,
+    parse_domain,
+    setup_hook_logging,
+    spawn_detached,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,7 +43,7 @@ OVERLAY = "/var/lib/libvirt/images/web1.vmsnapbackup-20240101T000000-1.qcow2"
 
 
 def domain_xml(name: str = NAME, uuid: str = UUID, source: str = IMAGE,
-               backing: Optional[str] = None, extra_disk: str = "") -> str:
+               backing: str | None = None, extra_disk: str = "") -> str:
     """Shaped like the XML libvirt gives a hook (live XML of a starting domain)."""
     backing_el = (f"<backingStore type='file' index='1'><format type='qcow2'/>"
                   f"<source file='{backing}'/><backingStore/></backingStore>"
@@ -82,7 +91,7 @@ class Spawned:
     """The fake spawn seam: records argvs instead of starting processes."""
 
     def __init__(self) -> None:
-        self.calls: List[List[str]] = []
+        self.calls: list[list[str]] = []
 
     def __call__(self, argv: Sequence[str]) -> None:
         self.calls.append(list(argv))
@@ -94,7 +103,7 @@ def dead_pid() -> int:
     return proc.pid
 
 
-def record(pid: Optional[int] = None, *, uuid: str = UUID, name: str = NAME, offline: bool = False,
+def record(pid: int | None = None, *, uuid: str = UUID, name: str = NAME, offline: bool = False,
            images: Sequence[str] = (IMAGE,), pool: str = "/srv/pool-a",
            operation: str = "backup") -> InflightRecord:
     rec = InflightRecord.now(uuid, name, operation, pool, images, offline=offline,
@@ -103,7 +112,7 @@ def record(pid: Optional[int] = None, *, uuid: str = UUID, name: str = NAME, off
     return rec
 
 
-def run_hook(argv: Sequence[str], xml: str, spawn: Optional[Spawned] = None) -> "tuple[int, str]":
+def run_hook(argv: Sequence[str], xml: str, spawn: Spawned | None = None) -> tuple[int, str]:
     err = io.StringIO()
     code = hook_main(argv, io.StringIO(xml), spawn=spawn or Spawned(), stderr=err)
     return code, err.getvalue()
@@ -175,7 +184,7 @@ def test_migrate_allowed_otherwise() -> None:
     assert run_hook([NAME, "migrate", "begin", "-"], domain_xml()) == (0, "")
 
 
-def test_hook_never_writes_stdout(capsys: pytest.CaptureFixture) -> None:
+def test_hook_never_writes_stdout(capsys: pytest.CaptureFixture[str]) -> None:
     """libvirt reads a migrate/restore hook's stdout as the replacement XML."""
     record()
     hook_main([NAME, "migrate", "begin", "-"], io.StringIO(domain_xml()), spawn=Spawned(),
@@ -290,7 +299,7 @@ def test_other_ops_do_nothing(op: str) -> None:
 
 
 @pytest.mark.parametrize("argv", [[], [NAME], [NAME, "start"]])
-def test_short_argv(argv: List[str]) -> None:
+def test_short_argv(argv: list[str]) -> None:
     assert HookCall.from_argv(argv).extra == "-"
     assert run_hook(argv, domain_xml())[0] == 0
 
@@ -416,15 +425,15 @@ def test_spawn_detached_does_not_wait_and_leaves_the_session(tmp_path: Path) -> 
 
 # ---------------------------------------------------------------- the shim, as libvirt runs it
 
-def _shim(args: Sequence[str], xml: str, env_extra: dict, *, where: Path, timeout: float = 30,
-          interpreter: str = sys.executable) -> subprocess.CompletedProcess:
+def _shim(args: Sequence[str], xml: str, env_extra: dict[str, str], *, where: Path, timeout: float = 30,
+          interpreter: str = sys.executable) -> subprocess.CompletedProcess[bytes]:
     """Run the shim as installed (in ``where``) for ``interpreter``, with libvirt's environment."""
     shim = where / "hook"
     shim.write_text(hookinstall.shim_text(interpreter))
     shim.chmod(0o755)
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", **env_extra}
-    return subprocess.run([str(shim), *args], input=xml.encode(), cwd="/",
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, timeout=timeout)
+    return subprocess.run([str(shim), *args], input=xml.encode(), cwd="/", check=False,
+                          capture_output=True, env=env, timeout=timeout)
 
 
 def test_shim_refuses_and_allows(runtime: Path) -> None:
@@ -527,7 +536,7 @@ def test_install_status_uninstall(tmp_path: Path, runtime: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", inflight.RUNTIME_DIR_ENV: str(runtime),
            CONFIG_ENV: "/nonexistent"}
     proc = subprocess.run([str(path), NAME, "start", "begin", "-"], input=domain_xml().encode(),
-                          capture_output=True, env=env, timeout=30)
+                          capture_output=True, env=env, timeout=30, check=False)
     assert proc.returncode == 1 and b"cannot start" in proc.stderr
 
     path.write_text(text.replace("shim_main", "shim_mian"))
@@ -576,7 +585,7 @@ def test_reload_signals_the_daemon_of_the_pid_file(tmp_path: Path) -> None:
         hookinstall.reload_libvirtd([pid_file])
 
 
-def test_cli_hook_commands(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_hook_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     hooks = str(tmp_path / "hooks")
     assert cli_main(["hook", "install", "--hooks-dir", hooks]) == 0
     out = capsys.readouterr().out

@@ -10,8 +10,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, List, Sequence
 
 import pytest
 
@@ -62,25 +62,25 @@ def offline_record() -> None:
 
 class Spawned:
     def __init__(self) -> None:
-        self.calls: List[List[str]] = []
+        self.calls: list[list[str]] = []
 
     def __call__(self, argv: Sequence[str]) -> None:
         self.calls.append(list(argv))
 
 
 def run_shim(where: Path, interpreter: str, args: Sequence[str], xml: str,
-             env_extra: "dict[str, str]") -> subprocess.CompletedProcess:  # type: ignore[type-arg]
+             env_extra: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
     shim = where / "hook"
     shim.write_text(hookinstall.shim_text(interpreter))
     shim.chmod(0o755)
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", **env_extra}
     return subprocess.run([str(shim), *args], input=xml.encode(), cwd="/", env=env,
-                          capture_output=True, timeout=60)
+                          capture_output=True, timeout=60, check=False)
 
 
 # ---------------------------------------------------------------- a broken interpreter
 
-def _broken_interpreters(tmp_path: Path) -> "dict[str, str]":
+def _broken_interpreters(tmp_path: Path) -> dict[str, str]:
     failing = tmp_path / "failing-python"
     failing.write_text("#!/bin/sh\necho 'Fatal Python error: init_fs_encoding' >&2\nexit 1\n")
     crashing = tmp_path / "crashing-python"
@@ -291,7 +291,7 @@ def hung(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
     """Every look at the in-flight records hangs (a hung NFS path, a blocked flock)."""
     release = threading.Event()
 
-    def hang() -> List[InflightRecord]:
+    def hang() -> list[InflightRecord]:
         release.wait(8)
         return []
 
@@ -353,7 +353,7 @@ def test_install_refuses_a_package_or_site_others_can_change(tmp_path: Path) -> 
     (pkg / "hooks").mkdir(parents=True)
     (pkg / "hooks" / "logic.py").write_text("")
     (pkg / "hooks" / "logic.py").chmod(0o664)
-    found = {"package": str(pkg), "site": [str(tmp_path / "site")]}
+    found: dict[str, object] = {"package": str(pkg), "site": [str(tmp_path / "site")]}
     with pytest.raises(UntrustedPathError, match="logic.py is writable by its group"):
         hookinstall._check_trusted(sys.executable, found)
     (pkg / "hooks" / "logic.py").chmod(0o644)
