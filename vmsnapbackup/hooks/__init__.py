@@ -9,4 +9,4 @@ from __future__ import annotations
 from .config import HookConfig, load_config
 from .logic import hook_main
 
-__all__ = ["hook_main", "HookConfig", "load_config"]
+__all__ = ["HookConfig", "hook_main", "load_config"]

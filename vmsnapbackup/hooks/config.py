@@ -30,20 +30,19 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Tuple
 
 from ..errors import UsageError
 from .trust import UntrustedPathError, path_problem
 
 __all__ = [
-    "DEFAULT_CONFIG_PATH",
     "CONFIG_ENV",
+    "DEFAULT_CONFIG_PATH",
     "DEFAULT_POOL",
     "DomainPolicy",
     "HookConfig",
     "config_path",
-    "load_config",
     "default_command",
+    "load_config",
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/vmsnapbackup/hooks.conf")
@@ -69,10 +68,10 @@ class HookConfig:
     """The parsed file; ``command`` empty means :func:`default_command`."""
 
     default: DomainPolicy = DomainPolicy(pool=DEFAULT_POOL)
-    command: Tuple[str, ...] = ()
-    job_log: Optional[str] = None
-    domains: Dict[str, DomainPolicy] = field(default_factory=dict)
-    path: Optional[str] = None
+    command: tuple[str, ...] = ()
+    job_log: str | None = None
+    domains: dict[str, DomainPolicy] = field(default_factory=dict)
+    path: str | None = None
 
     @property
     def pool(self) -> str:
@@ -82,7 +81,7 @@ class HookConfig:
         """The ``[domain:NAME]`` section, else ``[DEFAULT]`` (whose keys every section inherits)."""
         return self.domains.get(name, self.default)
 
-    def cli(self) -> Tuple[str, ...]:
+    def cli(self) -> tuple[str, ...]:
         """The argv prefix that runs the vmsnapbackup CLI."""
         return self.command or default_command()
 
@@ -92,7 +91,7 @@ def config_path() -> Path:
     return Path(override) if override else DEFAULT_CONFIG_PATH
 
 
-def default_command() -> Tuple[str, ...]:
+def default_command() -> tuple[str, ...]:
     """The CLI of the installation the hook runs from.
 
     The console script sits beside the interpreter in a venv or a system
@@ -116,7 +115,7 @@ def _policy(parser: configparser.ConfigParser, section: str, path: Path) -> Doma
     return DomainPolicy(pool=pool, backup_on_shutdown=bool(backup))
 
 
-def load_config(path: Optional[os.PathLike] = None) -> HookConfig:  # type: ignore[type-arg]
+def load_config(path: os.PathLike | None = None) -> HookConfig:  # type: ignore[type-arg]
     """Read the policy file (defaults when it does not exist)."""
     p = Path(path) if path is not None else config_path()
     parser = configparser.ConfigParser(defaults={"pool": DEFAULT_POOL}, interpolation=None)
@@ -148,7 +147,7 @@ def load_config(path: Optional[os.PathLike] = None) -> HookConfig:  # type: igno
         command = tuple(shlex.split(command_text))
     except ValueError as err:
         raise UsageError(f"{p}: [DEFAULT] command: {err}") from None
-    domains: Dict[str, DomainPolicy] = {}
+    domains: dict[str, DomainPolicy] = {}
     for section in parser.sections():
         if not section.startswith(_DOMAIN_PREFIX) or not section[len(_DOMAIN_PREFIX):].strip():
             raise UsageError(f"{p}: unknown section [{section}] (expected [domain:NAME])")

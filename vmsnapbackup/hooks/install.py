@@ -26,9 +26,9 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 from ..core.atomic import atomic_write_bytes, unlink_durable
 from ..errors import NotFoundError, UsageError
@@ -36,17 +36,17 @@ from .config import config_path
 from .trust import UntrustedPathError, path_problem, tree_problem
 
 __all__ = [
-    "SHIM_SOURCE",
-    "HOOK_NAME",
-    "DEFAULT_HOOKS_DIR",
     "DAEMON_PID_FILES",
+    "DEFAULT_HOOKS_DIR",
+    "HOOK_NAME",
+    "SHIM_SOURCE",
     "HookStatus",
     "hook_path",
-    "shim_text",
     "install",
-    "uninstall",
-    "status",
     "reload_libvirtd",
+    "shim_text",
+    "status",
+    "uninstall",
 ]
 
 HOOK_NAME = "vmsnapbackup"
@@ -135,14 +135,14 @@ class HookStatus:
 
     path: str
     installed: bool
-    interpreter: Optional[str]
+    interpreter: str | None
     current: bool
-    daemon_pid: Optional[int]
+    daemon_pid: int | None
     config_path: str
     config_exists: bool
 
 
-def hook_path(hooks_dir: "os.PathLike[str] | str" = DEFAULT_HOOKS_DIR) -> Path:
+def hook_path(hooks_dir: os.PathLike[str] | str = DEFAULT_HOOKS_DIR) -> Path:
     return Path(hooks_dir) / "qemu.d" / HOOK_NAME
 
 
@@ -159,7 +159,7 @@ def shim_text(interpreter: str) -> str:
     return "\n".join(lines)
 
 
-def _probe(interpreter: str) -> "dict[str, object]":
+def _probe(interpreter: str) -> dict[str, object]:
     """Refuse to install a hook whose interpreter cannot import us: it would silently do nothing."""
     try:
         proc = subprocess.run(
@@ -180,7 +180,7 @@ def _probe(interpreter: str) -> "dict[str, object]":
     return found
 
 
-def _check_trusted(interpreter: str, found: "dict[str, object]") -> None:
+def _check_trusted(interpreter: str, found: dict[str, object]) -> None:
     """Everything libvirtd would run as root through the hook must be root's alone."""
     package = str(found.get("package", ""))
     sites = found.get("site", [])
@@ -195,7 +195,7 @@ def _check_trusted(interpreter: str, found: "dict[str, object]") -> None:
             "(install vmsnapbackup where only root can write, e.g. a root-owned venv)")
 
 
-def _top_level_problem(site_dir: str) -> Optional[str]:
+def _top_level_problem(site_dir: str) -> str | None:
     """The entries of a site directory (its ``.pth`` files run at every start)."""
     try:
         names = sorted(os.listdir(site_dir))
@@ -209,8 +209,8 @@ def _top_level_problem(site_dir: str) -> Optional[str]:
 
 
 def install(
-    hooks_dir: "os.PathLike[str] | str" = DEFAULT_HOOKS_DIR,
-    interpreter: Optional[str] = None,
+    hooks_dir: os.PathLike[str] | str = DEFAULT_HOOKS_DIR,
+    interpreter: str | None = None,
     *,
     check: bool = True,
 ) -> Path:
@@ -235,12 +235,12 @@ def install(
     return target
 
 
-def uninstall(hooks_dir: "os.PathLike[str] | str" = DEFAULT_HOOKS_DIR) -> bool:
+def uninstall(hooks_dir: os.PathLike[str] | str = DEFAULT_HOOKS_DIR) -> bool:
     """Remove the hook; True if it was there.  ``qemu.d`` stays (other hooks may live there)."""
     return unlink_durable(hook_path(hooks_dir))
 
 
-def _installed_interpreter(text: str) -> Optional[str]:
+def _installed_interpreter(text: str) -> str | None:
     for line in text.split("\n"):
         if line.startswith(_PYTHON_LINE):
             return line[len(_PYTHON_LINE):].strip().strip("'") or None
@@ -254,11 +254,11 @@ def _same_shim(text: str, interpreter: str) -> bool:
         return False
 
 
-def status(hooks_dir: "os.PathLike[str] | str" = DEFAULT_HOOKS_DIR) -> HookStatus:
+def status(hooks_dir: os.PathLike[str] | str = DEFAULT_HOOKS_DIR) -> HookStatus:
     """Is the hook installed, and is it this version's shim?"""
     target = hook_path(hooks_dir)
     try:
-        text: Optional[str] = target.read_text(encoding="utf-8")
+        text: str | None = target.read_text(encoding="utf-8")
     except FileNotFoundError:
         text = None
     except (OSError, UnicodeDecodeError):
@@ -281,7 +281,7 @@ def status(hooks_dir: "os.PathLike[str] | str" = DEFAULT_HOOKS_DIR) -> HookStatu
     )
 
 
-def _daemon_pid(pid_files: Sequence[Path]) -> Optional[int]:
+def _daemon_pid(pid_files: Sequence[Path]) -> int | None:
     for pid_file in pid_files:
         try:
             pid = int(pid_file.read_text().split()[0])

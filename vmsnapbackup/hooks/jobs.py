@@ -17,13 +17,20 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Optional, Sequence, Union
+from typing import IO
 
 from .trust import path_problem
 
-__all__ = ["SYSLOG_SOCKET", "JOB_UMASK", "open_job_log", "command_problem", "spawn_detached",
-           "setup_hook_logging"]
+__all__ = [
+    "JOB_UMASK",
+    "SYSLOG_SOCKET",
+    "command_problem",
+    "open_job_log",
+    "setup_hook_logging",
+    "spawn_detached",
+]
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +58,7 @@ def open_job_log(log_path: Path) -> IO[bytes]:
         raise
 
 
-def command_problem(argv0: str) -> Optional[str]:
+def command_problem(argv0: str) -> str | None:
     """Why the configured command must not run as root, or None."""
     found = argv0 if os.sep in argv0 else shutil.which(argv0)
     if found is None:
@@ -59,7 +66,7 @@ def command_problem(argv0: str) -> Optional[str]:
     return path_problem(found)
 
 
-def spawn_detached(argv: Sequence[str], log_path: Optional[Path] = None) -> None:
+def spawn_detached(argv: Sequence[str], log_path: Path | None = None) -> None:
     """Start ``argv`` in its own session and return at once.
 
     Its output goes to ``log_path`` (appended), never to the hook's pipes:
@@ -67,7 +74,7 @@ def spawn_detached(argv: Sequence[str], log_path: Optional[Path] = None) -> None
     long as the job runs.  The hook exits right away, so the job is adopted by
     init and nobody waits for it.
     """
-    out: Union[int, IO[bytes]] = subprocess.DEVNULL
+    out: int | IO[bytes] = subprocess.DEVNULL
     handle = None
     if log_path is not None:
         try:

@@ -32,34 +32,35 @@ import sys
 import threading
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, FrozenSet, List, NoReturn, Optional, Sequence, Tuple
+from typing import IO, Callable, NoReturn
 
 from ..adapters.domainxml import Disk, is_our_overlay, parse_disks
 from ..core import inflight
 from ..core.inflight import InflightRecord
 from ..errors import ExitCode, VmSnapBackupError
 from .config import HookConfig, load_config
-from .trust import UntrustedPathError
 from .jobs import JOB_UMASK, SYSLOG_SOCKET, command_problem, setup_hook_logging, spawn_detached
+from .trust import UntrustedPathError
 
 __all__ = [
-    "Spawn",
-    "HookCall",
-    "DomainInfo",
-    "hook_main",
-    "parse_domain",
-    "start_refusal",
-    "migrate_refusal",
-    "repair_argv",
-    "backup_argv",
-    "spawn_detached",
-    "setup_hook_logging",
-    "SYSLOG_SOCKET",
     "DEADLINE_SECONDS",
     "REFUSE_EXIT",
+    "SYSLOG_SOCKET",
+    "DomainInfo",
+    "HookCall",
+    "Spawn",
+    "backup_argv",
+    "hook_main",
+    "migrate_refusal",
+    "parse_domain",
+    "repair_argv",
+    "setup_hook_logging",
     "shim_main",
+    "spawn_detached",
+    "start_refusal",
 ]
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ class HookCall:
     extra: str = "-"
 
     @classmethod
-    def from_argv(cls, argv: Sequence[str]) -> "HookCall":
+    def from_argv(cls, argv: Sequence[str]) -> HookCall:
         args = list(argv) + ["-"] * (4 - len(argv))
         return cls(*args[:4])
 
@@ -104,11 +105,11 @@ class DomainInfo:
     """What the hook knows about the domain: only what its XML says."""
 
     name: str
-    uuid: Optional[str]
-    disks: Tuple[Disk, ...]
+    uuid: str | None
+    disks: tuple[Disk, ...]
 
     @property
-    def images(self) -> FrozenSet[str]:
+    def images(self) -> frozenset[str]:
         """Every local image of every disk (top and known backing chain), in both their
         written and resolved form, so a symlinked path still matches a record."""
         paths: set[str] = set()
@@ -121,12 +122,12 @@ class DomainInfo:
         return frozenset(paths)
 
     @property
-    def overlay_disks(self) -> List[Disk]:
+    def overlay_disks(self) -> list[Disk]:
         """Disks whose guest-writable image is one of our overlays."""
         return [d for d in self.disks if d.type == "file" and is_our_overlay(d.source)]
 
 
-def _path_forms(path: str) -> Tuple[str, ...]:
+def _path_forms(path: str) -> tuple[str, ...]:
     norm = os.path.normpath(path)
     try:
         real = os.path.realpath(norm)
@@ -149,7 +150,7 @@ def _is_domain(record: InflightRecord, info: DomainInfo) -> bool:
     return record.name == info.name
 
 
-def _shared_images(record: InflightRecord, info: DomainInfo) -> List[str]:
+def _shared_images(record: InflightRecord, info: DomainInfo) -> list[str]:
     mine = info.images
     return sorted(p for p in record.images if mine.intersection(_path_forms(p)))
 
@@ -159,7 +160,7 @@ def _describe(record: InflightRecord) -> str:
     return f"{kind}{record.operation} of {record.name} (pid {record.pid}, since {record.since})"
 
 
-def start_refusal(info: DomainInfo, live: Sequence[InflightRecord]) -> Optional[str]:
+def start_refusal(info: DomainInfo, live: Sequence[InflightRecord]) -> str | None:
     """Why the domain must not start now, or None.
 
     An offline operation reads the images directly, with no snapshot between it
@@ -178,7 +179,7 @@ def start_refusal(info: DomainInfo, live: Sequence[InflightRecord]) -> Optional[
     return None
 
 
-def migrate_refusal(info: DomainInfo, live: Sequence[InflightRecord]) -> Optional[str]:
+def migrate_refusal(info: DomainInfo, live: Sequence[InflightRecord]) -> str | None:
     """Why the domain must not migrate in, or None: our operation holds it on this host."""
     for record in live:
         if _is_domain(record, info):
@@ -187,12 +188,12 @@ def migrate_refusal(info: DomainInfo, live: Sequence[InflightRecord]) -> Optiona
     return None
 
 
-def repair_argv(config: HookConfig, pool: str, name: str) -> List[str]:
+def repair_argv(config: HookConfig, pool: str, name: str) -> list[str]:
     """``--pool=`` and ``--`` so a pool or domain named like an option (``--all``) stays data."""
     return [*config.cli(), f"--pool={pool}", "repair", "--", name]
 
 
-def backup_argv(config: HookConfig, pool: str, name: str) -> List[str]:
+def backup_argv(config: HookConfig, pool: str, name: str) -> list[str]:
     return [*config.cli(), f"--pool={pool}", "backup", "--", name]
 
 
@@ -202,7 +203,7 @@ def _job_log(config: HookConfig) -> Path:
     return inflight.runtime_root() / "hook-jobs.log"
 
 
-def _read_stdin(stdin: Optional[IO]) -> str:  # type: ignore[type-arg]
+def _read_stdin(stdin: IO | None) -> str:  # type: ignore[type-arg]
     """The domain XML; read to EOF so libvirt's writer never meets a closed pipe."""
     if stdin is None:
         return ""
@@ -217,9 +218,9 @@ def _read_stdin(stdin: Optional[IO]) -> str:  # type: ignore[type-arg]
     return str(data)
 
 
-def _live_and_stale(records: Sequence[InflightRecord]) -> Tuple[List[InflightRecord], List[InflightRecord]]:
-    live: List[InflightRecord] = []
-    stale: List[InflightRecord] = []
+def _live_and_stale(records: Sequence[InflightRecord]) -> tuple[list[InflightRecord], list[InflightRecord]]:
+    live: list[InflightRecord] = []
+    stale: list[InflightRecord] = []
     for record in records:
         (live if inflight.is_live(record) else stale).append(record)
     return live, stale
@@ -228,14 +229,14 @@ def _live_and_stale(records: Sequence[InflightRecord]) -> Tuple[List[InflightRec
 @dataclass(frozen=True)
 class _Decision:
     code: int
-    refusal: Optional[str] = None  # for libvirt's error message (stderr)
+    refusal: str | None = None  # for libvirt's error message (stderr)
 
 
 _ALLOW = _Decision(int(ExitCode.OK))
 
 
 def _decide(call: HookCall, xml: str, config_loader: Callable[[], HookConfig],
-            spawn: Optional[Spawn], gave_up: threading.Event) -> _Decision:
+            spawn: Spawn | None, gave_up: threading.Event) -> _Decision:
     if call.op not in ("prepare", "start", "migrate", "release") and call.op not in _RUNNING_OPS:
         return _ALLOW
     info = parse_domain(xml, call.domain)
@@ -303,7 +304,7 @@ def _decide(call: HookCall, xml: str, config_loader: Callable[[], HookConfig],
     return _ALLOW
 
 
-def _load(config_loader: Callable[[], HookConfig]) -> Optional[HookConfig]:
+def _load(config_loader: Callable[[], HookConfig]) -> HookConfig | None:
     """The policy; defaults when it is broken (a typo must not stop repairs), None when
     it is not trusted (then nothing it could have influenced is run)."""
     try:
@@ -334,11 +335,11 @@ def _out_of_time(call: HookCall, deadline: float) -> _Decision:
 
 def hook_main(
     argv: Sequence[str],
-    stdin: Optional[IO] = None,  # type: ignore[type-arg]
+    stdin: IO | None = None,  # type: ignore[type-arg]
     *,
-    spawn: Optional[Spawn] = None,
+    spawn: Spawn | None = None,
     config_loader: Callable[[], HookConfig] = load_config,
-    stderr: Optional[IO[str]] = None,
+    stderr: IO[str] | None = None,
     setup_logging: bool = False,
     deadline: float = DEADLINE_SECONDS,
 ) -> int:
@@ -354,7 +355,7 @@ def hook_main(
     err_stream = stderr if stderr is not None else sys.stderr
     call = HookCall.from_argv(argv)
     gave_up = threading.Event()
-    result: List[_Decision] = []
+    result: list[_Decision] = []
 
     def work() -> None:
         try:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional
 
 from ..errors import UsageError
 
-__all__ = ["TRUSTED_UID", "UntrustedPathError", "path_problem", "tree_problem", "check_trusted"]
+__all__ = ["TRUSTED_UID", "UntrustedPathError", "check_trusted", "path_problem", "tree_problem"]
 
 #: The only owner we accept (a module constant so a test can point it elsewhere).
 TRUSTED_UID = 0
@@ -37,7 +37,7 @@ def _prefixes(path: str) -> Iterator[str]:
         yield str(Path(*parts[:i]))
 
 
-def _entry_problem(path: str, st: os.stat_result, uid: int) -> Optional[str]:
+def _entry_problem(path: str, st: os.stat_result, uid: int) -> str | None:
     if st.st_uid != uid:
         return f"{path} is owned by uid {st.st_uid}, not root"
     if stat.S_ISLNK(st.st_mode):
@@ -50,11 +50,11 @@ def _entry_problem(path: str, st: os.stat_result, uid: int) -> Optional[str]:
     return None
 
 
-def path_problem(path: "os.PathLike[str] | str", uid: Optional[int] = None) -> Optional[str]:
+def path_problem(path: os.PathLike[str] | str, uid: int | None = None) -> str | None:
     """Why ``path`` cannot be trusted, or None.  Walks it as written and resolved."""
     owner = TRUSTED_UID if uid is None else uid
     written = os.path.abspath(os.fspath(path))
-    seen: List[str] = []
+    seen: list[str] = []
     for form in (written, os.path.realpath(written)):
         for prefix in _prefixes(form):
             if prefix in seen:
@@ -70,13 +70,13 @@ def path_problem(path: "os.PathLike[str] | str", uid: Optional[int] = None) -> O
     return None
 
 
-def tree_problem(root: "os.PathLike[str] | str", uid: Optional[int] = None) -> Optional[str]:
+def tree_problem(root: os.PathLike[str] | str, uid: int | None = None) -> str | None:
     """Like :func:`path_problem` for ``root``, then for everything below it."""
     owner = TRUSTED_UID if uid is None else uid
     problem = path_problem(root, owner)
     if problem:
         return problem
-    errors: List[OSError] = []
+    errors: list[OSError] = []
     for dirpath, dirnames, filenames in os.walk(root, onerror=errors.append):
         dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
         for name in (*dirnames, *filenames):
@@ -93,7 +93,7 @@ def tree_problem(root: "os.PathLike[str] | str", uid: Optional[int] = None) -> O
     return None
 
 
-def check_trusted(paths: Iterable["os.PathLike[str] | str"], what: str) -> None:
+def check_trusted(paths: Iterable[os.PathLike[str] | str], what: str) -> None:
     """Raise :class:`UntrustedPathError` naming the first untrusted path."""
     for path in paths:
         problem = path_problem(path)
