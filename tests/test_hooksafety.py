@@ -373,3 +373,30 @@ def test_tree_problem_walks_below_the_root(tmp_path: Path) -> None:
     assert tree_problem(tmp_path / "a") is None
     (deep / "c.py").chmod(0o646)
     assert "c.py is writable by others" in (tree_problem(tmp_path / "a") or "")
+
+
+def test_hook_status_names_an_untrusted_config(conf: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from vmsnapbackup.cli import main as cli_main
+
+    conf.write_text("[DEFAULT]\n")
+    conf.chmod(0o666)
+    assert cli_main(["hook", "status", "--hooks-dir", str(tmp_path / "hooks")]) == 0
+    assert "NOT TRUSTED" in capsys.readouterr().out
+    conf.chmod(0o644)
+    assert cli_main(["hook", "status", "--hooks-dir", str(tmp_path / "hooks")]) == 0
+    assert "NOT TRUSTED" not in capsys.readouterr().out
+
+
+def test_cli_install_refusal_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from vmsnapbackup.cli import main as cli_main
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    (shared / "venv").symlink_to(Path(sys.executable).parent.parent)
+    python = shared / "venv" / "bin" / Path(sys.executable).name
+    code = cli_main(["hook", "install", "--hooks-dir", str(tmp_path / "hooks"),
+                     "--python", str(python)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "writable by others" in err

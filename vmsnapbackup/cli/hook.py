@@ -85,4 +85,6 @@ def _status_text(st: hookinstall.HookStatus) -> str:
         state = "installed but out of date or damaged: run 'vmsnapbackup hook install'"
     daemon = f"libvirtd pid {st.daemon_pid}" if st.daemon_pid else "no libvirtd running"
     conf = st.config_path + ("" if st.config_exists else " (absent: defaults)")
+    if st.config_problem:
+        conf += f" (NOT TRUSTED, ignored: {st.config_problem})"
     return f"{st.path}: {state}\n{daemon}\nconfig: {conf}"

@@ -140,6 +140,8 @@ class HookStatus:
     daemon_pid: int | None
     config_path: str
     config_exists: bool
+    #: why the hook ignores the policy file (not root's alone), or None
+    config_problem: str | None = None
 
 
 def hook_path(hooks_dir: os.PathLike[str] | str = DEFAULT_HOOKS_DIR) -> Path:
@@ -278,6 +280,7 @@ def status(hooks_dir: os.PathLike[str] | str = DEFAULT_HOOKS_DIR) -> HookStatus:
         daemon_pid=_daemon_pid(DAEMON_PID_FILES),
         config_path=str(conf),
         config_exists=conf.exists(),
+        config_problem=path_problem(conf) if os.path.lexists(conf) else None,
     )
 
 
