@@ -19,15 +19,15 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional
 
 import libvirt
 import pytest
 import tenacity
-
 from domains import DiskSpec, DomainFactory, TestDomain
+
 from vmsnapbackup.adapters.domainxml import find_disk, is_our_overlay, overlay_path
 from vmsnapbackup.core import inflight
 from vmsnapbackup.core.inflight import InflightRecord
@@ -42,11 +42,11 @@ class _Saved:
     """A file we replace for the duration of the module, to put back afterwards."""
 
     path: Path
-    data: Optional[bytes]
+    data: bytes | None
     mode: int = 0
 
     @classmethod
-    def take(cls, path: Path) -> "_Saved":
+    def take(cls, path: Path) -> _Saved:
         if path.exists():
             return cls(path, path.read_bytes(), stat.S_IMODE(path.stat().st_mode))
         return cls(path, None)
@@ -73,14 +73,14 @@ class Hook:
             f"[DEFAULT]\npool = /var/lib/vmsnapbackup-hooktest\ncommand = {self.recorder}\n"
             f"job_log = {self.job_log}\n{extra}")
 
-    def job_lines(self, domain: str) -> List[List[str]]:
+    def job_lines(self, domain: str) -> list[list[str]]:
         try:
             lines = self.jobs.read_text().splitlines()
         except FileNotFoundError:
             return []
         return [line.split() for line in lines if line.split()[-1:] == [domain]]
 
-    def await_job(self, domain: str) -> List[str]:
+    def await_job(self, domain: str) -> list[str]:
         """The jobs are detached: wait (bounded) until the recorder has run."""
         for attempt in tenacity.Retrying(stop=tenacity.stop_after_delay(20),
                                          wait=tenacity.wait_exponential(0.01, max=0.2),
@@ -214,9 +214,9 @@ def test_started_on_our_overlay_hands_repair_to_a_detached_job(
     td.dom.create()
     start_seconds = time.monotonic() - started
     assert find_disk(td.dom.XMLDesc(0), "vda").source == overlay
-    assert hook.await_job(td.name) == ["--pool", "/var/lib/vmsnapbackup-hooktest", "repair", td.name]
+    assert hook.await_job(td.name) == ["--pool=/var/lib/vmsnapbackup-hooktest", "repair", "--", td.name]
     # The job's output went to the job log, not to libvirt.
-    assert f"repair {td.name}" in hook.job_log.read_text()
+    assert f"repair -- {td.name}" in hook.job_log.read_text()
     print(f"domain start with the hook spawning a job: {start_seconds:.3f} s")
     td.shutoff()
 
@@ -233,9 +233,8 @@ def test_started_with_live_backup_starts_no_repair(
     online = InflightRecord.now(td.uuid, td.name, "backup", "/var/lib/vmsnapbackup-hooktest",
                                 [overlay], offline=False)
     # The live record names the overlay as an image in use: start must be refused...
-    with inflight.inflight(online):
-        with pytest.raises(libvirt.libvirtError, match="in use"):
-            td.dom.create()
+    with inflight.inflight(online), pytest.raises(libvirt.libvirtError, match="in use"):
+        td.dom.create()
     # ...and with a live record that does not hold its images, started spawns nothing.
     with inflight.inflight(InflightRecord.now(td.uuid, td.name, "backup", "/p", [])):
         td.dom.create()
@@ -258,6 +257,33 @@ def test_backup_on_shutdown(hook: Hook, runtime_env: Path, make_domain: DomainFa
     try:
         td.dom.destroy()
         assert hook.await_job(td.name) == [
-            "--pool", f"/var/lib/vmsnapbackup-hooktest-{td.name}", "backup", td.name]
+            f"--pool=/var/lib/vmsnapbackup-hooktest-{td.name}", "backup", "--", td.name]
     finally:
         hook.write_conf()
+
+
+def test_a_domain_named_like_an_option_is_repaired_by_name(
+        hook: Hook, runtime_env: Path, make_domain: DomainFactory) -> None:
+    """A domain called ``--all`` left on our overlay: the hook must ask for the repair of
+    that one domain, not ``repair --all`` (every domain of the pool)."""
+    from vmsnapbackup.cli import build_parser
+
+    td = make_domain(disks=[DiskSpec("vda", "qcow2", 16 * 2**20)], start=False)
+    # the fixture's cleanup finds the domain by uuid; td.name stays the work directory's name
+    td.dom.rename("--all", 0)
+    td.dom = td.conn.lookupByUUIDString(td.uuid)
+    try:
+        xml = td.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        base = str(td.disks["vda"])
+        overlay = overlay_path(find_disk(xml, "vda"), "hooktest3")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2",
+                        overlay], check=True)
+        td.dom = td.conn.defineXML(xml.replace(f"file='{base}'", f"file='{overlay}'"))
+        td.dom.create()
+        job = hook.await_job("--all")
+        assert job == ["--pool=/var/lib/vmsnapbackup-hooktest", "repair", "--", "--all"]
+        args = build_parser().parse_args(job)  # what the real CLI makes of it
+        assert args.domain == "--all" and not args.all_domains
+        td.shutoff()
+    finally:
+        Path("/var/log/libvirt/qemu/--all.log").unlink(missing_ok=True)

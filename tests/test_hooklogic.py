@@ -7,8 +7,8 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional, Sequence
 
 import pytest
 import tenacity
@@ -19,10 +19,19 @@ from vmsnapbackup.core.inflight import InflightRecord
 from vmsnapbackup.errors import NotFoundError, UsageError
 from vmsnapbackup.hooks import install as hookinstall
 from vmsnapbackup.hooks.config import (
-    CONFIG_ENV, DEFAULT_POOL, DomainPolicy, HookConfig, default_command, load_config,
+    CONFIG_ENV,
+    DEFAULT_POOL,
+    DomainPolicy,
+    HookConfig,
+    default_command,
+    load_config,
 )
 from vmsnapbackup.hooks.logic import (
-    HookCall, hook_main, parse_domain, setup_hook_logging, spawn_detached,
+    HookCall,
+    hook_main,
+    parse_domain,
+    setup_hook_logging,
+    spawn_detached,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,7 +43,7 @@ OVERLAY = "/var/lib/libvirt/images/web1.vmsnapbackup-20240101T000000-1.qcow2"
 
 
 def domain_xml(name: str = NAME, uuid: str = UUID, source: str = IMAGE,
-               backing: Optional[str] = None, extra_disk: str = "") -> str:
+               backing: str | None = None, extra_disk: str = "") -> str:
     """Shaped like the XML libvirt gives a hook (live XML of a starting domain)."""
     backing_el = (f"<backingStore type='file' index='1'><format type='qcow2'/>"
                   f"<source file='{backing}'/><backingStore/></backingStore>"
@@ -82,7 +91,7 @@ class Spawned:
     """The fake spawn seam: records argvs instead of starting processes."""
 
     def __init__(self) -> None:
-        self.calls: List[List[str]] = []
+        self.calls: list[list[str]] = []
 
     def __call__(self, argv: Sequence[str]) -> None:
         self.calls.append(list(argv))
@@ -94,7 +103,7 @@ def dead_pid() -> int:
     return proc.pid
 
 
-def record(pid: Optional[int] = None, *, uuid: str = UUID, name: str = NAME, offline: bool = False,
+def record(pid: int | None = None, *, uuid: str = UUID, name: str = NAME, offline: bool = False,
            images: Sequence[str] = (IMAGE,), pool: str = "/srv/pool-a",
            operation: str = "backup") -> InflightRecord:
     rec = InflightRecord.now(uuid, name, operation, pool, images, offline=offline,
@@ -103,7 +112,7 @@ def record(pid: Optional[int] = None, *, uuid: str = UUID, name: str = NAME, off
     return rec
 
 
-def run_hook(argv: Sequence[str], xml: str, spawn: Optional[Spawned] = None) -> "tuple[int, str]":
+def run_hook(argv: Sequence[str], xml: str, spawn: Spawned | None = None) -> tuple[int, str]:
     err = io.StringIO()
     code = hook_main(argv, io.StringIO(xml), spawn=spawn or Spawned(), stderr=err)
     return code, err.getvalue()
@@ -175,7 +184,7 @@ def test_migrate_allowed_otherwise() -> None:
     assert run_hook([NAME, "migrate", "begin", "-"], domain_xml()) == (0, "")
 
 
-def test_hook_never_writes_stdout(capsys: pytest.CaptureFixture) -> None:
+def test_hook_never_writes_stdout(capsys: pytest.CaptureFixture[str]) -> None:
     """libvirt reads a migrate/restore hook's stdout as the replacement XML."""
     record()
     hook_main([NAME, "migrate", "begin", "-"], io.StringIO(domain_xml()), spawn=Spawned(),
@@ -191,23 +200,23 @@ def test_started_on_our_overlay_spawns_repair(op: str) -> None:
     spawn = Spawned()
     code, _ = run_hook([NAME, op, "begin", "-"], domain_xml(source=OVERLAY, backing=IMAGE), spawn)
     assert code == 0
-    assert spawn.calls == [[*default_command(), "--pool", DEFAULT_POOL, "repair", NAME]]
+    assert spawn.calls == [[*default_command(), f"--pool={DEFAULT_POOL}", "repair", "--", NAME]]
 
 
 def test_started_repair_uses_pool_of_stale_record() -> None:
     record(pid=dead_pid(), pool="/srv/pool-of-the-dead-backup")
     spawn = Spawned()
     run_hook([NAME, "started", "begin", "-"], domain_xml(source=OVERLAY), spawn)
-    assert spawn.calls == [[*default_command(), "--pool", "/srv/pool-of-the-dead-backup",
-                            "repair", NAME]]
+    assert spawn.calls == [[*default_command(), "--pool=/srv/pool-of-the-dead-backup",
+                            "repair", "--", NAME]]
 
 
 def test_started_repair_uses_configured_pool_and_command(conf: Path) -> None:
-    conf.write_text("[DEFAULT]\npool = /srv/p\ncommand = /opt/vsb/bin/vmsnapbackup -v\n"
+    conf.write_text("[DEFAULT]\npool = /srv/p\ncommand = /usr/bin/env -v\n"
                     f"[domain:{NAME}]\npool = /srv/mine\n")
     spawn = Spawned()
     run_hook([NAME, "started", "begin", "-"], domain_xml(source=OVERLAY), spawn)
-    assert spawn.calls == [["/opt/vsb/bin/vmsnapbackup", "-v", "--pool", "/srv/mine", "repair", NAME]]
+    assert spawn.calls == [["/usr/bin/env", "-v", "--pool=/srv/mine", "repair", "--", NAME]]
 
 
 def test_started_no_repair_while_backup_is_live() -> None:
@@ -243,7 +252,7 @@ def test_release_keeps_the_stale_record_of_a_domain_left_on_our_overlay() -> Non
     assert inflight.read(UUID) == stale
     spawn = Spawned()
     run_hook([NAME, "started", "begin", "-"], domain_xml(source=OVERLAY), spawn)
-    assert [c[-4:] for c in spawn.calls] == [["--pool", stale.pool, "repair", NAME]]
+    assert [c[-4:] for c in spawn.calls] == [[f"--pool={stale.pool}", "repair", "--", NAME]]
 
 
 def test_release_leaves_other_domains_stale_records() -> None:
@@ -259,7 +268,7 @@ def test_release_backup_on_shutdown(conf: Path) -> None:
     assert run_hook([NAME, "release", "end", "shutdown"], domain_xml(), spawn)[0] == 0
     # Other domains: no policy.
     run_hook(["db1", "release", "end", "-"], domain_xml(name="db1", uuid=OTHER_UUID), spawn)
-    expected = [*default_command(), "--pool", "/srv/p", "backup", NAME]
+    expected = [*default_command(), "--pool=/srv/p", "backup", "--", NAME]
     assert spawn.calls == [expected, expected]
 
 
@@ -290,7 +299,7 @@ def test_other_ops_do_nothing(op: str) -> None:
 
 
 @pytest.mark.parametrize("argv", [[], [NAME], [NAME, "start"]])
-def test_short_argv(argv: List[str]) -> None:
+def test_short_argv(argv: list[str]) -> None:
     assert HookCall.from_argv(argv).extra == "-"
     assert run_hook(argv, domain_xml())[0] == 0
 
@@ -319,7 +328,7 @@ def test_broken_config_falls_back_to_defaults(conf: Path, caplog: pytest.LogCapt
     conf.write_text("[DEFAULT]\nbackup_on_shutdwon = yes\n")
     spawn = Spawned()
     assert run_hook([NAME, "started", "begin", "-"], domain_xml(source=OVERLAY), spawn)[0] == 0
-    assert spawn.calls == [[*default_command(), "--pool", DEFAULT_POOL, "repair", NAME]]
+    assert spawn.calls == [[*default_command(), f"--pool={DEFAULT_POOL}", "repair", "--", NAME]]
     assert "backup_on_shutdwon" in caplog.text
 
 
@@ -416,20 +425,25 @@ def test_spawn_detached_does_not_wait_and_leaves_the_session(tmp_path: Path) -> 
 
 # ---------------------------------------------------------------- the shim, as libvirt runs it
 
-def _shim(args: Sequence[str], xml: str, env_extra: dict, timeout: float = 30) -> subprocess.CompletedProcess:
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", **env_extra}  # libvirt's env
-    return subprocess.run([sys.executable, str(REPO / "hooks" / "qemu"), *args], input=xml.encode(),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, timeout=timeout)
+def _shim(args: Sequence[str], xml: str, env_extra: dict[str, str], *, where: Path, timeout: float = 30,
+          interpreter: str = sys.executable) -> subprocess.CompletedProcess[bytes]:
+    """Run the shim as installed (in ``where``) for ``interpreter``, with libvirt's environment."""
+    shim = where / "hook"
+    shim.write_text(hookinstall.shim_text(interpreter))
+    shim.chmod(0o755)
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", **env_extra}
+    return subprocess.run([str(shim), *args], input=xml.encode(), cwd="/", check=False,
+                          capture_output=True, env=env, timeout=timeout)
 
 
 def test_shim_refuses_and_allows(runtime: Path) -> None:
     env = {inflight.RUNTIME_DIR_ENV: str(runtime), CONFIG_ENV: "/nonexistent/hooks.conf"}
     record(offline=True)
-    proc = _shim([NAME, "prepare", "begin", "-"], domain_xml(), env)
+    proc = _shim([NAME, "prepare", "begin", "-"], domain_xml(), env, where=runtime.parent)
     assert proc.returncode == 1, proc.stderr
     assert b"cannot start" in proc.stderr and proc.stdout == b""
     inflight.clear(UUID)
-    proc = _shim([NAME, "prepare", "begin", "-"], domain_xml(), env)
+    proc = _shim([NAME, "prepare", "begin", "-"], domain_xml(), env, where=runtime.parent)
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"", b"")
 
 
@@ -445,11 +459,12 @@ def test_shim_does_not_hold_libvirts_pipes_while_the_job_runs(runtime: Path, tmp
     conf.write_text(f"[DEFAULT]\ncommand = {job}\npool = /srv/p\njob_log = {tmp_path / 'jobs.log'}\n")
     env = {inflight.RUNTIME_DIR_ENV: str(runtime), CONFIG_ENV: str(conf)}
     try:
-        proc = _shim([NAME, "started", "begin", "-"], domain_xml(source=OVERLAY), env)
+        proc = _shim([NAME, "started", "begin", "-"], domain_xml(source=OVERLAY), env,
+                     where=tmp_path)
         pid = int(_wait_for(pidfile))
         assert proc.returncode == 0 and proc.stdout == b""
         os.kill(pid, 0)  # the job outlived the hook, and run() still returned
-        assert argfile.read_text().split() == ["--pool", "/srv/p", "repair", NAME]
+        assert argfile.read_text().split() == ["--pool=/srv/p", "repair", "--", NAME]
     finally:
         gate.touch()  # the job ends by itself, even if the test failed before reading its pid
 
@@ -509,20 +524,22 @@ def test_install_status_uninstall(tmp_path: Path, runtime: Path) -> None:
     assert path == hooks / "qemu.d" / "vmsnapbackup"
     assert path.stat().st_mode & 0o777 == 0o755
     text = path.read_text()
-    assert text.splitlines()[0] == f"#!{sys.executable}"
-    assert text.split("\n", 1)[1] == hookinstall.SHIM_SOURCE.split("\n", 1)[1]
+    assert text.splitlines()[0] == "#!/bin/sh"
+    assert f"\nPYTHON='{sys.executable}'\n" in text
+    assert text.replace(f"PYTHON='{sys.executable}'", "PYTHON='/usr/bin/python3'") == \
+        hookinstall.SHIM_SOURCE
     st = hookinstall.status(hooks)
     assert st.installed and st.current and st.interpreter == sys.executable
 
-    # The installed file runs as a program (its #! line works) and decides.
+    # The installed file runs as a program and decides.
     record(offline=True)
     env = {"PATH": "/usr/bin:/bin", inflight.RUNTIME_DIR_ENV: str(runtime),
            CONFIG_ENV: "/nonexistent"}
     proc = subprocess.run([str(path), NAME, "start", "begin", "-"], input=domain_xml().encode(),
-                          capture_output=True, env=env, timeout=30)
+                          capture_output=True, env=env, timeout=30, check=False)
     assert proc.returncode == 1 and b"cannot start" in proc.stderr
 
-    path.write_text(text.replace("hook_main", "hook_mian"))
+    path.write_text(text.replace("shim_main", "shim_mian"))
     assert not hookinstall.status(hooks).current
     hookinstall.install(hooks)  # re-install repairs it
     assert hookinstall.status(hooks).current
@@ -532,18 +549,7 @@ def test_install_status_uninstall(tmp_path: Path, runtime: Path) -> None:
     assert (hooks / "qemu.d").is_dir()
 
 
-def test_broken_install_does_nothing(tmp_path: Path, runtime: Path) -> None:
-    """A shim whose interpreter cannot import the package exits 0: never stop a domain."""
-    path = hookinstall.install(tmp_path, interpreter="/usr/bin/env", check=False)
-    path.write_text(f"#!/usr/bin/python3 -I\n{hookinstall.SHIM_SOURCE.split(chr(10), 1)[1]}")
-    record(offline=True)
-    env = {"PATH": "/usr/bin:/bin", inflight.RUNTIME_DIR_ENV: str(runtime)}
-    proc = subprocess.run([str(path), NAME, "start", "begin", "-"], input=domain_xml().encode(),
-                          capture_output=True, env=env, timeout=30, cwd="/")
-    assert proc.returncode == 0 and b"cannot import vmsnapbackup" in proc.stderr
-
-
-@pytest.mark.parametrize("interpreter", ["python3", "/opt/my venv/bin/python", "/" + "x" * 200])
+@pytest.mark.parametrize("interpreter", ["python3", "/opt/it's/python", "/opt/a\nb/python"])
 def test_shim_text_rejects_unusable_interpreters(interpreter: str) -> None:
     with pytest.raises(UsageError):
         hookinstall.shim_text(interpreter)
@@ -579,7 +585,7 @@ def test_reload_signals_the_daemon_of_the_pid_file(tmp_path: Path) -> None:
         hookinstall.reload_libvirtd([pid_file])
 
 
-def test_cli_hook_commands(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_hook_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     hooks = str(tmp_path / "hooks")
     assert cli_main(["hook", "install", "--hooks-dir", hooks]) == 0
     out = capsys.readouterr().out

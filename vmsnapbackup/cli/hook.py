@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
-from typing import List
 
 from ..hooks import install as hookinstall
 from .common import Context, add_json_option
@@ -16,7 +15,7 @@ _RELOAD_NOTE = ("libvirtd looks for hooks at start-up and on SIGHUP: use --reloa
                 "'systemctl reload libvirtd' or restart it")
 
 
-def register(sub: "argparse._SubParsersAction") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "hook", help="install or remove the libvirt qemu hook",
         description="The hook refuses to start a domain while an offline backup reads its "
@@ -57,7 +56,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         st = hookinstall.status(hooks_dir)
         ctx.emit(dataclasses.asdict(st), _status_text(st))
         return 0
-    lines: List[str] = []
+    lines: list[str] = []
     doc = {"action": args.hook_action, "path": str(hookinstall.hook_path(hooks_dir))}
     if args.hook_action == "install":
         path = hookinstall.install(hooks_dir, interpreter=args.python)
@@ -86,4 +85,6 @@ def _status_text(st: hookinstall.HookStatus) -> str:
         state = "installed but out of date or damaged: run 'vmsnapbackup hook install'"
     daemon = f"libvirtd pid {st.daemon_pid}" if st.daemon_pid else "no libvirtd running"
     conf = st.config_path + ("" if st.config_exists else " (absent: defaults)")
+    if st.config_problem:
+        conf += f" (NOT TRUSTED, ignored: {st.config_problem})"
     return f"{st.path}: {state}\n{daemon}\nconfig: {conf}"

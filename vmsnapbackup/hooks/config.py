@@ -16,6 +16,11 @@ The hook must decide without libvirt and without a pool, so everything it
 needs beyond the in-flight records is here.  A missing file means defaults;
 a broken one is a :class:`~vmsnapbackup.errors.UsageError` naming it (the hook
 then logs it and goes on with defaults: a typo must never stop a domain).
+
+Its ``command=`` runs as root, so the file is read only when root alone can
+change it and every directory above it (:mod:`.trust`); otherwise loading
+raises :class:`~vmsnapbackup.hooks.trust.UntrustedPathError` and the hook uses
+the defaults, running nothing the file names.
 """
 from __future__ import annotations
 
@@ -25,19 +30,19 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Tuple
 
 from ..errors import UsageError
+from .trust import UntrustedPathError, path_problem
 
 __all__ = [
-    "DEFAULT_CONFIG_PATH",
     "CONFIG_ENV",
+    "DEFAULT_CONFIG_PATH",
     "DEFAULT_POOL",
     "DomainPolicy",
     "HookConfig",
     "config_path",
-    "load_config",
     "default_command",
+    "load_config",
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/vmsnapbackup/hooks.conf")
@@ -63,10 +68,10 @@ class HookConfig:
     """The parsed file; ``command`` empty means :func:`default_command`."""
 
     default: DomainPolicy = DomainPolicy(pool=DEFAULT_POOL)
-    command: Tuple[str, ...] = ()
-    job_log: Optional[str] = None
-    domains: Dict[str, DomainPolicy] = field(default_factory=dict)
-    path: Optional[str] = None
+    command: tuple[str, ...] = ()
+    job_log: str | None = None
+    domains: dict[str, DomainPolicy] = field(default_factory=dict)
+    path: str | None = None
 
     @property
     def pool(self) -> str:
@@ -76,7 +81,7 @@ class HookConfig:
         """The ``[domain:NAME]`` section, else ``[DEFAULT]`` (whose keys every section inherits)."""
         return self.domains.get(name, self.default)
 
-    def cli(self) -> Tuple[str, ...]:
+    def cli(self) -> tuple[str, ...]:
         """The argv prefix that runs the vmsnapbackup CLI."""
         return self.command or default_command()
 
@@ -86,7 +91,7 @@ def config_path() -> Path:
     return Path(override) if override else DEFAULT_CONFIG_PATH
 
 
-def default_command() -> Tuple[str, ...]:
+def default_command() -> tuple[str, ...]:
     """The CLI of the installation the hook runs from.
 
     The console script sits beside the interpreter in a venv or a system
@@ -110,15 +115,23 @@ def _policy(parser: configparser.ConfigParser, section: str, path: Path) -> Doma
     return DomainPolicy(pool=pool, backup_on_shutdown=bool(backup))
 
 
-def load_config(path: Optional[os.PathLike] = None) -> HookConfig:  # type: ignore[type-arg]
+def load_config(path: os.PathLike | None = None) -> HookConfig:  # type: ignore[type-arg]
     """Read the policy file (defaults when it does not exist)."""
     p = Path(path) if path is not None else config_path()
     parser = configparser.ConfigParser(defaults={"pool": DEFAULT_POOL}, interpolation=None)
+    if not os.path.lexists(p):
+        return HookConfig()
+    # checked before opening: nothing an untrusted user planted (a FIFO, a symlink
+    # to a device) is even opened
+    problem = path_problem(p)
+    if problem:
+        raise UntrustedPathError(f"{p}: hook configuration not trusted ({problem}); "
+                                 "it must be owned by root and writable by root alone")
+    if not p.is_file():
+        raise UsageError(f"{p}: hook configuration is not a regular file")
     try:
         with open(p, encoding="utf-8") as f:
             parser.read_file(f)
-    except FileNotFoundError:
-        return HookConfig()
     except (OSError, UnicodeDecodeError, configparser.Error) as err:
         raise UsageError(f"{p}: cannot read hook configuration: {' '.join(str(err).split())}") from None
 
@@ -134,7 +147,7 @@ def load_config(path: Optional[os.PathLike] = None) -> HookConfig:  # type: igno
         command = tuple(shlex.split(command_text))
     except ValueError as err:
         raise UsageError(f"{p}: [DEFAULT] command: {err}") from None
-    domains: Dict[str, DomainPolicy] = {}
+    domains: dict[str, DomainPolicy] = {}
     for section in parser.sections():
         if not section.startswith(_DOMAIN_PREFIX) or not section[len(_DOMAIN_PREFIX):].strip():
             raise UsageError(f"{p}: unknown section [{section}] (expected [domain:NAME])")

@@ -2,9 +2,16 @@
 
 The shim's text lives here as :data:`SHIM_SOURCE` (the repository's ``hooks/qemu`` is the
 reference copy; a test keeps the two identical), so installing works from a wheel too.
-Its first line is replaced by ``#!<the interpreter running the install>``: that is
-the interpreter that can import this package (a venv's ``python`` finds its
-site-packages through ``pyvenv.cfg``, so the path is kept unresolved).
+It is POSIX sh, not Python: libvirt refuses every domain start when it cannot run a
+hook, so the installed file must run even after the venv it names was deleted.
+Its ``PYTHON=`` line gets the interpreter running the install: the one that can
+import this package (a venv's ``python`` finds its site-packages through
+``pyvenv.cfg``, so the path is kept unresolved).
+
+libvirtd runs the hook as root, so whoever can change the interpreter, the package
+or a ``.pth`` file in its site-packages runs code as root: install refuses any of
+them that is not root's alone (:mod:`.trust`), and the shim runs Python with ``-I``
+(no environment variables, no user site, no current directory on ``sys.path``).
 
 libvirtd decides at start-up and on SIGHUP whether hooks exist; after that it
 lists ``qemu.d`` on every call.  So a new hook needs ``--reload`` (SIGHUP to the
@@ -14,30 +21,32 @@ already installed when the daemon started.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 from ..core.atomic import atomic_write_bytes, unlink_durable
 from ..errors import NotFoundError, UsageError
 from .config import config_path
+from .trust import UntrustedPathError, path_problem, tree_problem
 
 __all__ = [
-    "SHIM_SOURCE",
-    "HOOK_NAME",
-    "DEFAULT_HOOKS_DIR",
     "DAEMON_PID_FILES",
+    "DEFAULT_HOOKS_DIR",
+    "HOOK_NAME",
+    "SHIM_SOURCE",
     "HookStatus",
     "hook_path",
-    "shim_text",
     "install",
-    "uninstall",
-    "status",
     "reload_libvirtd",
+    "shim_text",
+    "status",
+    "uninstall",
 ]
 
 HOOK_NAME = "vmsnapbackup"
@@ -46,26 +55,77 @@ DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks")
 DAEMON_PID_FILES = (Path("/run/libvirtd.pid"), Path("/run/virtqemud.pid"))
 HOOK_MODE = 0o755
 
-#: Linux reads at most this much of a "#!" line on older kernels (BINPRM_BUF_SIZE 128).
-_MAX_SHEBANG = 127
+#: The shim's line that names the interpreter (the reference copy's value is a placeholder).
+_PYTHON_LINE = "PYTHON="
 
-SHIM_SOURCE = r'''#!/usr/bin/env python3
-"""libvirt qemu hook of vmsnapbackup (installed as /etc/libvirt/hooks/qemu.d/vmsnapbackup).
+#: Run by the candidate interpreter, isolated as the shim runs it: where the package and
+#: the site directories (whose ``.pth`` files run at start-up) are.
+_PROBE = (
+    "import json, os, site, sys, vmsnapbackup.hooks.logic as m\n"
+    "print(json.dumps({'package': os.path.dirname(os.path.dirname(m.__file__)),"
+    " 'site': [p for p in site.getsitepackages() if os.path.isdir(p)]}))"
+)
 
-A thin shim: `vmsnapbackup hook install` writes the interpreter that has the
-package into the first line; all logic is in vmsnapbackup.hooks.logic.
-If the package cannot be imported the hook does nothing and exits 0, so a
-broken installation never stops a domain.
-"""
+SHIM_SOURCE = r'''#!/bin/sh
+# libvirt qemu hook of vmsnapbackup (installed as /etc/libvirt/hooks/qemu.d/vmsnapbackup).
+#
+# POSIX sh on purpose: libvirt refuses every domain start on the host when it
+# cannot run a hook, so this file must run even when the Python it names has
+# gone away or is broken.  `vmsnapbackup hook install` writes that interpreter
+# into PYTHON below; all decisions are in vmsnapbackup.hooks.logic.  Only its
+# deliberate refusal (status 100) becomes libvirt's 1; a missing interpreter,
+# a package that cannot be imported, a crash or a hang lets the domain go ahead
+# (and says so in syslog).
+umask 077
+PYTHON='/usr/bin/python3'
+# a backstop only: the Python side gives up after its own, shorter budget
+BUDGET=30
+
+say() {
+    logger -t vmsnapbackup-hook -p daemon.warning -- "$*" 2>/dev/null ||
+        printf 'vmsnapbackup hook: %s\n' "$*" >&2
+}
+
+drain() {
+    # libvirt writes the domain XML to stdin: read what is left of it
+    [ -t 0 ] || cat >/dev/null 2>&1 || :
+}
+
+if [ ! -f "$PYTHON" ] || [ ! -x "$PYTHON" ]; then
+    say "interpreter $PYTHON is missing: doing nothing for $2 of $1 (run 'vmsnapbackup hook install' again)"
+    drain
+    exit 0
+fi
+
+CODE='
 import sys
-
 try:
-    from vmsnapbackup.hooks.logic import hook_main
-except Exception as err:  # noqa: BLE001
-    sys.stderr.write("vmsnapbackup hook: cannot import vmsnapbackup (%s); doing nothing\n" % err)
+    from vmsnapbackup.hooks.logic import shim_main
+except BaseException as err:
+    try:
+        import syslog
+        syslog.openlog("vmsnapbackup-hook", 0, syslog.LOG_DAEMON)
+        syslog.syslog(syslog.LOG_WARNING, "cannot import vmsnapbackup (%s); doing nothing" % err)
+    except BaseException:
+        pass
+    if not sys.stdin.isatty():
+        sys.stdin.buffer.read()
     sys.exit(0)
-
-sys.exit(hook_main(sys.argv[1:], sys.stdin.buffer, setup_logging=True))
+shim_main(sys.argv[1:])
+'
+if command -v timeout >/dev/null 2>&1; then
+    timeout -s KILL "$BUDGET" "$PYTHON" -I -c "$CODE" "$@"
+else
+    "$PYTHON" -I -c "$CODE" "$@"
+fi
+status=$?
+case $status in
+    0) exit 0 ;;
+    100) exit 1 ;;
+esac
+say "interpreter $PYTHON failed (status $status): letting $2 of $1 go ahead"
+drain
+exit 0
 '''
 
 
@@ -75,35 +135,37 @@ class HookStatus:
 
     path: str
     installed: bool
-    interpreter: Optional[str]
+    interpreter: str | None
     current: bool
-    daemon_pid: Optional[int]
+    daemon_pid: int | None
     config_path: str
     config_exists: bool
+    #: why the hook ignores the policy file (not root's alone), or None
+    config_problem: str | None = None
 
 
-def hook_path(hooks_dir: "os.PathLike[str] | str" = DEFAULT_HOOKS_DIR) -> Path:
+def hook_path(hooks_dir: os.PathLike[str] | str = DEFAULT_HOOKS_DIR) -> Path:
     return Path(hooks_dir) / "qemu.d" / HOOK_NAME
 
 
 def shim_text(interpreter: str) -> str:
-    """The shim with ``interpreter`` in its ``#!`` line."""
+    """The shim with ``interpreter`` on its ``PYTHON=`` line (single-quoted for sh)."""
     if not os.path.isabs(interpreter):
         raise UsageError(f"the hook interpreter must be an absolute path, not {interpreter!r}")
-    if any(c.isspace() for c in interpreter):
-        raise UsageError(f"the hook interpreter path {interpreter!r} contains white space, "
-                         "which a '#!' line cannot hold")
-    if len(interpreter) + 2 > _MAX_SHEBANG:
-        raise UsageError(f"the hook interpreter path {interpreter!r} is too long for a '#!' line")
-    _, rest = SHIM_SOURCE.split("\n", 1)
-    return f"#!{interpreter}\n{rest}"
+    if "'" in interpreter or any(not c.isprintable() for c in interpreter):
+        raise UsageError(f"the hook interpreter path {interpreter!r} holds a quote or a "
+                         "control character")
+    lines = SHIM_SOURCE.split("\n")
+    index = next(i for i, line in enumerate(lines) if line.startswith(_PYTHON_LINE))
+    lines[index] = f"{_PYTHON_LINE}'{interpreter}'"
+    return "\n".join(lines)
 
 
-def _check_interpreter(interpreter: str) -> None:
+def _probe(interpreter: str) -> dict[str, object]:
     """Refuse to install a hook whose interpreter cannot import us: it would silently do nothing."""
     try:
         proc = subprocess.run(
-            [interpreter, "-c", "import vmsnapbackup.hooks.logic"],
+            [interpreter, "-I", "-c", _PROBE], check=False, cwd="/",
             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
         )
     except (OSError, subprocess.TimeoutExpired) as err:
@@ -111,11 +173,46 @@ def _check_interpreter(interpreter: str) -> None:
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["?"])[-1]
         raise UsageError(f"{interpreter} cannot import vmsnapbackup: {last}")
+    try:
+        found = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise UsageError(f"{interpreter} gave no answer about vmsnapbackup") from None
+    if not isinstance(found, dict):
+        raise UsageError(f"{interpreter} gave no answer about vmsnapbackup")
+    return found
+
+
+def _check_trusted(interpreter: str, found: dict[str, object]) -> None:
+    """Everything libvirtd would run as root through the hook must be root's alone."""
+    package = str(found.get("package", ""))
+    sites = found.get("site", [])
+    problem = path_problem(interpreter) or tree_problem(package)
+    for site_dir in sites if isinstance(sites, list) else []:
+        if problem:
+            break
+        problem = path_problem(str(site_dir)) or _top_level_problem(str(site_dir))
+    if problem:
+        raise UntrustedPathError(
+            f"refusing to install the hook: {problem}; libvirtd would run it as root "
+            "(install vmsnapbackup where only root can write, e.g. a root-owned venv)")
+
+
+def _top_level_problem(site_dir: str) -> str | None:
+    """The entries of a site directory (its ``.pth`` files run at every start)."""
+    try:
+        names = sorted(os.listdir(site_dir))
+    except OSError as err:
+        return f"cannot list {site_dir}: {err.strerror}"
+    for name in names:
+        problem = path_problem(os.path.join(site_dir, name))
+        if problem:
+            return problem
+    return None
 
 
 def install(
-    hooks_dir: "os.PathLike[str] | str" = DEFAULT_HOOKS_DIR,
-    interpreter: Optional[str] = None,
+    hooks_dir: os.PathLike[str] | str = DEFAULT_HOOKS_DIR,
+    interpreter: str | None = None,
     *,
     check: bool = True,
 ) -> Path:
@@ -126,7 +223,11 @@ def install(
     python = interpreter or sys.executable
     text = shim_text(python)
     if check:
-        _check_interpreter(python)
+        problem = path_problem(python)  # before running it at all
+        if problem:
+            raise UntrustedPathError(f"refusing to install the hook: {problem}; "
+                                     "libvirtd would run it as root")
+        _check_trusted(python, _probe(python))
     target = hook_path(hooks_dir)
     try:
         target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -136,21 +237,30 @@ def install(
     return target
 
 
-def uninstall(hooks_dir: "os.PathLike[str] | str" = DEFAULT_HOOKS_DIR) -> bool:
+def uninstall(hooks_dir: os.PathLike[str] | str = DEFAULT_HOOKS_DIR) -> bool:
     """Remove the hook; True if it was there.  ``qemu.d`` stays (other hooks may live there)."""
     return unlink_durable(hook_path(hooks_dir))
 
 
-def _installed_interpreter(text: str) -> Optional[str]:
-    first = text.split("\n", 1)[0]
-    return first[2:].strip() or None if first.startswith("#!") else None
+def _installed_interpreter(text: str) -> str | None:
+    for line in text.split("\n"):
+        if line.startswith(_PYTHON_LINE):
+            return line[len(_PYTHON_LINE):].strip().strip("'") or None
+    return None
 
 
-def status(hooks_dir: "os.PathLike[str] | str" = DEFAULT_HOOKS_DIR) -> HookStatus:
+def _same_shim(text: str, interpreter: str) -> bool:
+    try:
+        return text == shim_text(interpreter)
+    except UsageError:
+        return False
+
+
+def status(hooks_dir: os.PathLike[str] | str = DEFAULT_HOOKS_DIR) -> HookStatus:
     """Is the hook installed, and is it this version's shim?"""
     target = hook_path(hooks_dir)
     try:
-        text: Optional[str] = target.read_text(encoding="utf-8")
+        text: str | None = target.read_text(encoding="utf-8")
     except FileNotFoundError:
         text = None
     except (OSError, UnicodeDecodeError):
@@ -159,7 +269,7 @@ def status(hooks_dir: "os.PathLike[str] | str" = DEFAULT_HOOKS_DIR) -> HookStatu
     current = bool(
         text and interpreter
         and os.access(target, os.X_OK)
-        and text.split("\n", 1)[-1] == SHIM_SOURCE.split("\n", 1)[-1]
+        and _same_shim(text, interpreter)
     )
     conf = config_path()
     return HookStatus(
@@ -170,10 +280,11 @@ def status(hooks_dir: "os.PathLike[str] | str" = DEFAULT_HOOKS_DIR) -> HookStatu
         daemon_pid=_daemon_pid(DAEMON_PID_FILES),
         config_path=str(conf),
         config_exists=conf.exists(),
+        config_problem=path_problem(conf) if os.path.lexists(conf) else None,
     )
 
 
-def _daemon_pid(pid_files: Sequence[Path]) -> Optional[int]:
+def _daemon_pid(pid_files: Sequence[Path]) -> int | None:
     for pid_file in pid_files:
         try:
             pid = int(pid_file.read_text().split()[0])

@@ -27,35 +27,40 @@ XML, and empty output means "unchanged".
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import os
-import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, FrozenSet, List, Optional, Sequence, Tuple, Union
+from typing import IO, Callable, NoReturn
 
 from ..adapters.domainxml import Disk, is_our_overlay, parse_disks
 from ..core import inflight
 from ..core.inflight import InflightRecord
 from ..errors import ExitCode, VmSnapBackupError
 from .config import HookConfig, load_config
+from .jobs import JOB_UMASK, SYSLOG_SOCKET, command_problem, setup_hook_logging, spawn_detached
+from .trust import UntrustedPathError
 
 __all__ = [
-    "Spawn",
-    "HookCall",
-    "DomainInfo",
-    "hook_main",
-    "parse_domain",
-    "start_refusal",
-    "migrate_refusal",
-    "repair_argv",
-    "backup_argv",
-    "spawn_detached",
-    "setup_hook_logging",
+    "DEADLINE_SECONDS",
+    "REFUSE_EXIT",
     "SYSLOG_SOCKET",
+    "DomainInfo",
+    "HookCall",
+    "Spawn",
+    "backup_argv",
+    "hook_main",
+    "migrate_refusal",
+    "parse_domain",
+    "repair_argv",
+    "setup_hook_logging",
+    "shim_main",
+    "spawn_detached",
+    "start_refusal",
 ]
 
 log = logging.getLogger(__name__)
@@ -63,7 +68,14 @@ log = logging.getLogger(__name__)
 #: Runs an argv detached from the hook; the seam tests replace.
 Spawn = Callable[[Sequence[str]], None]
 
-SYSLOG_SOCKET = "/dev/log"
+#: The whole hook run's time budget.  libvirtd waits for the hook holding the domain's
+#: job, so a hung NFS ``realpath`` or a blocked ``flock`` must not hang it: past this,
+#: the hook gives up with the safe answer (refuse a start, allow everything else).
+DEADLINE_SECONDS = 10.0
+
+#: How :func:`shim_main` tells the sh shim "refuse": every other status of the
+#: interpreter (a crash, a broken install) lets the domain go ahead.
+REFUSE_EXIT = 100
 
 #: ``release`` reasons (libvirt >= 10.5 passes one as EXTRA) after which an offline backup
 #: would be wrong: the domain now runs elsewhere, or never ran.
@@ -83,7 +95,7 @@ class HookCall:
     extra: str = "-"
 
     @classmethod
-    def from_argv(cls, argv: Sequence[str]) -> "HookCall":
+    def from_argv(cls, argv: Sequence[str]) -> HookCall:
         args = list(argv) + ["-"] * (4 - len(argv))
         return cls(*args[:4])
 
@@ -93,14 +105,14 @@ class DomainInfo:
     """What the hook knows about the domain: only what its XML says."""
 
     name: str
-    uuid: Optional[str]
-    disks: Tuple[Disk, ...]
+    uuid: str | None
+    disks: tuple[Disk, ...]
 
     @property
-    def images(self) -> FrozenSet[str]:
+    def images(self) -> frozenset[str]:
         """Every local image of every disk (top and known backing chain), in both their
         written and resolved form, so a symlinked path still matches a record."""
-        paths = set()
+        paths: set[str] = set()
         for disk in self.disks:
             if disk.type not in ("file", "block") or not disk.source:
                 continue
@@ -110,12 +122,12 @@ class DomainInfo:
         return frozenset(paths)
 
     @property
-    def overlay_disks(self) -> List[Disk]:
+    def overlay_disks(self) -> list[Disk]:
         """Disks whose guest-writable image is one of our overlays."""
         return [d for d in self.disks if d.type == "file" and is_our_overlay(d.source)]
 
 
-def _path_forms(path: str) -> Tuple[str, ...]:
+def _path_forms(path: str) -> tuple[str, ...]:
     norm = os.path.normpath(path)
     try:
         real = os.path.realpath(norm)
@@ -138,7 +150,7 @@ def _is_domain(record: InflightRecord, info: DomainInfo) -> bool:
     return record.name == info.name
 
 
-def _shared_images(record: InflightRecord, info: DomainInfo) -> List[str]:
+def _shared_images(record: InflightRecord, info: DomainInfo) -> list[str]:
     mine = info.images
     return sorted(p for p in record.images if mine.intersection(_path_forms(p)))
 
@@ -148,7 +160,7 @@ def _describe(record: InflightRecord) -> str:
     return f"{kind}{record.operation} of {record.name} (pid {record.pid}, since {record.since})"
 
 
-def start_refusal(info: DomainInfo, live: Sequence[InflightRecord]) -> Optional[str]:
+def start_refusal(info: DomainInfo, live: Sequence[InflightRecord]) -> str | None:
     """Why the domain must not start now, or None.
 
     An offline operation reads the images directly, with no snapshot between it
@@ -167,7 +179,7 @@ def start_refusal(info: DomainInfo, live: Sequence[InflightRecord]) -> Optional[
     return None
 
 
-def migrate_refusal(info: DomainInfo, live: Sequence[InflightRecord]) -> Optional[str]:
+def migrate_refusal(info: DomainInfo, live: Sequence[InflightRecord]) -> str | None:
     """Why the domain must not migrate in, or None: our operation holds it on this host."""
     for record in live:
         if _is_domain(record, info):
@@ -176,12 +188,13 @@ def migrate_refusal(info: DomainInfo, live: Sequence[InflightRecord]) -> Optiona
     return None
 
 
-def repair_argv(config: HookConfig, pool: str, name: str) -> List[str]:
-    return [*config.cli(), "--pool", pool, "repair", name]
+def repair_argv(config: HookConfig, pool: str, name: str) -> list[str]:
+    """``--pool=`` and ``--`` so a pool or domain named like an option (``--all``) stays data."""
+    return [*config.cli(), f"--pool={pool}", "repair", "--", name]
 
 
-def backup_argv(config: HookConfig, pool: str, name: str) -> List[str]:
-    return [*config.cli(), "--pool", pool, "backup", name]
+def backup_argv(config: HookConfig, pool: str, name: str) -> list[str]:
+    return [*config.cli(), f"--pool={pool}", "backup", "--", name]
 
 
 def _job_log(config: HookConfig) -> Path:
@@ -190,62 +203,7 @@ def _job_log(config: HookConfig) -> Path:
     return inflight.runtime_root() / "hook-jobs.log"
 
 
-def spawn_detached(argv: Sequence[str], log_path: Optional[Path] = None) -> None:
-    """Start ``argv`` in its own session and return at once.
-
-    Its output goes to ``log_path`` (appended), never to the hook's pipes:
-    libvirt waits for EOF on those, so an inherited pipe would block it for as
-    long as the job runs.  The hook exits right away, so the job is adopted by
-    init and nobody waits for it.
-    """
-    out: Union[int, IO[bytes]] = subprocess.DEVNULL
-    handle = None
-    if log_path is not None:
-        try:
-            log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-            handle = os.fdopen(fd, "ab")
-            handle.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(argv)}\n".encode())
-            handle.flush()
-            out = handle
-        except OSError as err:
-            log.warning("cannot open job log %s (%s); job output is discarded", log_path, err)
-    try:
-        subprocess.Popen(
-            list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-            start_new_session=True, close_fds=True, cwd="/",
-        )
-    finally:
-        if handle is not None:
-            handle.close()
-
-
-def setup_hook_logging(syslog_socket: str = SYSLOG_SOCKET) -> logging.Handler:
-    """Send the package's log to syslog (daemon facility), or to stderr without one.
-
-    On stderr only warnings and worse: libvirt puts a failing hook's whole
-    stderr into its error message, and shows nothing of a successful one.
-    """
-    handler: logging.Handler
-    try:
-        if not os.path.exists(syslog_socket):
-            raise OSError(f"{syslog_socket} does not exist")
-        handler = logging.handlers.SysLogHandler(
-            address=syslog_socket, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
-        handler.setFormatter(logging.Formatter("vmsnapbackup-hook[%(process)d]: %(message)s"))
-        handler.setLevel(logging.INFO)
-    except OSError:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("vmsnapbackup hook: %(levelname)s: %(message)s"))
-        handler.setLevel(logging.WARNING)
-    logger = logging.getLogger("vmsnapbackup")
-    logger.addHandler(handler)
-    if logger.level == logging.NOTSET or logger.level > logging.INFO:
-        logger.setLevel(logging.INFO)
-    return handler
-
-
-def _read_stdin(stdin: Optional[IO]) -> str:  # type: ignore[type-arg]
+def _read_stdin(stdin: IO | None) -> str:  # type: ignore[type-arg]
     """The domain XML; read to EOF so libvirt's writer never meets a closed pipe."""
     if stdin is None:
         return ""
@@ -257,47 +215,69 @@ def _read_stdin(stdin: Optional[IO]) -> str:  # type: ignore[type-arg]
     data = stdin.read()
     if isinstance(data, bytes):
         return data.decode("utf-8", "replace")
-    return data
+    return str(data)
 
 
-def _live_and_stale(records: Sequence[InflightRecord]) -> Tuple[List[InflightRecord], List[InflightRecord]]:
-    live, stale = [], []
+def _live_and_stale(records: Sequence[InflightRecord]) -> tuple[list[InflightRecord], list[InflightRecord]]:
+    live: list[InflightRecord] = []
+    stale: list[InflightRecord] = []
     for record in records:
         (live if inflight.is_live(record) else stale).append(record)
     return live, stale
 
 
+@dataclass(frozen=True)
+class _Decision:
+    code: int
+    refusal: str | None = None  # for libvirt's error message (stderr)
+
+
+_ALLOW = _Decision(int(ExitCode.OK))
+
+
 def _decide(call: HookCall, xml: str, config_loader: Callable[[], HookConfig],
-            spawn: Optional[Spawn], stderr: IO[str]) -> int:
+            spawn: Spawn | None, gave_up: threading.Event) -> _Decision:
     if call.op not in ("prepare", "start", "migrate", "release") and call.op not in _RUNNING_OPS:
-        return int(ExitCode.OK)
+        return _ALLOW
     info = parse_domain(xml, call.domain)
     live, stale = _live_and_stale(inflight.records())
 
     if call.op in ("prepare", "start", "migrate"):
         refusal = (migrate_refusal if call.op == "migrate" else start_refusal)(info, live)
         if refusal is None:
-            return int(ExitCode.OK)
+            return _ALLOW
         log.info("refused %s of %s: %s", call.op, info.name, refusal)
-        stderr.write(f"vmsnapbackup: {refusal}\n")
-        stderr.flush()
-        return int(ExitCode.ERROR)
+        return _Decision(int(ExitCode.ERROR), refusal)
 
     config = _load(config_loader)
-    run = spawn if spawn is not None else (lambda argv: spawn_detached(argv, _job_log(config)))
+
+    def run(argv: Sequence[str]) -> None:
+        if config is None:
+            log.warning("not starting %s: the hook configuration is not trusted", " ".join(argv))
+        elif config.command and command_problem(config.command[0]):
+            log.warning("not starting %s: command= is not trusted (%s)", " ".join(argv),
+                        command_problem(config.command[0]))
+        elif gave_up.is_set():
+            log.warning("not starting %s: the hook had already given up", " ".join(argv))
+        elif spawn is not None:
+            spawn(argv)
+        else:
+            spawn_detached(argv, _job_log(config))
+
+    policy_of = (config or HookConfig()).policy
     mine_live = [r for r in live if _is_domain(r, info)]
     mine_stale = [r for r in stale if _is_domain(r, info)]
 
     if call.op in _RUNNING_OPS:
         overlays = info.overlay_disks
         if not overlays or mine_live:
-            return int(ExitCode.OK)
-        pool = mine_stale[0].pool if mine_stale else config.policy(info.name).pool
-        argv = repair_argv(config, pool, info.name)
+            return _ALLOW
+        pool = mine_stale[0].pool if mine_stale else policy_of(info.name).pool
+        argv = repair_argv(config or HookConfig(), pool, info.name)
         log.warning("domain %s %s on overlay(s) %s left by an interrupted backup: starting %s",
                     info.name, call.op, ", ".join(d.source or "" for d in overlays), " ".join(argv))
         run(argv)
-        return int(ExitCode.OK)
+        return _ALLOW
 
     # release: a dead operation's record goes, unless the domain still stands on our
     # overlays: then the record is the only note of which pool holds the dead backup's
@@ -310,7 +290,7 @@ def _decide(call: HookCall, xml: str, config_loader: Callable[[], HookConfig],
             if inflight.clear(record.uuid, pid=record.pid):
                 log.info("removed stale in-flight record of %s (%s by dead pid %d)",
                          info.name, record.operation, record.pid)
-    policy = config.policy(info.name)
+    policy = policy_of(info.name)
     if policy.backup_on_shutdown:
         if mine_live:
             log.info("not starting the shutdown backup of %s: %s", info.name, _describe(mine_live[0]))
@@ -318,46 +298,105 @@ def _decide(call: HookCall, xml: str, config_loader: Callable[[], HookConfig],
             log.info("not starting the shutdown backup of %s after release reason %r",
                      info.name, call.extra)
         else:
-            argv = backup_argv(config, policy.pool, info.name)
+            argv = backup_argv(config or HookConfig(), policy.pool, info.name)
             log.info("domain %s shut down: starting %s", info.name, " ".join(argv))
             run(argv)
-    return int(ExitCode.OK)
+    return _ALLOW
 
 
-def _load(config_loader: Callable[[], HookConfig]) -> HookConfig:
+def _load(config_loader: Callable[[], HookConfig]) -> HookConfig | None:
+    """The policy; defaults when it is broken (a typo must not stop repairs), None when
+    it is not trusted (then nothing it could have influenced is run)."""
     try:
         return config_loader()
+    except UntrustedPathError as err:
+        log.warning("%s; starting no jobs", err)
+        return None
     except VmSnapBackupError as err:
         log.warning("%s; using defaults", err)
         return HookConfig()
 
 
+def _out_of_time(call: HookCall, deadline: float) -> _Decision:
+    """The safe answer when the hook could not decide in time: a start or an incoming
+    migration might meet an offline backup reading the disks, so it is refused (the
+    message says why; retrying works once the host answers); anything else is
+    informational and goes ahead."""
+    if call.op in ("prepare", "start", "migrate"):
+        why = (f"could not check within {deadline:g} s whether a backup holds domain "
+               f"{call.domain} (a hung file system?); refusing the {call.op} to keep its disks "
+               "safe; try again")
+        log.warning("gave up on %s of %s after %g s: refused", call.op, call.domain, deadline)
+        return _Decision(int(ExitCode.ERROR), why)
+    log.warning("gave up on %s of %s after %g s: letting it go ahead", call.op, call.domain,
+                deadline)
+    return _ALLOW
+
+
 def hook_main(
     argv: Sequence[str],
-    stdin: Optional[IO] = None,  # type: ignore[type-arg]
+    stdin: IO | None = None,  # type: ignore[type-arg]
     *,
-    spawn: Optional[Spawn] = None,
+    spawn: Spawn | None = None,
     config_loader: Callable[[], HookConfig] = load_config,
-    stderr: Optional[IO[str]] = None,
+    stderr: IO[str] | None = None,
     setup_logging: bool = False,
+    deadline: float = DEADLINE_SECONDS,
 ) -> int:
     """Run the hook for libvirt's ``argv`` (without the program name); return the exit code.
 
     ``spawn`` starts a detached job (default: :func:`spawn_detached` with the
     job log); ``setup_logging`` sends the log to syslog (the shim sets it).
-    Never raises.
+    The work runs in a daemon thread the caller waits for at most ``deadline``
+    seconds (a thread stuck in a system call cannot be interrupted, only left
+    behind); then the safe decision is returned.  Never raises.
     """
     began = time.monotonic()
     err_stream = stderr if stderr is not None else sys.stderr
     call = HookCall.from_argv(argv)
+    gave_up = threading.Event()
+    result: list[_Decision] = []
+
+    def work() -> None:
+        try:
+            result.append(_decide(call, _read_stdin(stdin), config_loader, spawn, gave_up))
+        except Exception:  # our bug must never stop a domain
+            log.exception("internal error in the %s hook of %s (ignored)", call.op, call.domain)
+            result.append(_ALLOW)
+
     try:
         if setup_logging:
             setup_hook_logging()
-        xml = _read_stdin(stdin)
-        code = _decide(call, xml, config_loader, spawn, err_stream)
-    except Exception:  # our bug must never stop a domain
+        worker = threading.Thread(target=work, name="vmsnapbackup-hook", daemon=True)
+        worker.start()
+        worker.join(deadline)
+        if result:
+            decision = result[0]
+        else:
+            gave_up.set()
+            decision = _out_of_time(call, deadline)
+        if decision.refusal:
+            err_stream.write(f"vmsnapbackup: {decision.refusal}\n")
+            err_stream.flush()
+    except Exception:
         log.exception("internal error in the %s hook of %s (ignored)", call.op, call.domain)
-        code = int(ExitCode.OK)
+        decision = _ALLOW
     log.debug("hook %s %s %s %s -> %d in %.1f ms", call.domain, call.op, call.subop, call.extra,
-              code, (time.monotonic() - began) * 1000)
-    return code
+              decision.code, (time.monotonic() - began) * 1000)
+    return decision.code
+
+
+def shim_main(argv: Sequence[str]) -> NoReturn:
+    """The installed sh shim's entry: run the hook, then leave at once.
+
+    Exits :data:`REFUSE_EXIT` for a refusal (the shim turns it into libvirt's
+    1) and 0 otherwise, so that only a deliberate decision can stop a domain.
+    ``os._exit``: a worker left behind in a hung system call must not keep
+    the process (and libvirt's pipes) alive.
+    """
+    os.umask(JOB_UMASK)
+    code = hook_main(argv, sys.stdin.buffer, setup_logging=True)
+    for handler in logging.getLogger("vmsnapbackup").handlers:
+        handler.flush()
+    sys.stderr.flush()
+    os._exit(REFUSE_EXIT if code == int(ExitCode.ERROR) else 0)
