@@ -68,7 +68,7 @@ def test_good_file_parses(tmp_path: Path) -> None:
     (('rpo = "26h"', 'rpo = "soon"'), ":12: jobs.nightly.rpo: not a duration"),
 ])
 def test_each_mistake_is_one_line_with_line_and_key(
-        tmp_path: Path, change: tuple, expect: str, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, change: tuple[str, str], expect: str, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, GOOD.replace(*change))
     with pytest.raises(ConfigError) as err:
         load_config(str(path))

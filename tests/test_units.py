@@ -18,7 +18,7 @@ CMD = [sys.executable, "-m", "vmsnapbackup"]
 
 
 def job(**kw: object) -> Job:
-    args: dict = {"name": "nightly", "pool": "/srv/pool", "uri": "qemu:///system", "domains": ("*",),
+    args: dict[str, object] = {"name": "nightly", "pool": "/srv/pool", "uri": "qemu:///system", "domains": ("*",),
                       "schedule": "Mon..Fri *-*-* 02:30"}
     args.update(kw)
     return Job(**args)  # type: ignore[arg-type]

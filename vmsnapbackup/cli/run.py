@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from ..adapters.jobfiles import load_config
 from ..core.jobconfig import DEFAULT_CONFIG
+from ..errors import VmSnapBackupError
 from ..workflows.jobstate import all_states, default_metrics_path, write_metrics
 from ..workflows.run import JobRun, run_jobs
 from .common import Context, add_json_option, size_text
 
 ORDER = 70
+
+log = logging.getLogger(__name__)
 
 
 def add_config_option(p: argparse.ArgumentParser) -> None:
@@ -39,11 +43,19 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     config = load_config(args.config)
     results = run_jobs(config, args.jobs, dry_run=args.dry_run)
     metrics: str | None = args.metrics or config.metrics or default_metrics_path()
-    if metrics and not args.dry_run:
-        write_metrics(metrics, all_states(config.state_dir))
     ok = all(r.ok for r in results)
-    ctx.emit({"ok": ok, "jobs": [r.to_dict() for r in results], "metrics": metrics},
-             _text(results))
+    metrics_error: str | None = None
+    if metrics and not args.dry_run:
+        try:
+            write_metrics(metrics, all_states(config.state_dir))
+        except (VmSnapBackupError, OSError) as exc:
+            # the backups are done; a monitoring file we cannot write must not hide them
+            metrics_error = f"cannot write metrics {metrics}: {exc}"
+            log.error("%s", metrics_error)
+            ok = False
+    ctx.emit({"ok": ok, "jobs": [r.to_dict() for r in results], "metrics": metrics,
+              "metrics_error": metrics_error},
+             _text(results) + (f"\n{metrics_error}" if metrics_error else ""))
     return 0 if ok else 1
 
 

@@ -41,9 +41,11 @@ def _age(seconds: float) -> str:
 def _text(r: StatusReport) -> str:
     lines = [f"{LEVELS[r.level].upper()}: {len(r.domains)} domain(s)"]
     for d in r.domains:
-        point = (f"point {d.last_point}, {_age(d.age_seconds)} old, {size_text(d.size_bytes)}"
-                 if d.last_point is not None and d.age_seconds is not None and
-                 d.size_bytes is not None else "no good point")
+        point = "no good point"
+        if d.last_point is not None:
+            age = "age unknown" if d.age_seconds is None else f"{_age(d.age_seconds)} old"
+            point = (f"point {d.last_point}, {age}, {size_text(d.size_bytes or 0)} stored "
+                     f"of {size_text(d.virtual_bytes or 0)}")
         verified = "never verified"
         if d.last_verify is not None:
             when = _dt.datetime.fromtimestamp(d.last_verify, _dt.timezone.utc)

@@ -37,7 +37,8 @@ class DomainStatus:
     last_point: int | None = None
     last_point_taken: str | None = None
     age_seconds: float | None = None
-    size_bytes: int | None = None
+    size_bytes: int | None = None       # what the newest point stored in the pool
+    virtual_bytes: int | None = None    # the size of the disks it restores
     rpo_seconds: int | None = None
     rpo_breached: bool = False
     last_verify: float | None = None
@@ -88,7 +89,7 @@ def _check(st: DomainStatus, pool: str, uri: str, record: dict[str, Any], now: f
     else:
         newest = max(points, key=lambda p: p.point)
         st.last_point, st.last_point_taken = newest.point, newest.taken
-        st.size_bytes = newest.stored_bytes
+        st.size_bytes, st.virtual_bytes = newest.stored_bytes, newest.virtual_bytes
         taken = _taken(newest)
         if taken is not None:
             st.age_seconds = round(now - taken, 1)
