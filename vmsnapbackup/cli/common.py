@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import logging
 import os
-import shutil
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Deque, Dict, List, Optional, TextIO, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, TextIO, Tuple
 
 from ..core.defaults import DEFAULT_POOL, DEFAULT_URI, POOL_ENV, URI_ENV
 from ..errors import ExitCode, NotFoundError, VmSnapBackupError
-from ..progress import ProgressEvent
+
+if TYPE_CHECKING:
+    from ..progress import ProgressEvent
 
 __all__ = [
     "Context",
@@ -95,17 +94,22 @@ def check_pool_path(spec: str) -> None:
             return
 
 
-@dataclass
 class Context:
-    """The parsed global options, as plain values (never handed to the library)."""
+    """The parsed global options, as plain values (never handed to the library).
 
-    uri: str
-    pool: str
-    json: bool = False
-    quiet: bool = False
-    out: TextIO = field(default_factory=lambda: sys.stdout)
-    err: TextIO = field(default_factory=lambda: sys.stderr)
-    _displays: List["ProgressDisplay"] = field(default_factory=list, repr=False)
+    A plain class, not a dataclass: the dataclass machinery would cost every
+    start-up, ``--help`` included, more than the rest of this module.
+    """
+
+    def __init__(self, uri: str, pool: str, json: bool = False, quiet: bool = False,
+                 out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> None:
+        self.uri = uri
+        self.pool = pool
+        self.json = json
+        self.quiet = quiet
+        self.out: TextIO = sys.stdout if out is None else out
+        self.err: TextIO = sys.stderr if err is None else err
+        self._displays: List[ProgressDisplay] = []
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Context":
@@ -120,6 +124,8 @@ class Context:
         summaries of work done.
         """
         if self.json:
+            import json
+
             json.dump(document, self.out, indent=2, sort_keys=True, default=str)
             self.out.write("\n")
         elif self.quiet and not data:
@@ -134,6 +140,8 @@ class Context:
     def fail_message(self, message: str, code: ExitCode, kind: str = "error") -> None:
         line = " ".join(message.split())  # one line, whatever the message held
         if self.json:
+            import json
+
             json.dump({"error": {"kind": kind, "message": line, "exit_code": int(code)}},
                       self.out, sort_keys=True)
             self.out.write("\n")
@@ -216,7 +224,7 @@ class ProgressDisplay:
         self._ticker: Optional[threading.Thread] = None
         self._log = logging.getLogger(PROGRESS_LOGGER)
 
-    def __call__(self, ev: ProgressEvent) -> None:
+    def __call__(self, ev: "ProgressEvent") -> None:
         now = self._clock()
         key = f"{ev.disk}:{ev.phase}"
         with self._lock:
@@ -290,6 +298,8 @@ class ProgressDisplay:
         self._write(f"{head} {_size(rate)}/s ETA {eta}", end=False)
 
     def _write(self, line: str, end: bool) -> None:
+        import shutil
+
         columns = shutil.get_terminal_size((100, 24)).columns
         self._stream.write("\r" + line[: max(columns - 1, 20)] + "\x1b[K" + ("\n" if end else ""))
         self._stream.flush()
