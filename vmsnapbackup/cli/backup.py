@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from ..workflows.backup import DEFAULT_THRESHOLD, BackupResult, backup
-from ..core.tablefile import DEFAULT_BLOCK_SIZE
+from ..core.defaults import DEFAULT_BLOCK_SIZE, DEFAULT_THRESHOLD
 from .common import Context, add_json_option, size_text
+
+if TYPE_CHECKING:
+    from ..workflows.backup import BackupResult
 
 ORDER = 10
 
 
-def register(sub: "argparse._SubParsersAction") -> None:
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser("backup", help="back up a domain (one new point)",
                        description="Back up a domain: external snapshot, read each disk once, "
                        "store what differs from the generation's first check table, commit "
@@ -53,17 +56,19 @@ def _size(text: str) -> int:
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
+    from ..workflows.backup import backup
+
     result = backup(
         args.domain, ctx.pool, uri=ctx.uri, disks=args.disks, quiesce=args.quiesce,
         new_generation=args.new_generation, threshold=args.threshold,
         block_size=args.block_size, base_format=args.base_format,
-        overlay_dir=args.overlay_dir, progress=None if ctx.json else ctx.progress(),
+        overlay_dir=args.overlay_dir, progress=ctx.progress(),
         dirty_bitmaps=args.dirty_bitmaps)
     ctx.emit(result.to_dict(), _text(result))
     return 0
 
 
-def _text(r: BackupResult) -> str:
+def _text(r: "BackupResult") -> str:
     lines = [f"domain {r.domain}: point {r.point} (generation {r.generation}"
              f"{', new' if r.new_generation else ''}, {r.consistency}) in "
              f"{r.seconds.get('total', 0):.1f} s"]

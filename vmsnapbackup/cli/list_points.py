@@ -4,15 +4,17 @@ time, generation, consistency and sizes.  (Not named ``list.py``: as an attribut
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict, List
+from typing import TYPE_CHECKING, Any, Dict, List
 
-from ..workflows.listing import PointSummary, list_points
 from .common import Context, add_json_option, size_text
+
+if TYPE_CHECKING:
+    from ..workflows.listing import PointSummary
 
 ORDER = 20
 
 
-def register(sub: "argparse._SubParsersAction") -> None:
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser("list", help="list the points of one or every domain in the pool")
     p.add_argument("domain", metavar="DOMAIN", nargs="?", help="domain name or UUID")
     add_json_option(p)
@@ -20,13 +22,15 @@ def register(sub: "argparse._SubParsersAction") -> None:
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
+    from ..workflows.listing import list_points
+
     points = list_points(ctx.pool, uri=ctx.uri, domain=args.domain)
     doc: Dict[str, Any] = {"points": [p.to_dict() for p in points]}
-    ctx.emit(doc, _text(points))
+    ctx.emit(doc, _text(points), data=True)  # the listing is what was asked for
     return 0
 
 
-def _text(points: List[PointSummary]) -> str:
+def _text(points: List["PointSummary"]) -> str:
     if not points:
         return "no points"
     header = f"{'DOMAIN':<20} {'POINT':>5} {'GEN':>4} {'TAKEN (UTC)':<20} {'CONSISTENCY':<16} " \

@@ -3,9 +3,12 @@ policy does not keep (see :mod:`vmsnapbackup.workflows.prune`)."""
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from ..workflows.prune import PruneReport, prune
 from .common import Context, add_json_option, size_text
+
+if TYPE_CHECKING:
+    from ..workflows.prune import PruneReport
 
 ORDER = 40
 
@@ -20,7 +23,7 @@ def _count(text: str) -> int:
     return n
 
 
-def register(sub: "argparse._SubParsersAction") -> None:
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser(
         "prune", help="remove points a retention policy does not keep",
         description="Remove the points of DOMAIN that no --keep rule keeps. The newest point "
@@ -42,6 +45,8 @@ def register(sub: "argparse._SubParsersAction") -> None:
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
+    from ..workflows.prune import prune
+
     report = prune(args.domain, ctx.pool, uri=ctx.uri, keep_last=args.keep_last,
                    keep_daily=args.keep_daily, keep_weekly=args.keep_weekly,
                    keep_monthly=args.keep_monthly, dry_run=args.dry_run)
@@ -49,7 +54,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
-def _text(r: PruneReport) -> str:
+def _text(r: "PruneReport") -> str:
     verb = "would remove" if r.dry_run else "removed"
     lines = [f"domain {r.domain}: kept {len(r.kept)}, {verb} {len(r.removed)} point(s), "
              f"{size_text(r.bytes_freed)} {'to free' if r.dry_run else 'freed'}"

@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UsageError
-from ..workflows.repair import repair
 from .common import Context, add_json_option
 
 ORDER = 50
 
 
-def register(sub: "argparse._SubParsersAction") -> None:
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser(
         "repair", help="bring a domain back to its original images after an interrupted backup",
         description="Finds what an interrupted backup left, from the pool's journal and the "
@@ -31,7 +30,10 @@ def register(sub: "argparse._SubParsersAction") -> None:
 def run(args: argparse.Namespace, ctx: Context) -> int:
     if args.all_domains == (args.domain is not None):
         raise UsageError("repair needs either a DOMAIN or --all (see 'vmsnapbackup repair --help')")
+    from ..workflows.repair import repair
+
     report = repair(ctx.pool, domain=args.domain, all_domains=bool(args.all_domains),
                     dry_run=bool(args.dry_run), uri=ctx.uri)
-    ctx.emit(report.to_dict(), "\n".join(report.lines()))
+    # what is left to do (a non-zero exit) is shown even with --quiet
+    ctx.emit(report.to_dict(), "\n".join(report.lines()), data=report.exit_code != 0)
     return int(report.exit_code)

@@ -7,13 +7,12 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ExitCode, UsageError
-from ..workflows.verify import format_report, verify
 from .common import Context, add_json_option
 
 ORDER = 35
 
 
-def register(sub: "argparse._SubParsersAction") -> None:
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser(
         "verify", help="check that points are intact, block by block",
         description="Check manifests, check tables, difference tables and volumes of every "
@@ -31,9 +30,13 @@ def register(sub: "argparse._SubParsersAction") -> None:
 def run(args: argparse.Namespace, ctx: Context) -> int:
     if args.point is not None and args.domain is None:
         raise UsageError("--point needs a DOMAIN (point numbers are per domain)")
+    from ..workflows.verify import format_report, verify
+
     report = verify(ctx.pool, domain=args.domain, point=args.point, sample=args.sample,
-                    uri=ctx.uri, progress=None if ctx.json else ctx.progress())
-    ctx.emit(report.to_dict(), format_report(report))
+                    uri=ctx.uri, progress=ctx.progress())
+    # damage is shown even with --quiet: it is the warning the user runs verify for
+    ctx.emit(report.to_dict(), format_report(report),
+             data=not report.ok or bool(report.incompatible))
     if not report.ok:
         return int(ExitCode.INTEGRITY)
     if report.incompatible:
