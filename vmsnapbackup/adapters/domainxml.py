@@ -236,7 +236,8 @@ def backup_disks(
     missing = [t for t in wanted if t not in by_target]
     if missing:
         known = ", ".join(d.target for d in disks) or "none"
-        raise NotFoundError(f"disk {', '.join(map(repr, missing))} not found (domain disks: {known})")
+        names = ", ".join(map(repr, missing))
+        raise NotFoundError(f"disk {names} not found (domain disks: {known})")
     for target in wanted:
         reason = unsupported_reason(by_target[target])
         if reason is not None:
@@ -269,7 +270,8 @@ def overlay_path(disk: Disk, snapshot_id: str, overlay_dir: str | None = None) -
             raise UsageError(
                 f"disk '{disk.target}' is a {disk.type} device: give an overlay directory"
             )
-        return os.path.join(os.path.dirname(disk.source), f"{stem}{OVERLAY_MARKER}{snapshot_id}.qcow2")
+        name = f"{stem}{OVERLAY_MARKER}{snapshot_id}.qcow2"
+        return os.path.join(os.path.dirname(disk.source), name)
     return os.path.join(
         os.path.abspath(overlay_dir), f"{stem}.{disk.target}{OVERLAY_MARKER}{snapshot_id}.qcow2"
     )

@@ -324,7 +324,7 @@ class LocalHost:
                 stderr=subprocess.STDOUT, close_fds=True, start_new_session=True,
                 umask=CHILD_UMASK, cwd="/",
                 # one async-signal-safe foreign call in the child (see _death_signal_setup)
-                preexec_fn=_death_signal_setup() if tie_to_us else None)  # noqa: PLW1509
+                preexec_fn=_death_signal_setup() if tie_to_us else None)
         except OSError as err:
             raise HypervisorError(f"cannot start {args[0]}: {err.strerror or err}") from err
         finally:

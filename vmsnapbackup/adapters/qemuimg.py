@@ -212,7 +212,7 @@ class QemuImg:
         if progress is not None:
             args.insert(1, "-p")
             on_stdout = _progress_reader(progress)
-        self._run(args + [src, dst], f"qemu-img convert of {src}", _LONG_TIMEOUT, on_stdout,
+        self._run([*args, src, dst], f"qemu-img convert of {src}", _LONG_TIMEOUT, on_stdout,
                   target=dst)
 
     # ---------------------------------------------------------------------- commit

@@ -375,7 +375,8 @@ class StorageDaemon(DaemonProcess):
         """
         return self._add_export(path, fmt, False, name, direct, bitmap)
 
-    def open_writable(self, path: str, fmt: str | None = None, *, name: str | None = None) -> Export:
+    def open_writable(self, path: str, fmt: str | None = None, *,
+                      name: str | None = None) -> Export:
         """Export an existing image writable (for instance a raw base volume)."""
         return self._add_export(path, fmt, True, name)
 

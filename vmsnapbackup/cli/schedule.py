@@ -73,5 +73,6 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     timers = " ".join(unit_name(j.name, "timer") for j in jobs)
     ctx.emit({"installed": written, "verified": bool(args.verify), "enable": timers},
              "\n".join([*(f"installed {p}" for p in written),
-                        f"enable with: systemctl daemon-reload && systemctl enable --now {timers}"]))
+                        "enable with: systemctl daemon-reload && "
+                        f"systemctl enable --now {timers}"]))
     return 0

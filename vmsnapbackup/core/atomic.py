@@ -179,7 +179,7 @@ def _publish_exclusive(tmp: Path, target: Path) -> None:
     try:
         os.link(tmp, target)
     except FileExistsError:
-        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fspath(target))
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fspath(target)) from None
     except OSError as err:
         if err.errno not in _LINK_UNSUPPORTED or not target.parent.exists():
             raise
@@ -188,7 +188,8 @@ def _publish_exclusive(tmp: Path, target: Path) -> None:
         log.debug("link(2) not supported under %s (%s); using check-then-rename",
                   target.parent, err.strerror)
         if os.path.lexists(target):
-            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fspath(target))
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST),
+                                  os.fspath(target)) from None
         os.replace(tmp, target)
         return
     os.unlink(tmp)

@@ -150,7 +150,7 @@ def parse_duration(value: Any) -> int:
             raise ValueError("a duration cannot be negative")
         return value
     if not isinstance(value, str):
-        raise ValueError("a duration is a number of seconds or a string like '26h'")  # noqa: TRY004
+        raise ValueError("a duration is a number of seconds or a string like '26h'")
     total = 0
     parts = value.split()
     if not parts:
@@ -241,7 +241,7 @@ class _Checker:
         value = doc.get(key)
         if value is None:
             return None
-        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
             self.add(table, key, f"must be {what}, not {_kind(value)}")
             return None
         return value

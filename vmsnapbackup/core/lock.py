@@ -186,7 +186,7 @@ class DomainLock:
                 raise mapped from err
             raise
 
-    def __enter__(self) -> DomainLock:  # noqa: PYI034 (acquire() returns this class)
+    def __enter__(self) -> DomainLock:
         return self.acquire()
 
     def __exit__(self, exc_type: type[BaseException] | None,

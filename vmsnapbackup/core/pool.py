@@ -15,6 +15,7 @@ order instead.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -170,10 +171,9 @@ class Pool:
         make_private_dir(store.generations_dir)
         make_private_dir(store.points_dir)
         record = DomainRecord(uuid=u, name=name, last_point=store._highest_number_seen())
-        try:
+        # A racing creator may be first: its record is as good as ours.
+        with contextlib.suppress(FileExistsError):
             atomic_write_bytes(store.record_path, record.to_json(), exclusive=True)
-        except FileExistsError:
-            pass  # a racing creator was first: its record is as good as ours
         return store
 
     def domains(self) -> list[DomainStore]:

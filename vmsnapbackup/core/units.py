@@ -163,7 +163,7 @@ def _translate(expr: str) -> str | None:
             else:
                 return None
         dow = ",".join(out)
-    if hour != "*" and int(hour) > 23 or int(minute) > 59:
+    if (hour != "*" and int(hour) > 23) or int(minute) > 59:
         return None
     return f"{int(minute)} {hour if hour == '*' else int(hour)} * * {dow}"
 

@@ -133,7 +133,8 @@ def load_config(path: os.PathLike | None = None) -> HookConfig:  # type: ignore[
         with open(p, encoding="utf-8") as f:
             parser.read_file(f)
     except (OSError, UnicodeDecodeError, configparser.Error) as err:
-        raise UsageError(f"{p}: cannot read hook configuration: {' '.join(str(err).split())}") from None
+        reason = " ".join(str(err).split())
+        raise UsageError(f"{p}: cannot read hook configuration: {reason}") from None
 
     def check_keys(section: str) -> None:
         unknown = set(parser[section].keys()) - _KNOWN_KEYS

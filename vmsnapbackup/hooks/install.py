@@ -92,7 +92,8 @@ drain() {
 }
 
 if [ ! -f "$PYTHON" ] || [ ! -x "$PYTHON" ]; then
-    say "interpreter $PYTHON is missing: doing nothing for $2 of $1 (run 'vmsnapbackup hook install' again)"
+    say "interpreter $PYTHON is missing: doing nothing for $2 of $1" \
+        "(run 'vmsnapbackup hook install' again)"
     drain
     exit 0
 fi
@@ -310,7 +311,8 @@ def reload_libvirtd(pid_files: Sequence[Path] = DAEMON_PID_FILES) -> int:
     try:
         os.kill(pid, signal.SIGHUP)
     except PermissionError:
-        raise UsageError(f"not allowed to signal the libvirt daemon (pid {pid}); run as root") from None
+        raise UsageError(f"not allowed to signal the libvirt daemon (pid {pid}); "
+                         "run as root") from None
     except OSError as err:
         if err.errno == errno.ESRCH:
             raise NotFoundError(f"the libvirt daemon (pid {pid}) has just exited") from None

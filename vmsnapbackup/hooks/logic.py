@@ -169,7 +169,8 @@ def start_refusal(info: DomainInfo, live: Sequence[InflightRecord]) -> str | Non
     """
     for record in live:
         if record.offline and _is_domain(record, info):
-            return (f"domain {info.name} cannot start: an {_describe(record)} is reading its disks; "
+            return (f"domain {info.name} cannot start: "
+                    f"an {_describe(record)} is reading its disks; "
                     "wait for it to finish (or stop that process)")
     for record in live:
         shared = _shared_images(record, info)
@@ -218,7 +219,9 @@ def _read_stdin(stdin: IO | None) -> str:  # type: ignore[type-arg]
     return str(data)
 
 
-def _live_and_stale(records: Sequence[InflightRecord]) -> tuple[list[InflightRecord], list[InflightRecord]]:
+def _live_and_stale(
+    records: Sequence[InflightRecord],
+) -> tuple[list[InflightRecord], list[InflightRecord]]:
     live: list[InflightRecord] = []
     stale: list[InflightRecord] = []
     for record in records:
@@ -293,7 +296,8 @@ def _decide(call: HookCall, xml: str, config_loader: Callable[[], HookConfig],
     policy = policy_of(info.name)
     if policy.backup_on_shutdown:
         if mine_live:
-            log.info("not starting the shutdown backup of %s: %s", info.name, _describe(mine_live[0]))
+            log.info("not starting the shutdown backup of %s: %s", info.name,
+                     _describe(mine_live[0]))
         elif call.extra in _NO_BACKUP_AFTER:
             log.info("not starting the shutdown backup of %s after release reason %r",
                      info.name, call.extra)

@@ -308,7 +308,7 @@ class _BackupRun(BackupVolumes, BackupUndo):
                  self.name, self.overlay_seconds)
 
     def _seal(self) -> None:
-        """Step 6: volumes, then tables, then the manifest (FORMAT §10 steps 3–5)."""
+        """Step 6: volumes, then tables, then the manifest (FORMAT §10 steps 3 to 5)."""
         self.journal.update(step="seal")
         g = self.generation
         disks: list[PointDisk] = []

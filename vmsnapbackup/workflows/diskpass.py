@@ -208,7 +208,7 @@ class _Writer:
             if not self._aborted:
                 for offset, length in self._zeros:
                     self._target.write_zeroes(offset, length)
-        except BaseException as exc:  # noqa: BLE001 - handed to the reading thread, raised there
+        except BaseException as exc:
             self.error = exc
             self._free.put(None)
 
@@ -388,7 +388,8 @@ def _hash_only(source: NbdClient, builder: CheckTableBuilder, data: list[Run], c
         emit(progress, ProgressEvent(disk, "read", done, data_bytes))
 
 
-def _copy(source: NbdClient, target: NbdClient, builder: CheckTableBuilder, table1: CheckTable | None,
+def _copy(source: NbdClient, target: NbdClient, builder: CheckTableBuilder,
+          table1: CheckTable | None,
           data: list[Run], chunk: int, stats: PassStats, disk: str, data_bytes: int,
           progress: ProgressCallback | None) -> None:
     """Read and hash here, write from the writer thread (see the module docstring)."""

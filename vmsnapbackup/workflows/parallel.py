@@ -79,7 +79,7 @@ def run_all(jobs: Sequence[Job[Any]], *, progress: ProgressCallback | None = Non
             value = jobs[index](relay)
         except _Stopped:
             events.put((_FAILED, index, None))
-        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread, raised there
+        except BaseException as exc:
             events.put((_FAILED, index, exc))
         else:
             events.put((_DONE, index, value))

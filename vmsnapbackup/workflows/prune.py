@@ -349,7 +349,7 @@ def _points_in_use(store: DomainStore, valid: list[PointInfo],
             path = _real(store.resolve(d.volume))
             if not d.is_base and path in holders:
                 users.setdefault(info.number, holders[path])
-    for g, points in sorted(by_generation.items()):
+    for _gen, points in sorted(by_generation.items()):
         if any(i.number not in removing or i.number in users for i, _ in points):
             continue  # a point of the generation stays, and with it the base
         holder = next((holders[b] for b in (_real(store.resolve(d.base))

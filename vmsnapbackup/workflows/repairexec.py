@@ -7,6 +7,7 @@ while the actions run.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import replace
@@ -59,10 +60,8 @@ def remove_tree_of_ours(path: Path) -> list[str]:
             if d.is_symlink():
                 kept.append(str(d))
                 continue
-            try:
+            with contextlib.suppress(OSError):  # not empty: a stranger's file is in it
                 d.rmdir()
-            except OSError:
-                pass  # not empty: a stranger's file is in it
     try:
         path.rmdir()
     except OSError:
