@@ -30,6 +30,7 @@ from powercut import (
     Outcome,
     cut_points,
     daemon_dirs,
+    disks_on_originals,
     judge,
     restore_pool,
     run_cut,
@@ -49,6 +50,10 @@ log = logging.getLogger(__name__)
 MiB = 2**20
 CUTS = int(os.environ.get("VMSNAPBACKUP_CRASH_CUTS", "10"))
 SEED = int(os.environ.get("VMSNAPBACKUP_CRASH_SEED", "17"))
+#: Where the backup under the repair scenario is cut: after the snapshot (the VM is
+#: on our overlays) and before the point is sealed, for a point backup of the
+#: tiny disks (about 130 calls).
+REPAIR_SETUP_CUT = 60
 BROKEN_CLI = (sys.executable, str(REPO / "integration" / "brokenorder.py"))
 
 
@@ -82,7 +87,7 @@ def area(tmp_path: Path) -> Iterator[Path]:
 
 
 def campaign(scenario: str, dom: TestDomain, area: Path, argv: Sequence[str],
-             template: Path, *, cuts: int = CUTS, variants: Sequence[Variant] = VARIANTS,
+             template: Path | Callable[[Path], None], *, cuts: int = CUTS, variants: Sequence[Variant] = VARIANTS,
              cli: Sequence[str] | None = None,
              before_each: Callable[[], None] | None = None) -> list[Outcome]:
     """Run ``argv`` once to count calls, then once per cut point; judge each."""
@@ -93,7 +98,10 @@ def campaign(scenario: str, dom: TestDomain, area: Path, argv: Sequence[str],
         if work.exists():
             shutil.rmtree(work)
         work.mkdir()
-        shutil.copytree(template, work / "backing", symlinks=True)
+        if callable(template):  # a starting pool that must be made anew for each cut
+            template(work / "backing")
+        else:
+            shutil.copytree(template, work / "backing", symlinks=True)
         if before_each is not None:
             before_each()
 
@@ -154,6 +162,30 @@ def test_power_cut_during_prune(domain: TestDomain, area: Path) -> None:
     template = pool_with_points(domain, area, 3)
     outcomes = campaign("prune", domain, area, ["prune", domain.name, "--keep-last", "1"],
                         template)
+    text = report(outcomes, area)
+    assert all(o.ok for o in outcomes), text
+
+
+def test_power_cut_during_repair(domain: TestDomain, area: Path) -> None:
+    """Repair itself loses power: a backup was cut while the VM ran on our overlays,
+    then the repair of it is cut at each sampled call; the next repair must finish
+    the job."""
+    base = pool_with_points(domain, area, 1)
+
+    def interrupted_backup(backing: Path) -> None:
+        work = area / "interrupted"
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir()
+        shutil.copytree(base, work / "backing", symlinks=True)
+        pool = area / "pool"
+        run_cut(["backup", domain.name], pool, work, REPAIR_SETUP_CUT)
+        restore_pool(work, Variant("ordered", "kept"), pool, REPAIR_SETUP_CUT)
+        assert disks_on_originals(domain), "the cut backup should have left overlays"
+        pool.rename(backing)
+
+    outcomes = campaign("repair", domain, area, ["repair", domain.name], interrupted_backup,
+                        cuts=12)  # about 10 calls: every one is a cut point
     text = report(outcomes, area)
     assert all(o.ok for o in outcomes), text
 
