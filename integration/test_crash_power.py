@@ -81,8 +81,9 @@ def area(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
     left = sweep_daemon_dirs(before)
     if left:
-        log.warning("cuts left %d storage daemon dirs that repair did not remove: %s",
-                    len(left), ", ".join(p.name for p in left))
+        # printed with the table: a finding about repair, not a failure of the pool
+        print(f"cuts left {len(left)} storage daemon dirs that repair did not remove: "
+              + ", ".join(p.name for p in left))
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
