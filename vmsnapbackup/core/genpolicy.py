@@ -155,7 +155,7 @@ def predicted_next(costs: GenerationCosts) -> tuple[int, int]:
 
 def _points_total(costs: GenerationCosts) -> float:
     """Stored bytes of every point of the generation so far, pruned ones interpolated."""
-    known = [(0, 0)] + sorted((p.index, p.stored_bytes) for p in costs.points)
+    known = [(0, 0), *sorted((p.index, p.stored_bytes) for p in costs.points)]
     total = 0.0
     for (i0, b0), (i1, b1) in zip(known, known[1:]):
         # points i0+1 .. i1 on the line from (i0, b0) to (i1, b1): i1 known, the rest not
