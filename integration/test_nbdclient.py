@@ -112,7 +112,10 @@ def qemu_nbd(tmp_path: Path) -> Iterator[Callable[..., QemuNbd]]:
                                     stdin=subprocess.DEVNULL)
         server = QemuNbd(proc, address, log)
         started.append(server)
-        ready = (lambda: _tcp_ready(port)) if tcp else (lambda: Path(address).exists())
+
+        def ready() -> bool:
+            return _tcp_ready(port) if tcp else Path(address).exists()
+
         if not _wait_until(lambda: proc.poll() is not None or ready()) or proc.poll() is not None:
             pytest.fail(f"qemu-nbd did not start: {log.read_text(errors='replace')}")
         return server
@@ -168,7 +171,7 @@ def _zero_runs(entries: Sequence[tuple[int, int, bool]]) -> list[tuple[int, int,
 # reading
 
 
-def test_reads_known_bytes_at_unaligned_offsets_and_disk_end(tmp_path, qemu_nbd):
+def test_reads_known_bytes_at_unaligned_offsets_and_disk_end(tmp_path: Path, qemu_nbd: Callable[..., QemuNbd]) -> None:
     size = 5 * MiB + 1536  # a multiple of 512, not of 64 KiB
     rng = random.Random(1)
     content = _random_bytes(rng, size)
@@ -192,7 +195,7 @@ def test_reads_known_bytes_at_unaligned_offsets_and_disk_end(tmp_path, qemu_nbd)
         assert client.read(size - 100, 100) == content[-100:]
 
 
-def test_extents_match_qemu_img_map(tmp_path, qemu_nbd):
+def test_extents_match_qemu_img_map(tmp_path: Path, qemu_nbd: Callable[..., QemuNbd]) -> None:
     size = 64 * MiB + 192 * KiB
     image = tmp_path / "sparse.qcow2"
     _sparse_qcow2(image, size, [
@@ -232,7 +235,7 @@ def test_extents_match_qemu_img_map(tmp_path, qemu_nbd):
             pos = start + length
 
 
-def test_pipelined_reads_return_the_same_bytes_as_single_reads(tmp_path, qemu_nbd):
+def test_pipelined_reads_return_the_same_bytes_as_single_reads(tmp_path: Path, qemu_nbd: Callable[..., QemuNbd]) -> None:
     size = 24 * MiB
     rng = random.Random(7)
     writes = [("data", rng.randrange(0, size // 4096 - 64) * 4096, rng.randrange(1, 64) * 4096)
@@ -268,7 +271,7 @@ def test_pipelined_reads_return_the_same_bytes_as_single_reads(tmp_path, qemu_nb
             assert bytes(view) == content[offset:offset + len(view)]
 
 
-def test_tcp_uri_and_named_export(tmp_path, qemu_nbd):
+def test_tcp_uri_and_named_export(tmp_path: Path, qemu_nbd: Callable[..., QemuNbd]) -> None:
     image = tmp_path / "small.raw"
     content = _random_bytes(random.Random(3), 1 * MiB)
     image.write_bytes(content)
@@ -284,7 +287,7 @@ def test_tcp_uri_and_named_export(tmp_path, qemu_nbd):
     assert "\n" not in str(info.value)
 
 
-def test_read_only_export_offers_multi_conn_and_refuses_writes(tmp_path, qemu_nbd):
+def test_read_only_export_offers_multi_conn_and_refuses_writes(tmp_path: Path, qemu_nbd: Callable[..., QemuNbd]) -> None:
     image = tmp_path / "ro.raw"
     image.write_bytes(bytes(1 * MiB))
     server = qemu_nbd(image, "raw")
@@ -299,7 +302,7 @@ def test_read_only_export_offers_multi_conn_and_refuses_writes(tmp_path, qemu_nb
 # writing
 
 
-def test_writes_and_zeroes_into_qcow2_match_expected_raw(tmp_path, qemu_nbd):
+def test_writes_and_zeroes_into_qcow2_match_expected_raw(tmp_path: Path, qemu_nbd: Callable[..., QemuNbd]) -> None:
     size = 41 * MiB + 4096
     rng = random.Random(11)
     base = tmp_path / "base.raw"
@@ -342,7 +345,7 @@ def test_writes_and_zeroes_into_qcow2_match_expected_raw(tmp_path, qemu_nbd):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_fast_zero_on_qcow2_clusters(tmp_path, qemu_nbd):
+def test_fast_zero_on_qcow2_clusters(tmp_path: Path, qemu_nbd: Callable[..., QemuNbd]) -> None:
     image = tmp_path / "fz.qcow2"
     _sparse_qcow2(image, 4 * MiB, [("data", 0, 4 * MiB)])
     server = qemu_nbd(image, "qcow2", read_only=False)
@@ -362,7 +365,7 @@ def test_fast_zero_on_qcow2_clusters(tmp_path, qemu_nbd):
         assert (1 * MiB, 1 * MiB) in zero
 
 
-def test_server_going_away_is_a_clean_error(tmp_path, qemu_nbd):
+def test_server_going_away_is_a_clean_error(tmp_path: Path, qemu_nbd: Callable[..., QemuNbd]) -> None:
     image = tmp_path / "gone.raw"
     image.write_bytes(bytes(4 * MiB))
     server = qemu_nbd(image, "raw")
@@ -411,7 +414,7 @@ def _qemu_dirty_runs(socket_path: str, bitmap: str) -> list[tuple[int, int]]:
     return [(start, length) for start, length, dirty in runs if dirty]
 
 
-def test_dirty_ranges_match_the_bitmap_and_data_ranges_still_work(tmp_path, qemu_nbd):
+def test_dirty_ranges_match_the_bitmap_and_data_ranges_still_work(tmp_path: Path, qemu_nbd: Callable[..., QemuNbd]) -> None:
     size = 48 * MiB + 192 * KiB  # not a multiple of the 1 MiB backup block below
     image = tmp_path / "dirty.qcow2"
     _bitmapped_qcow2(
@@ -457,7 +460,7 @@ def test_dirty_ranges_match_the_bitmap_and_data_ranges_still_work(tmp_path, qemu
     assert with_bitmap[0] == (0, 256 * KiB) and (20 * MiB, MiB) not in with_bitmap
 
 
-def test_dirty_walk_of_a_disk_larger_than_4_gib(tmp_path, qemu_nbd):
+def test_dirty_walk_of_a_disk_larger_than_4_gib(tmp_path: Path, qemu_nbd: Callable[..., QemuNbd]) -> None:
     size = 6 * GiB + 64 * KiB
     image = tmp_path / "big.qcow2"
     _bitmapped_qcow2(image, size, before=[(4 * GiB, MiB)],
@@ -479,7 +482,7 @@ def test_dirty_walk_of_a_disk_larger_than_4_gib(tmp_path, qemu_nbd):
             (size - 64 * KiB, 64 * KiB)]
 
 
-def test_bitmap_the_export_does_not_carry_is_not_an_error(tmp_path, qemu_nbd):
+def test_bitmap_the_export_does_not_carry_is_not_an_error(tmp_path: Path, qemu_nbd: Callable[..., QemuNbd]) -> None:
     image = tmp_path / "nobitmap.qcow2"
     _bitmapped_qcow2(image, 4 * MiB, before=[(0, 64 * KiB)], after=["write 1M 64k"],
                      granularity=64 * KiB)
