@@ -22,6 +22,7 @@ from vmsnapbackup.errors import ExportError, UsageError
 def fake() -> Iterator[Starter]:
     yield from scripted_servers()
 
+
 # ---------------------------------------------------------------------------
 # addresses
 

@@ -18,6 +18,7 @@ from vmsnapbackup.errors import ExportError
 def fake() -> Iterator[Starter]:
     yield from scripted_servers()
 
+
 # ---------------------------------------------------------------------------
 # handshake
 

@@ -4,11 +4,20 @@ from __future__ import annotations
 import errno
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from typing import Callable
 
 import pytest
-from nbdfake import Conn, MiB, Request, Starter, assert_one_line, scripted_servers
+from nbdfake import (
+    Conn,
+    MiB,
+    Request,
+    Starter,
+    assert_one_line,
+    pattern,
+    scripted_servers,
+)
 
 from vmsnapbackup.adapters import nbdproto as p
 from vmsnapbackup.errors import ExportError
@@ -17,6 +26,7 @@ from vmsnapbackup.errors import ExportError
 @pytest.fixture
 def fake() -> Iterator[Starter]:
     yield from scripted_servers()
+
 
 # ---------------------------------------------------------------------------
 # hostile and broken servers
@@ -76,6 +86,99 @@ def test_overlapping_data_chunks(fake: Starter) -> None:
         conn.data(req.cookie, req.offset + 4096, bytes(512), True)
 
     assert "overlaps an earlier chunk" in _one_read_against(fake, reply)
+
+
+def test_overlapping_chunks_that_add_up_are_rejected(fake: Starter) -> None:
+    # [4096, +4096) twice: 8192 bytes "received", [8192, 12288) never written
+    def reply(conn: Conn, req: Request) -> None:
+        conn.data(req.cookie, req.offset, bytes(4096))
+        conn.data(req.cookie, req.offset, bytes(4096), True)
+
+    text = _one_read_against(fake, reply)
+    assert "protocol error: data chunk [4096, +4096) overlaps an earlier chunk of the reply " \
+           "to [4096, +8192)" in text
+
+
+def test_hole_overlapping_data_is_rejected_and_stale_bytes_never_pass(fake: Starter) -> None:
+    # data [4096, +4096) and a hole [6144, +4096): 8192 bytes in all, but
+    # [10240, 12288) keeps what the buffer held before
+    def script(conn: Conn) -> None:
+        conn.handshake(size=1 * MiB)
+        req = conn.read_request()
+        conn.data(req.cookie, req.offset, b"\x11" * 4096)
+        conn.hole(req.cookie, req.offset + 2048, 4096, True)
+        conn.wait_closed()
+
+    stale = bytearray(b"\xaa" * 8192)
+    client = fake(script).client()
+    with pytest.raises(ExportError, match=r"hole chunk \[6144, \+4096\) overlaps an earlier"):
+        client.read_into(4096, stale)
+    client.close()
+
+
+@pytest.mark.parametrize("order", [(1, 0), (2, 0, 1), (0, 2, 1), (1, 2, 0)])
+def test_chunks_out_of_order_that_tile_the_request_are_accepted(
+        fake: Starter, order: tuple[int, ...]) -> None:
+    # three pieces of [4096, +12288): each order must fill the buffer exactly
+    pieces = [(0, 4096), (4096, 4096), (8192, 4096)] if len(order) == 3 else \
+        [(0, 6144), (6144, 6144)]
+
+    def script(conn: Conn) -> None:
+        conn.handshake(size=1 * MiB)
+        req = conn.read_request()
+        for n, index in enumerate(order):
+            rel, length = pieces[index]
+            done = n == len(order) - 1
+            if index == 1 and len(order) == 3:
+                conn.hole(req.cookie, req.offset + rel, length, done)
+            else:
+                conn.data(req.cookie, req.offset + rel, pattern(4096 + rel, length), done)
+        conn.wait_closed()
+
+    want = bytearray(pattern(4096, 12288))
+    if len(order) == 3:
+        want[4096:8192] = bytes(4096)
+    buf = bytearray(b"\xaa" * 12288)
+    with fake(script).client() as client:
+        client.read_into(4096, buf)
+        assert buf == want
+
+
+def _drip(conn: Conn, data: bytes, interval: float, seconds: float) -> None:
+    """Send ``data`` a byte per ``interval``; after ``seconds``, the rest at once."""
+    end = time.monotonic() + seconds
+    for pos in range(len(data)):
+        if time.monotonic() > end:
+            conn.send(data[pos:])
+            return
+        conn.send(data[pos:pos + 1])
+        if conn.stop.wait(interval):
+            return
+
+
+def test_a_dripping_server_cannot_stretch_a_read_beyond_the_timeout(fake: Starter) -> None:
+    # a byte every 20 ms keeps every single receive well inside 0.5 s; only
+    # a deadline for the whole request ends the read (else it succeeds after 4 s)
+    def reply(conn: Conn, req: Request) -> None:
+        body = bytes(req.length)
+        chunk = p.STRUCTURED_REPLY.pack(p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
+                                        p.REPLY_TYPE_OFFSET_DATA, req.cookie, 8 + len(body))
+        _drip(conn, chunk + struct.pack(">Q", req.offset) + body, 0.02, 4.0)
+
+    start = time.monotonic()
+    text = _one_read_against(fake, reply, timeout=0.5)
+    assert "no answer within 0.5 s while" in text
+    assert time.monotonic() - start < 3.0
+
+
+def test_a_dripping_greeting_cannot_stretch_the_handshake(fake: Starter) -> None:
+    def script(conn: Conn) -> None:
+        greeting = p.GREETING.pack(p.NBDMAGIC, p.IHAVEOPT, p.FLAG_FIXED_NEWSTYLE)
+        _drip(conn, greeting, 0.1, 4.0)
+        conn.wait_closed()
+
+    with pytest.raises(ExportError, match=r"no answer within 0.5 s while reading the greeting"):
+        fake(script).client(timeout=0.5)
 
 
 def test_reply_done_before_all_data(fake: Starter) -> None:

@@ -15,6 +15,7 @@ from vmsnapbackup.errors import ExportError, UsageError
 def fake() -> Iterator[Starter]:
     yield from scripted_servers()
 
+
 # ---------------------------------------------------------------------------
 # reading
 

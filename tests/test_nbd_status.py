@@ -33,6 +33,7 @@ from vmsnapbackup.errors import ExportError, UsageError
 def fake() -> Iterator[Starter]:
     yield from scripted_servers()
 
+
 # block status
 
 
