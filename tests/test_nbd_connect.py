@@ -33,7 +33,7 @@ def test_parse_nbd_uris() -> None:
     assert parse_nbd_uri("nbd://example.org:10810/vda") == NbdAddress(
         export_name="vda", host="example.org", port=10810)
     assert parse_nbd_uri("nbd://[::1]/") == NbdAddress(export_name="", host="::1")
-    for bad in ("nbds://h/x", "nbd+unix:///x", "http://h/x", "nbd:///x", "nbd://h:99999/x"):
+    for bad in ("nbds://h/x", "nbds://h/x?tls-certificates=", "nbd+unix:///x", "http://h/x", "nbd:///x", "nbd://h:99999/x"):
         with pytest.raises(UsageError):
             parse_nbd_uri(bad)
 
@@ -76,3 +76,41 @@ def test_connect_failure_is_an_export_error(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="cannot connect to NBD server at unix:") as info:
         NbdClient.open_unix(tmp_path / "missing.sock", timeout=TIMEOUT)
     assert info.value.errno == errno.ENOENT
+
+
+# ---------------------------------------------------------------------------
+# TLS addresses and files (a TLS session against QEMU: integration/test_nbd_tls.py)
+
+
+def test_nbds_uri_carries_the_certificate_directory() -> None:
+    address = parse_nbd_uri("nbds://hv1.example:10810/vda?tls-certificates=/etc/pki/vsb")
+    assert address == NbdAddress("vda", host="hv1.example", port=10810, tls_dir="/etc/pki/vsb")
+    assert address.uri == "nbds://hv1.example:10810/vda?tls-certificates=/etc/pki/vsb"
+    assert parse_nbd_uri(address.uri) == address
+    with pytest.raises(UsageError, match="only for TCP"):
+        NbdAddress("vda", socket_path="/run/x.sock", tls_dir="/etc/pki/vsb")
+
+
+def _tls_dir(tmp_path: Path, *names: str) -> Path:
+    directory = tmp_path / "pki"
+    directory.mkdir()
+    for name in names:
+        (directory / name).write_text("not a certificate\n")
+    return directory
+
+
+@pytest.mark.parametrize(("names", "message"), [
+    ((), "has no ca-cert.pem"),
+    (("ca-cert.pem",), "has no client-cert.pem"),
+    (("ca-cert.pem", "client-cert.pem"), "has no client-key.pem"),
+    (("ca-cert.pem", "client-cert.pem", "client-key.pem"), "ca-cert.pem is not a PEM"),
+])
+def test_incomplete_tls_directory_is_one_usage_line_before_dialling(
+        tmp_path: Path, names: tuple[str, ...], message: str) -> None:
+    directory = _tls_dir(tmp_path, *names)
+    # port 9 on loopback has no server: dialling would be an ExportError
+    with pytest.raises(UsageError, match=message) as info:
+        NbdClient.connect_tcp("127.0.0.1", 9, "vda", tls_dir=directory)
+    assert "\n" not in str(info.value)
+    with pytest.raises(UsageError, match="does not exist"):
+        NbdClient.open_uri(f"nbds://127.0.0.1:9/vda?tls-certificates={tmp_path / 'none'}")

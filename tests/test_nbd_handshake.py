@@ -1,6 +1,7 @@
 """The NBD client's handshake against a scripted server (see nbdfake.py)."""
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterator
 
 import pytest
@@ -11,7 +12,7 @@ from vmsnapbackup.adapters.nbdclient import (
     BlockSizes,
     Extent,
 )
-from vmsnapbackup.errors import ExportError
+from vmsnapbackup.errors import ExportError, UsageError
 
 
 @pytest.fixture
@@ -113,3 +114,61 @@ def test_silent_server_during_handshake_times_out(fake: Starter) -> None:
 
     with pytest.raises(ExportError, match=r"no answer within 0.2 s"):
         fake(script).client(timeout=0.2)
+
+
+# ---------------------------------------------------------------------------
+# STARTTLS (the TLS session itself is proven against QEMU: integration/test_nbd_tls.py)
+
+
+def _tls_options() -> dict[str, object]:
+    return {"tls": ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), "tls_hostname": "localhost"}
+
+
+@pytest.mark.parametrize("refusal", [p.REP_ERR_POLICY, p.REP_ERR_UNSUP])
+def test_a_refused_starttls_never_falls_back_to_plain_text(fake: Starter, refusal: int) -> None:
+    seen: list[int] = []
+
+    def script(conn: Conn) -> None:
+        conn.greeting()
+        option, _ = conn.read_option()
+        seen.append(option)
+        conn.option_reply(option, refusal, b"TLS not configured")
+        conn.wait_closed()
+
+    server = fake(script)
+    with pytest.raises(ExportError, match=r"server refused TLS \(.*TLS not configured\); "
+                                          r"refusing to continue in plain text") as info:
+        server.client(**_tls_options())
+    assert_one_line(info.value)
+    server.finish()
+    assert seen == [p.OPT_STARTTLS]  # asked first, and nothing after the refusal
+
+
+def test_starttls_needs_fixed_newstyle(fake: Starter) -> None:
+    def script(conn: Conn) -> None:
+        conn.greeting(hflags=p.FLAG_NO_ZEROES)
+        conn.wait_closed()
+
+    with pytest.raises(ExportError, match="cannot negotiate TLS"):
+        fake(script).client(**_tls_options())
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_a_server_that_requires_tls_says_so(fake: Starter, structured: bool) -> None:
+    # QEMU answers NBD_REP_ERR_TLS_REQD to every option but STARTTLS
+    def script(conn: Conn) -> None:
+        conn.greeting()
+        while True:
+            option, _ = conn.read_option()
+            conn.option_reply(option, p.REP_ERR_TLS_REQD, b"Option 0x8 not permitted before TLS")
+
+    with pytest.raises(ExportError, match="server requires TLS: connect with a TLS "
+                                          "certificate directory") as info:
+        fake(script).client(structured_replies=structured)
+    assert_one_line(info.value)
+
+
+def test_tls_without_a_server_name_is_a_usage_error(fake: Starter) -> None:
+    server = fake(lambda conn: conn.wait_closed())
+    with pytest.raises(UsageError, match="server's name"):
+        server.client(tls=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))

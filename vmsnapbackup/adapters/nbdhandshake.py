@@ -19,9 +19,9 @@ from __future__ import annotations
 import logging
 import ssl
 
-from ..errors import UsageError
+from ..errors import ExportError, UsageError
 from . import nbdproto as p
-from .nbdsocket import one_line
+from .nbdsocket import export_error, one_line
 from .nbdtransport import NbdTransport
 
 __all__ = ["NbdHandshake"]
@@ -46,6 +46,8 @@ class NbdHandshake(NbdTransport):
     export_name = ""
     description = ""
     _no_zeroes = False
+    #: TLS began and the server has not answered through it yet.
+    _tls_unconfirmed = False
 
     def _handshake(self, export_name: str, want_structured: bool, want_status: bool,
                    tls: tuple[ssl.SSLContext, str] | None) -> None:
@@ -100,13 +102,25 @@ class NbdHandshake(NbdTransport):
         if rtype != p.REP_ACK or payload:
             raise self._fail(f"unexpected reply type {rtype} to STARTTLS")
         self._start_tls(context, hostname)
+        self._tls_unconfirmed = True
 
     def _send_option(self, option: int, data: bytes) -> None:
         self._send(p.OPTION_HEADER.pack(p.IHAVEOPT, option, len(data)), data,
                    doing=f"sending option {option}")
 
     def _option_reply(self, option: int) -> tuple[int, bytearray]:
-        head = self._recv_bytes(p.OPTION_REPLY.size, f"reading the reply to option {option}")
+        try:
+            head = self._recv_bytes(p.OPTION_REPLY.size, f"reading the reply to option {option}")
+        except ExportError:
+            if self._tls_unconfirmed:
+                # TLS 1.3: the server checks our certificate after the client's
+                # handshake ends, and a refusal shows only as a closed stream.
+                raise export_error(
+                    f"{self._peer}: the server ended the TLS session before answering: it "
+                    f"did not accept our client certificate (is client-cert.pem signed by "
+                    f"the CA the server trusts?)") from None
+            raise
+        self._tls_unconfirmed = False
         magic, echoed, rtype, length = p.OPTION_REPLY.unpack(head)
         if magic != p.OPTION_REPLY_MAGIC:
             raise self._fail(f"bad option reply magic 0x{magic:x}")
@@ -123,7 +137,7 @@ class NbdHandshake(NbdTransport):
         text = one_line(bytes(data).decode("utf-8", "replace")) if data else ""
         return f"{what}: {text}" if text else what
 
-    def _tls_required(self) -> Exception:
+    def _tls_required(self) -> ExportError:
         return self._fail("server requires TLS: connect with a TLS certificate directory")
 
     def _simple_option(self, option: int, data: bytes) -> bool:

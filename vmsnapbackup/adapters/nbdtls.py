@@ -59,8 +59,14 @@ def client_tls_context(tls_dir: str | os.PathLike[str]) -> ssl.SSLContext:
     except ssl.SSLError as exc:
         raise UsageError(f"TLS file {directory / CA_CERT} is not a PEM certificate: "
                          f"{_ssl_reason(exc)}") from None
+    def encrypted_key() -> str:
+        # Without this, OpenSSL would prompt on the terminal (or hang without one).
+        raise UsageError(f"TLS file {directory / CLIENT_KEY} is encrypted; QEMU's x509 "
+                         f"directories hold unencrypted keys (protect it with mode 0600)")
+
     try:
-        context.load_cert_chain(str(directory / CLIENT_CERT), str(directory / CLIENT_KEY))
+        context.load_cert_chain(str(directory / CLIENT_CERT), str(directory / CLIENT_KEY),
+                                password=encrypted_key)
     except ssl.SSLError as exc:
         raise UsageError(f"TLS files {directory / CLIENT_CERT} and {CLIENT_KEY}: not a "
                          f"matching PEM certificate and key: {_ssl_reason(exc)}") from None
