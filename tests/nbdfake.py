@@ -290,3 +290,47 @@ def assert_one_line(err: ExportError) -> str:
     text = str(err)
     assert "\n" not in text and text
     return text
+
+
+Runs = list[tuple[int, int, int]]  # (offset, length, flags), covering the export
+
+
+class StatusModel:
+    """Answers BLOCK_STATUS from per-context run lists, each chunk cut at its own cap.
+
+    ``caps`` bounds how many bytes one chunk of a context describes, so the
+    two chunks of one reply can end at different offsets (as QEMU's may).
+    """
+
+    def __init__(self, contexts: dict[int, Runs], caps: dict[int, int]) -> None:
+        self.contexts = contexts
+        self.caps = caps
+        self.requests: list[Request] = []
+
+    def descriptors(self, context: int, offset: int, length: int) -> list[tuple[int, int]]:
+        end = min(offset + length, offset + self.caps.get(context, length))
+        out: list[tuple[int, int]] = []
+        for start, run, flags in self.contexts[context]:
+            lo, hi = max(start, offset), min(start + run, end)
+            if lo < hi:
+                out.append((hi - lo, flags))
+        assert out, "model does not cover the request"
+        return out
+
+    def answer(self, conn: Conn, req: Request) -> None:
+        self.requests.append(req)
+        ids = list(self.contexts)
+        for index, context in enumerate(ids):
+            conn.status(req.cookie, self.descriptors(context, req.offset, req.length),
+                        context=context, done=index == len(ids) - 1)
+
+    def serve(self, conn: Conn) -> None:
+        while True:
+            try:
+                req = conn.read_request()
+            except EOFError:
+                return
+            if req.cmd == p.CMD_DISC:
+                return
+            assert req.cmd == p.CMD_BLOCK_STATUS
+            self.answer(conn, req)

@@ -17,7 +17,8 @@ It is built in layers, one module each:
 - :mod:`.nbdaddress`: where an export is (:class:`NbdAddress`, URIs);
 - :mod:`.nbdtls`: the x509 directory turned into a TLS context;
 - :mod:`.nbdsocket`: the socket, deadlines, one-line errors, STARTTLS;
-- :mod:`.nbdtransport`: requests in flight and reply parsing;
+- :mod:`.nbdrequest`: one request in flight; its chunks must tile it;
+- :mod:`.nbdtransport`: submitting requests and parsing the replies;
 - :mod:`.nbdhandshake`: option negotiation;
 - :mod:`.nbdread` / :mod:`.nbdwrite`: the commands;
 - this module: :class:`NbdClient`, the constructors, and the names other
