@@ -33,7 +33,8 @@ def test_parse_nbd_uris() -> None:
     assert parse_nbd_uri("nbd://example.org:10810/vda") == NbdAddress(
         export_name="vda", host="example.org", port=10810)
     assert parse_nbd_uri("nbd://[::1]/") == NbdAddress(export_name="", host="::1")
-    for bad in ("nbds://h/x", "nbds://h/x?tls-certificates=", "nbd+unix:///x", "http://h/x", "nbd:///x", "nbd://h:99999/x"):
+    for bad in ("nbds://h/x", "nbds://h/x?tls-certificates=", "nbd+unix:///x",
+                "http://h/x", "nbd:///x", "nbd://h:99999/x"):
         with pytest.raises(UsageError):
             parse_nbd_uri(bad)
 
