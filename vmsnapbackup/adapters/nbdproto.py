@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno as _errno
 import struct
-from typing import Dict, Tuple
+from typing import NamedTuple
 
 # -- magic numbers ----------------------------------------------------------
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC": first 8 bytes of every greeting
@@ -54,7 +54,7 @@ REP_ERR_SHUTDOWN = REP_FLAG_ERROR | 7
 REP_ERR_BLOCK_SIZE_REQD = REP_FLAG_ERROR | 8
 REP_ERR_TOO_BIG = REP_FLAG_ERROR | 9
 
-REP_ERROR_NAMES: Dict[int, str] = {
+REP_ERROR_NAMES: dict[int, str] = {
     REP_ERR_UNSUP: "option not supported",
     REP_ERR_POLICY: "refused by server policy",
     REP_ERR_INVALID: "invalid option",
@@ -71,6 +71,15 @@ INFO_EXPORT = 0
 INFO_NAME = 1
 INFO_DESCRIPTION = 2
 INFO_BLOCK_SIZE = 3
+
+
+class BlockSizes(NamedTuple):
+    """The export's block size constraints (``NBD_INFO_BLOCK_SIZE``)."""
+
+    minimum: int
+    preferred: int
+    maximum: int
+
 
 # -- transmission flags (16 bits) -------------------------------------------
 TF_HAS_FLAGS = 1 << 0
@@ -96,7 +105,7 @@ CMD_CACHE = 5
 CMD_WRITE_ZEROES = 6
 CMD_BLOCK_STATUS = 7
 
-CMD_NAMES: Dict[int, str] = {
+CMD_NAMES: dict[int, str] = {
     CMD_READ: "read",
     CMD_WRITE: "write",
     CMD_DISC: "disconnect",
@@ -141,6 +150,7 @@ def dirty_bitmap_context(bitmap: str) -> str:
     """The metadata context name under which QEMU serves dirty bitmap ``bitmap``."""
     return META_DIRTY_BITMAP_PREFIX + bitmap
 
+
 # -- limits -----------------------------------------------------------------
 MAX_STRING = 4096  # the spec's limit for names and messages
 #: Default request limits a careful client keeps to when the server gave none
@@ -154,7 +164,7 @@ MAX_REQUEST_LENGTH = 0xFFFFFFFF
 # -- error values -----------------------------------------------------------
 #: The error values the spec defines (they equal Linux errno numbers), mapped
 #: to this platform's errno constant and the symbolic name we show people.
-_NBD_ERRORS: Dict[int, Tuple[int, str]] = {
+_NBD_ERRORS: dict[int, tuple[int, str]] = {
     1: (_errno.EPERM, "EPERM"),
     5: (_errno.EIO, "EIO"),
     12: (_errno.ENOMEM, "ENOMEM"),
@@ -174,7 +184,7 @@ NBD_ENOTSUP = 95
 NBD_ESHUTDOWN = 108
 
 
-def nbd_errno(value: int) -> Tuple[int, str]:
+def nbd_errno(value: int) -> tuple[int, str]:
     """Map an NBD error value to ``(errno, "NAME")``.
 
     Values outside the spec's list are shown by number; the spec tells
