@@ -675,7 +675,7 @@ def test_hook_repairs_a_domain_started_on_a_killed_backups_overlays(
         assert hook_jobs_running(td.name) == []
 
     until(repaired, 120)
-    assert f"repair {td.name}" in real_hook.job_output()
+    assert f"repair -- {td.name}" in real_hook.job_output()
     assert not Pool.open(pool).domain(td.uuid).journal.exists(), real_hook.job_output()
     assert assert_recovered(td, pool, active=True) == sorted(points)
     model.write("vda", 12 * MiB, 4096, 0x93)
