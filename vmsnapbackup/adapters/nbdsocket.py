@@ -16,6 +16,7 @@ Every byte the client exchanges with a server goes through
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
@@ -195,10 +196,8 @@ class NbdSocket:
     def _close_socket(self) -> None:
         sock, self._sock = self._sock, None
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):  # the close of a socket hardly fails
                 sock.close()
-            except OSError:  # pragma: no cover - close of a socket hardly fails
-                pass
 
     def __del__(self) -> None:
         sock = getattr(self, "_sock", None)
