@@ -137,9 +137,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         for kind, r in rows.items():
             o = median([w for w, _ in r["ours"]])
             t = median([w for w, _ in r["theirs"]])
-            print(f"{kind}: ours {o:.3f} s, push {t:.3f} s, ratio {o / t:.2f}x")
-            print("  ours phases (last):", json.dumps(r["ours"][-1][1])[:1500])
-            print("  push job (last):", json.dumps(r["theirs"][-1][1]))
+            inproc = median([d["seconds"]["total"] for _, d in r["ours"]])
+            read = median([sum(k["seconds"].get("read", 0.0) for k in d["disks"])
+                           for _, d in r["ours"]])
+            commit = median([d["seconds"]["commit"] for _, d in r["ours"]])
+            job = median([float(st["Time elapsed"].split()[0]) / 1000 for _, st in r["theirs"]])
+            print(f"{kind}: ours {o:.3f} s, push {t:.3f} s, ratio {o / t:.2f}x "
+                  f"(runs: ours {[round(w, 2) for w, _ in r['ours']]}, "
+                  f"push {[round(w, 2) for w, _ in r['theirs']]})")
+            print(f"  ours: process start/imports/exit {o - inproc:.3f} s, backup() {inproc:.3f}"
+                  f" s of which disk pass {read:.3f} s, commit {commit:.3f} s, rest (lock, "
+                  f"journal, snapshot, daemon, seal) {inproc - read - commit:.3f} s")
+            print(f"  push: libvirt job {job:.3f} s, virsh/polling/fsync {t - job:.3f} s; "
+                  f"last job: {r['theirs'][-1][1].get('File processed')}")
         return 0
     finally:
         factory.domains.clear()
