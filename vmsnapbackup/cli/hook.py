@@ -5,11 +5,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..hooks import install as hookinstall
 from .common import Context, add_json_option
 
+if TYPE_CHECKING:
+    from ..hooks.install import HookStatus
+
 ORDER = 90
+
+#: hooks.install.DEFAULT_HOOKS_DIR, spelled here so ``--help`` need not import the
+#: installer (it loads subprocess); tests/test_cli_lazy_defaults.py keeps the two equal.
+DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks")
 
 _RELOAD_NOTE = ("libvirtd looks for hooks at start-up and on SIGHUP: use --reload, "
                 "'systemctl reload libvirtd' or restart it")
@@ -27,9 +34,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     hsub.required = True
 
     def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--hooks-dir", type=Path, default=hookinstall.DEFAULT_HOOKS_DIR,
+        q.add_argument("--hooks-dir", type=Path, default=DEFAULT_HOOKS_DIR,
                        metavar="DIR",
-                       help=f"libvirt's hook directory (default {hookinstall.DEFAULT_HOOKS_DIR})")
+                       help=f"libvirt's hook directory (default {DEFAULT_HOOKS_DIR})")
         add_json_option(q)
 
     q = hsub.add_parser("install", help="install (or update) the hook as qemu.d/vmsnapbackup")
@@ -51,6 +58,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
+    from ..hooks import install as hookinstall
+
     hooks_dir: Path = args.hooks_dir
     if args.hook_action == "status":
         st = hookinstall.status(hooks_dir)
@@ -76,7 +85,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
-def _status_text(st: hookinstall.HookStatus) -> str:
+def _status_text(st: HookStatus) -> str:
     if not st.installed:
         state = "not installed"
     elif st.current:

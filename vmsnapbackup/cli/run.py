@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import TYPE_CHECKING
 
-from ..adapters.jobfiles import load_config
 from ..core.jobconfig import DEFAULT_CONFIG
 from ..errors import VmSnapBackupError
-from ..workflows.jobstate import all_states, default_metrics_path, write_metrics
-from ..workflows.run import JobRun, run_jobs
 from .common import Context, add_json_option, size_text
+
+if TYPE_CHECKING:
+    from ..workflows.run import JobRun
 
 ORDER = 70
 
@@ -40,6 +41,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
+    # imported here: the parser of every command must not pay for the job runner
+    from ..adapters.jobfiles import load_config
+    from ..workflows.jobstate import all_states, default_metrics_path, write_metrics
+    from ..workflows.run import run_jobs
+
     config = load_config(args.config)
     results = run_jobs(config, args.jobs, dry_run=args.dry_run)
     metrics: str | None = args.metrics or config.metrics or default_metrics_path()

@@ -5,14 +5,15 @@ import argparse
 import os
 import sys
 
-from ..adapters.jobfiles import load_config
-from ..adapters.units import DEFAULT_UNIT_DIR, install_units, remove_units, verify_units
 from ..core.units import cron_line, unit_files, unit_name
-from ..workflows.run import select_jobs
 from .common import Context, add_json_option
 from .run import add_config_option
 
 ORDER = 71
+
+#: adapters.units.DEFAULT_UNIT_DIR, spelled here so the parser need not import the
+#: adapter (it loads subprocess); tests/test_cli_lazy_defaults.py keeps the two equal.
+DEFAULT_UNIT_DIR = "/etc/systemd/system"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -43,6 +44,10 @@ def _command() -> list[str]:
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
+    from ..adapters.jobfiles import load_config
+    from ..adapters.units import install_units, remove_units, verify_units
+    from ..workflows.run import select_jobs
+
     config = load_config(args.config)
     jobs = select_jobs(config, args.jobs)
     config_path = os.path.abspath(args.config)

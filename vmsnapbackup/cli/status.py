@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+from typing import TYPE_CHECKING
 
-from ..adapters.jobfiles import load_config
-from ..workflows.status import LEVELS, StatusReport, status
 from .common import Context, add_json_option, size_text
 from .run import add_config_option
 
 ORDER = 72
+
+if TYPE_CHECKING:
+    from ..workflows.status import StatusReport
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -25,6 +27,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
+    from ..adapters.jobfiles import load_config
+    from ..workflows.status import status
+
     report = status(load_config(args.config), args.domains)
     ctx.emit(report.to_dict(), _text(report))
     return report.level
@@ -39,6 +44,8 @@ def _age(seconds: float) -> str:
 
 
 def _text(r: StatusReport) -> str:
+    from ..workflows.status import LEVELS
+
     lines = [f"{LEVELS[r.level].upper()}: {len(r.domains)} domain(s)"]
     for d in r.domains:
         point = "no good point"
