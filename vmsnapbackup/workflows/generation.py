@@ -25,7 +25,8 @@ from ..core.retention import Policy
 from ..core.timefmt import parse_timestamp
 from ..errors import VmSnapBackupError
 
-__all__ = ["CurrentGeneration", "generation_costs", "new_generation_reason", "read_current"]
+__all__ = ["CurrentGeneration", "base_files_bytes", "generation_costs",
+           "new_generation_reason", "read_current"]
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,10 @@ def read_current(store: DomainStore) -> CurrentGeneration:
     sealed = [p.manifest for p in store.points()
               if p.manifest is not None and p.manifest.generation == number]
     return CurrentGeneration(number, record, sealed=sealed,
-                             base_files_bytes=_base_files_bytes(store, number, record))
+                             base_files_bytes=base_files_bytes(store, number, record))
 
 
-def _base_files_bytes(store: DomainStore, number: int, record: GenerationRecord) -> int:
+def base_files_bytes(store: DomainStore, number: int, record: GenerationRecord) -> int:
     """What the base volumes occupy on disk: the base's cost once prune removed the
     generation's first manifest (the base stays as long as any point of it)."""
     total = 0
