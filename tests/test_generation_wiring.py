@@ -107,3 +107,16 @@ def test_force_and_base_only() -> None:
     assert _reason(_current([]), force=True) == "asked for"
     assert _reason(_current([])) is None
     assert _reason(_current([]), threshold=0.0001) is None
+
+
+def test_floor_a_nearly_empty_disk_keeps_its_generation() -> None:
+    # 2 blocks of data: a point of 2 blocks is over half of it, but a new base would
+    # save nothing worth a full read and a new table 1 (under 1 % of the virtual disk)
+    cur = _current([1, 2])
+    small = [p for p in cur.sealed]
+    data2 = [PointManifest(**{**m.__dict__, "disks": (PointDisk(**{
+        **m.disks[0].__dict__, "blocks": BlockCounts(TOTAL, 2, TOTAL - 2, 2, 0)}),)})
+        for m in small]
+    cur2 = CurrentGeneration(1, cur.record, sealed=data2)
+    assert generation_costs(cur2).data_bytes == 2 * BS
+    assert _reason(cur2) is None

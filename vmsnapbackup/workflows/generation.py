@@ -93,12 +93,14 @@ def generation_costs(current: CurrentGeneration) -> GenerationCosts:
     latest = current.latest
     data: int | None = None
     changed = 0.0
+    virtual = sum(d.virtual_size for d in rec.disks.values())
     if latest is not None:
         data = sum((d.blocks.total - d.blocks.holes) * d.block_size for d in latest.disks)
         changed = max((d.blocks.changed / max(d.blocks.total, 1) for d in latest.disks),
                       default=0.0)
     return GenerationCosts(base_bytes=base, points=points, data_bytes=data,
-                           interval_days=_interval_days(current, rec), changed_fraction=changed)
+                           interval_days=_interval_days(current, rec), changed_fraction=changed,
+                           virtual_bytes=virtual)
 
 
 def _interval_days(current: CurrentGeneration, rec: GenerationRecord) -> float:
