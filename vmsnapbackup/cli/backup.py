@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from ..core.defaults import DEFAULT_BLOCK_SIZE, DEFAULT_THRESHOLD
+from ..core.defaults import DEFAULT_BLOCK_SIZE
 from .common import Context, add_json_option, size_text
 
 if TYPE_CHECKING:
@@ -28,9 +28,15 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help="never ask the guest agent (crash-consistent)")
     p.add_argument("--new-generation", action="store_true",
                    help="start a new generation: a full base volume")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, metavar="FRACTION",
+    p.add_argument("--threshold", type=float, default=None, metavar="FRACTION",
                    help="start a new generation after a point changed more than this fraction "
-                   f"of a disk (default {DEFAULT_THRESHOLD})")
+                   "of a disk (default: when a new base costs less than continuing, see "
+                   "docs/generations.md)")
+    for rule, what in (("last", "the N newest points"), ("daily", "N days"),
+                       ("weekly", "N ISO weeks"), ("monthly", "N months")):
+        p.add_argument(f"--keep-{rule}", type=_count, metavar="N",
+                       help=f"the retention the pool is pruned with ({what}): weighs a new "
+                       "base against the points in deciding when to start a generation")
     p.add_argument("--block-size", type=_size, default=DEFAULT_BLOCK_SIZE, metavar="BYTES",
                    help="check table block size for a new generation (4K..4M, default 64K)")
     p.add_argument("--base-format", choices=("qcow2", "raw"), default="qcow2",
@@ -55,15 +61,29 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
 
 
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"not a whole number >= 0: {text!r}")
+    return n
+
+
 def run(args: argparse.Namespace, ctx: Context) -> int:
+    from ..core.retention import Policy
     from ..workflows.backup import backup
+
+    counts = (args.keep_last, args.keep_daily, args.keep_weekly, args.keep_monthly)
+    retention = None if all(c is None for c in counts) else Policy(*counts)
 
     result = backup(
         args.domain, ctx.pool, uri=ctx.uri, disks=args.disks, quiesce=args.quiesce,
         new_generation=args.new_generation, threshold=args.threshold,
         block_size=args.block_size, base_format=args.base_format,
         overlay_dir=args.overlay_dir, progress=ctx.progress(),
-        dirty_bitmaps=args.dirty_bitmaps)
+        dirty_bitmaps=args.dirty_bitmaps, retention=retention)
     ctx.emit(result.to_dict(), _text(result))
     return 0
 

@@ -1,6 +1,7 @@
 """``vmsnapbackup list [DOMAIN]``: the points in the pool (damaged ones flagged), with
-time, generation, consistency and sizes.  (Not named ``list.py``: as an attribute of the
-``cli`` package it would shadow the builtin there.)"""
+time, generation, consistency, what each point stores and what its generation costs
+(base plus the points kept: the figure the generation policy weighs).  (Not named
+``list.py``: as an attribute of the ``cli`` package it would shadow the builtin there.)"""
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,7 @@ def _text(points: List["PointSummary"]) -> str:
     if not points:
         return "no points"
     header = f"{'DOMAIN':<20} {'POINT':>5} {'GEN':>4} {'TAKEN (UTC)':<20} {'CONSISTENCY':<16} " \
-             f"{'DISKS':<10} {'STORED':>10}"
+             f"{'DISKS':<10} {'STORED':>10} {'GEN COST':>10}"
     rows = [header]
     for p in points:
         if p.damaged:
@@ -43,5 +44,6 @@ def _text(points: List["PointSummary"]) -> str:
             continue
         rows.append(f"{p.domain:<20} {p.point:>5} {p.generation:>4} "
                     f"{(p.taken or '')[:19].replace('T', ' '):<20} {p.consistency:<16} "
-                    f"{','.join(p.disks):<10} {size_text(p.stored_bytes):>10}")
+                    f"{','.join(p.disks):<10} {size_text(p.stored_bytes):>10} "
+                    f"{size_text(p.generation_bytes):>10}")
     return "\n".join(rows)

@@ -29,7 +29,10 @@ are left (the union of changes since the base only grows, so this is close and e
 Overrides: ``force`` (``--new-generation``) always starts one; an explicit ``threshold``
 (``--threshold``) replaces this rule by the older one, "the newest point changed more than
 this fraction of the virtual disk's blocks".  The rule never starts a generation before
-the generation has a point besides its base.
+the generation has a point besides its base, nor for a point predicted under 1 % of the
+virtual disk (the **floor**): there the costs of a new base that stored bytes do not show (a
+full read of the data where a point reads the dirty blocks, a new table 1 and checkpoint)
+outweigh what it saves, as on a nearly empty disk where a new base is as small as a point.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from .retention import Policy
 
 __all__ = [
     "CAP_FRACTION",
+    "FLOOR_FRACTION",
     "DAYS_PER_MONTH",
     "GenerationCosts",
     "PointCost",
@@ -52,6 +56,8 @@ __all__ = [
 
 #: A point predicted to hold more than this fraction of the data ends the generation.
 CAP_FRACTION = 0.5
+#: A point predicted under this fraction of the virtual disk never ends a generation.
+FLOOR_FRACTION = 0.01
 #: Mean length of a calendar month (a monthly bucket), in days.
 DAYS_PER_MONTH = 30.44
 
@@ -80,6 +86,7 @@ class GenerationCosts:
     ``interval_days``: typical time between two backups of the domain (for the
     retention's weight); ``changed_fraction``: the newest point's changed blocks over the
     virtual disk's blocks, the highest over the disks (only for an explicit threshold).
+    ``virtual_bytes``: the disks' virtual size, for the floor (None: no floor).
     """
 
     base_bytes: int
@@ -87,6 +94,7 @@ class GenerationCosts:
     data_bytes: int | None = None
     interval_days: float = 1.0
     changed_fraction: float = 0.0
+    virtual_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.base_bytes < 0 or (self.data_bytes is not None and self.data_bytes < 0):
@@ -182,6 +190,9 @@ def decide(costs: GenerationCosts, retention: Policy | None = None, *,
     w = base_weight(retention, costs.interval_days)
     average = (w * costs.base_bytes + _points_total(costs)) / index
     cap = CAP_FRACTION * costs.new_base_bytes
+    if costs.virtual_bytes is not None and nxt < FLOOR_FRACTION * costs.virtual_bytes:
+        return Verdict(False, (f"the next point would store about {nxt} bytes, under "
+                               f"{FLOOR_FRACTION:g} of the virtual disk"), nxt, average, w)
     if nxt > cap and costs.new_base_bytes > 0:
         return Verdict(True, (f"the next point would store about {nxt} bytes, over "
                               f"{CAP_FRACTION:g} of the data ({costs.new_base_bytes})"),

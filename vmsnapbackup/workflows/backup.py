@@ -43,6 +43,7 @@ from ..core.manifest import (
     utc_now,
 )
 from ..core.pool import DomainStore, Pool
+from ..core.retention import Policy
 from ..core.tablefile import DEFAULT_BLOCK_SIZE, file_checksum, validate_block_size
 from ..errors import (
     HypervisorError,
@@ -78,12 +79,13 @@ def backup(
     disks: Sequence[str] | None = None,
     quiesce: bool | None = None,
     new_generation: bool = False,
-    threshold: float = DEFAULT_THRESHOLD,
+    threshold: float | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     base_format: str = "qcow2",
     overlay_dir: str | None = None,
     progress: ProgressCallback | None = None,
     dirty_bitmaps: bool = True,
+    retention: Policy | None = None,
 ) -> BackupResult:
     """Back up ``domain`` (name, UUID or id) into ``pool`` (a path or a libvirt pool name).
 
@@ -95,12 +97,17 @@ def backup(
     libvirt checkpoint, whose bitmap later points use to skip reading what
     was not written (see :mod:`.dirtymap` for when it is trusted).  False
     creates no checkpoint and reads every data block.
+
+    ``threshold`` None lets :mod:`..core.genpolicy` decide when a new generation
+    pays (from the stored sizes, weighing the base by ``retention``, the policy
+    the pool is pruned with; None weighs it as a point); a fraction is the older
+    rule "the newest point changed more than this fraction of a disk's blocks".
     """
     validate_block_size(block_size)
     if base_format not in BASE_FORMATS:
         raise UsageError(f"base format must be one of {', '.join(BASE_FORMATS)}, "
                          f"not {base_format!r}")
-    if not 0.0 < threshold <= 1.0:
+    if threshold is not None and not 0.0 < threshold <= 1.0:
         raise UsageError(f"the new-generation threshold must be in (0, 1], not {threshold}")
     started_mono = time.monotonic()
     pool_dir, libvirt_pool = resolve_pool(os.fspath(pool), uri)
@@ -123,7 +130,8 @@ def backup(
                              quiesce=quiesce, new_generation=new_generation,
                              threshold=threshold, block_size=block_size,
                              base_format=base_format, overlay_dir=overlay_dir,
-                             progress=progress, dirty_bitmaps=dirty_bitmaps)
+                             progress=progress, dirty_bitmaps=dirty_bitmaps,
+                             retention=retention)
             result = run.execute()
     refresh_pool(libvirt_pool, uri)
     result.skipped = [(s.disk.target, s.reason) for s in skipped]
@@ -136,15 +144,17 @@ class _BackupRun(BackupVolumes, BackupUndo):
 
     def __init__(self, hv: Hypervisor, dom: Domain, store: DomainStore, name: str, uuid: str,
                  disks: list[Disk], pool_dir: Path, *, quiesce: bool | None,
-                 new_generation: bool, threshold: float, block_size: int, base_format: str,
-                 overlay_dir: str | None, progress: ProgressCallback | None,
-                 dirty_bitmaps: bool = True) -> None:
+                 new_generation: bool, threshold: float | None, block_size: int,
+                 base_format: str, overlay_dir: str | None,
+                 progress: ProgressCallback | None, dirty_bitmaps: bool = True,
+                 retention: Policy | None = None) -> None:
         self.hv, self.dom, self.store = hv, dom, store
         self.name, self.uuid, self.pool_dir = name, uuid, pool_dir
         self.work = [DiskWork(d) for d in disks]
         self.quiesce, self.force_new = quiesce, new_generation
         self.threshold, self.block_size, self.base_format = threshold, block_size, base_format
         self.overlay_dir, self.progress = overlay_dir, progress
+        self.retention = retention
         self.journal = store.journal
         self.active = False
         self.point = 0
@@ -390,7 +400,8 @@ class _BackupRun(BackupVolumes, BackupUndo):
     def _new_generation_reason(self, sizes: dict[str, int] | None) -> str | None:
         return new_generation_reason(
             self.current, force=self.force_new, targets={w.disk.target for w in self.work},
-            block_size=self.block_size, threshold=self.threshold, sizes=sizes)
+            block_size=self.block_size, threshold=self.threshold, sizes=sizes,
+            retention=self.retention)
 
     def _plan_generation(self) -> None:
         """Continue the current generation, or start a new one (FORMAT §4 says when)."""

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..adapters.storagepool import resolve_pool
-from ..core.pool import Pool
+from ..core.pool import DomainStore, Pool
+from ..errors import VmSnapBackupError
+from .generation import base_files_bytes
 
 __all__ = ["PointSummary", "list_points"]
 
@@ -25,6 +27,8 @@ class PointSummary:
     stored_bytes: int = 0
     generation_start: bool = False
     damaged: str | None = None
+    #: what the point's generation stores now: its base plus its points still in the pool
+    generation_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -51,4 +55,24 @@ def list_points(pool: str | os.PathLike[str], *, uri: str = "qemu:///system",
                 virtual_bytes=sum(d.virtual_size for d in m.disks),
                 stored_bytes=sum(d.bytes_written for d in m.disks),
                 generation_start=m.is_generation_start))
+        _add_generation_costs(store, [p for p in out if p.uuid == store.uuid])
     return out
+
+
+def _add_generation_costs(store: DomainStore, points: list[PointSummary]) -> None:
+    """Each point's ``generation_bytes``: its generation's base (the first point's stored
+    bytes, or the base files once prune removed that point) plus the later points kept."""
+    totals: dict[int, int] = {}
+    for gen in {p.generation for p in points if p.generation is not None}:
+        mine = [p for p in points if p.generation == gen]
+        if any(p.generation_start for p in mine):
+            base = 0
+        else:
+            try:
+                base = base_files_bytes(store, gen, store.read_generation(gen))
+            except VmSnapBackupError:
+                base = 0
+        totals[gen] = base + sum(p.stored_bytes for p in mine)
+    for p in points:
+        if p.generation is not None:
+            p.generation_bytes = totals[p.generation]
