@@ -156,7 +156,7 @@ def test_mount_on_a_tcp_port_serves_the_point(points: Points) -> None:
     with socketlib.socket() as probe:      # a free loopback port
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    with mount_point(points.dom.name, points.pool, 1, "vda", port=port) as m:
+    with mount_point(points.dom.name, points.pool, 1, "vda", port=port, insecure=True) as m:
         assert m.socket_path is None and m.uri == f"nbd://127.0.0.1:{port}/vda"
         assert read_all(m.uri) == points.expected[1]["vda"]
     with socketlib.socket() as c:

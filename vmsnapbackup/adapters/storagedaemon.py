@@ -48,6 +48,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _EXPORT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_TLS_ID = "vsbtls"  # id of the tls-creds-x509 object of a TLS-only NBD server
 _FORMAT_RE = re.compile(r"^[a-z0-9_-]{1,32}$")
 
 
@@ -81,14 +82,17 @@ class Export:
     #: (None: not asked, or refused -- ``bitmap_refused`` says why)
     bitmap: str | None = None
     bitmap_refused: str | None = None
+    #: the x509 directory clients must use (server served with TLS), None: plain NBD
+    tls_dir: str | None = None
 
     @property
     def uri(self) -> str:
-        """``nbd+unix:///NAME?socket=PATH`` (or ``nbd://HOST:PORT/NAME`` on TCP),
-        understood by qemu-img, qemu-io, nbdinfo."""
+        """``nbd+unix:///NAME?socket=PATH`` (or ``nbd://HOST:PORT/NAME`` on TCP,
+        ``nbds://HOST:PORT/NAME`` with TLS), understood by qemu-img, qemu-io, nbdinfo."""
         if self.socket_path is None:
             host = f"[{self.host}]" if self.host and ":" in self.host else self.host
-            return f"nbd://{host}:{self.port}/{self.name}"
+            scheme = "nbds" if self.tls_dir is not None else "nbd"
+            return f"{scheme}://{host}:{self.port}/{self.name}"
         sock = urllib.parse.quote(self.socket_path, safe="/")
         return f"nbd+unix:///{self.name}?socket={sock}"
 
@@ -112,17 +116,25 @@ class StorageDaemon(DaemonProcess):
     by default a socket in the private runtime directory, reachable by root only.
     A socket elsewhere is created 0600 (the daemon runs with umask 077 and it is
     chmodded before the server is announced) and removed on close.
+
+    ``tls_dir`` serves the NBD server with TLS only: a ``tls-creds-x509`` object
+    (QEMU's file names ca-cert.pem, server-cert.pem, server-key.pem in that
+    directory) with ``verify-peer`` on, so a client needs a certificate the CA
+    signed.  The object is added over QMP with the directory only: no key
+    material and no path to it ever appears on a command line.
     """
 
     def __init__(self, runtime_base: str | None = None, tag: str = "vmsnapbackup", *,
                  host: Host = LOCAL, binary: str = "qemu-storage-daemon",
                  start_timeout: float = 15.0, command_timeout: float = 300.0,
                  stop_timeout: float = 15.0, handle_signals: bool = True,
-                 nbd_address: dict[str, Any] | None = None) -> None:
+                 nbd_address: dict[str, Any] | None = None,
+                 tls_dir: str | None = None) -> None:
         super().__init__(runtime_base, tag, host=host, binary=binary,
                          start_timeout=start_timeout, command_timeout=command_timeout,
                          stop_timeout=stop_timeout, handle_signals=handle_signals)
         self._nbd_address = nbd_address
+        self._tls_dir = tls_dir
         self._qemu_img = QemuImg(host, error=errors.ExportError)
         self._exports: list[Export] = []
         self._deleted_export_ids: set[str] = set()
@@ -155,7 +167,14 @@ class StorageDaemon(DaemonProcess):
         return self._nbd_address
 
     def _on_started(self) -> None:
-        self._cmd("nbd-server-start", addr=self._nbd_server_address())
+        server: dict[str, Any] = {"addr": self._nbd_server_address()}
+        if self._tls_dir is not None:
+            creds: dict[str, Any] = {"qom-type": "tls-creds-x509", "id": _TLS_ID,
+                                     "dir": self._tls_dir, "endpoint": "server",
+                                     "verify-peer": True}
+            self._cmd("object-add", **creds)
+            server["tls-creds"] = _TLS_ID
+        self._cmd("nbd-server-start", **server)
         sock = self.nbd_socket
         if sock is not None:
             # created under the daemon's umask 077; exactly 0600 as FORMAT states
@@ -285,6 +304,7 @@ class StorageDaemon(DaemonProcess):
             export_id=export_id,
             bitmap=bitmap if bitmap is not None and refused is None else None,
             bitmap_refused=refused,
+            tls_dir=self._tls_dir,
             **self._tcp_endpoint(),
         )
         if refused is not None:

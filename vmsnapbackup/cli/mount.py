@@ -29,6 +29,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        help="serve on TCP port P (on --bind, default 127.0.0.1)")
     p.add_argument("--bind", default="127.0.0.1", metavar="ADDR",
                    help="address for --port (default 127.0.0.1)")
+    p.add_argument("--tls-dir", metavar="DIR",
+                   help="serve --port with TLS only, x509 files from DIR (ca-cert.pem, "
+                   "server-cert.pem, server-key.pem); clients need a certificate the CA signed")
+    p.add_argument("--insecure", action="store_true",
+                   help="serve --port as plain NBD, without authentication (loopback only: "
+                   "any local user can read the disk)")
     add_json_option(p)
     p.set_defaults(run=run)
 
@@ -39,7 +45,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     # signals to us: a signal ends the wait below, and the with-block cleans up.
     with stop_signals(lambda _signum: stop.set()), \
             mount_point(args.domain, ctx.pool, args.point, args.disk, args.socket,
-                        port=args.port, bind=args.bind, uri=ctx.uri) as m:
+                        port=args.port, bind=args.bind, uri=ctx.uri,
+                        tls_dir=args.tls_dir, insecure=args.insecure) as m:
         ctx.emit(m.to_dict(), _text(m))
         stop.wait()
     return 0
@@ -47,6 +54,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
 
 def _text(m: MountedPoint) -> str:
     u = m.uri
+    if m.tls_dir is not None:
+        return _tls_text(m)
     return "\n".join([
         (f"domain {m.domain}, point {m.point}, disk {m.disk} ({size_text(m.size)}) "
         f"is served read-only at:"),
@@ -56,5 +65,22 @@ def _text(m: MountedPoint) -> str:
         f"  guestmount --format=raw -a '{u}' -i --ro /mnt/restore",
         f"  nbdfuse /mnt/disk '{u}'      # the disk as a file: /mnt/disk/nbd",
         f"  qemu-img convert -f raw -O raw '{u}' {m.disk}.img",
+        "press Ctrl-C (or send SIGTERM) to stop serving it",
+    ])
+
+
+def _tls_text(m: MountedPoint) -> str:
+    """How to connect to a TLS export: the client needs its own certificate from the CA
+    (client-cert.pem, client-key.pem and ca-cert.pem in one directory)."""
+    u = m.uri
+    return "\n".join([
+        (f"domain {m.domain}, point {m.point}, disk {m.disk} ({size_text(m.size)}) "
+         f"is served read-only with TLS (client certificate required) at:"),
+        f"  {u}",
+        "with a client directory CDIR holding ca-cert.pem, client-cert.pem, client-key.pem:",
+        f"  nbdinfo '{u}?tls-certificates=CDIR'",
+        "  qemu-img convert -O raw --object tls-creds-x509,id=tls0,dir=CDIR,endpoint=client "
+        f"--image-opts driver=nbd,host={m.host},port={m.port},export={m.export_name},"
+        f"tls-creds=tls0 {m.disk}.img",
         "press Ctrl-C (or send SIGTERM) to stop serving it",
     ])

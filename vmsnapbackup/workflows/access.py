@@ -12,10 +12,16 @@ caller holds :func:`mount_point` open; any NBD client (``nbdinfo``, ``guestmount
 ``nbdfuse``, ``qemu-img convert``) can then read files out of it.  A socket the
 caller names is 0600 and root's from its creation (the daemon runs with umask
 077), whatever the caller's umask: only root can connect.
+
+TCP has no such owner check: any local user (and, off loopback, the network)
+could read the whole disk.  So a TCP export is served only with TLS and client
+certificates (``tls_dir``), or, when the caller says ``insecure`` explicitly, as
+plain NBD on a loopback address; a non-loopback address without TLS is refused.
 """
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 from collections.abc import Iterator
@@ -56,6 +62,45 @@ log = logging.getLogger(__name__)
 
 _SUN_PATH_MAX = 107
 
+#: the files QEMU's tls-creds-x509 (endpoint=server) reads from its directory
+TLS_SERVER_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
+
+
+def _is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def check_tcp_security(bind: str, tls_dir: str | None, insecure: bool) -> str | None:
+    """Refuse an unauthenticated TCP export; return the absolute TLS directory.
+
+    Raises :class:`UsageError` (one line) for: TLS and ``insecure`` together,
+    neither of them, ``insecure`` on a non-loopback address, a TLS directory
+    without QEMU's server files.
+    """
+    if tls_dir is not None and insecure:
+        raise UsageError("give either --tls-dir or --insecure, not both")
+    if tls_dir is None:
+        if not insecure:
+            raise UsageError(
+                f"refusing to serve a disk over TCP on {bind} without authentication: "
+                "give --tls-dir DIR (x509 certificates), or --insecure for a loopback "
+                "address only")
+        if not _is_loopback(bind):
+            raise UsageError(
+                f"refusing to serve a disk without TLS on {bind}, which is not a loopback "
+                "address: give --tls-dir DIR (x509 certificates)")
+        return None
+    tls_dir = os.path.abspath(tls_dir)
+    missing = [f for f in TLS_SERVER_FILES if not os.path.isfile(os.path.join(tls_dir, f))]
+    if missing:
+        raise UsageError(f"TLS directory {tls_dir} lacks {', '.join(missing)}")
+    return tls_dir
+
 
 @dataclass(frozen=True)
 class MountedPoint:
@@ -71,6 +116,7 @@ class MountedPoint:
     disk: str
     host: str | None = None
     port: int | None = None
+    tls_dir: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -79,18 +125,25 @@ class MountedPoint:
 @contextlib.contextmanager
 def mount_point(domain: str, pool: PoolLike, point: int, disk: str | None = None,
                 socket: str | None = None, *, port: int | None = None,
-                bind: str = "127.0.0.1", uri: str = DEFAULT_URI) -> Iterator[MountedPoint]:
+                bind: str = "127.0.0.1", uri: str = DEFAULT_URI, tls_dir: str | None = None,
+                insecure: bool = False) -> Iterator[MountedPoint]:
     """Serve disk ``disk`` of point ``point`` read-only over NBD while the block runs.
 
     Without ``socket``/``port`` the export is on the daemon's private socket (root
     only, in a 0700 directory); ``socket=PATH`` serves on that unix socket (0600),
-    ``port`` serves TCP on ``bind`` (default loopback).  Everything is removed when
+    ``port`` serves TCP on ``bind`` (default loopback), with TLS from ``tls_dir``
+    (client certificates verified) or, with ``insecure``, plain on loopback only
+    (:func:`check_tcp_security`).  Everything is removed when
     the block ends, also on an exception or a signal (StorageDaemon's own handling).
     """
     if socket is not None and port is not None:
         raise UsageError("give either a socket path or a port, not both")
     if port is not None and not 0 < port < 65536:
         raise UsageError(f"not a TCP port: {port}")
+    if port is None and (tls_dir is not None or insecure):
+        raise UsageError("--tls-dir and --insecure are for a TCP export (--port)")
+    if port is not None:
+        tls_dir = check_tcp_security(bind, tls_dir, insecure)
     if socket is not None:
         socket = os.path.abspath(socket)
         if os.path.lexists(socket):
@@ -107,12 +160,12 @@ def mount_point(domain: str, pool: PoolLike, point: int, disk: str | None = None
     elif socket is not None:
         address = {"type": "unix", "data": {"path": socket}}
     with StorageDaemon(tag=f"mount-{store.name}-{point}-{d.target}",
-                       nbd_address=address) as daemon:
+                       nbd_address=address, tls_dir=tls_dir) as daemon:
         export = daemon.export_image(str(volume), d.volume_format, name=d.target)
         mounted = MountedPoint(uri=export.uri, socket_path=export.socket_path,
                                export_name=export.name, size=export.size, volume=str(volume),
                                domain=store.name, point=point, disk=d.target,
-                               host=export.host, port=export.port)
+                               host=export.host, port=export.port, tls_dir=export.tls_dir)
         log.info("domain %s: point %d disk %s served read-only at %s", store.name, point,
                  d.target, export.uri)
         yield mounted
