@@ -46,3 +46,17 @@ def test_dry_run_still_refuses_a_live_holder(tmp_path: Path) -> None:
         rc = main(["--pool", str(sp.pool.root), "prune", sp.name, "--keep-last", "1",
                    "--dry-run"])
     assert rc == int(ExitCode.LOCKED)
+
+
+def test_list_shows_that_repair_is_pending(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from vmsnapbackup.core.journal import JournalEntry
+
+    sp = three_points(tmp_path)
+    assert main(["--pool", str(sp.pool.root), "list"]) == 0
+    assert "REPAIR PENDING" not in capsys.readouterr().out
+    # what a killed backup leaves: its journal
+    sp.store.journal.write(JournalEntry("backup", 999999, socket.gethostname(),
+                                        "2026-01-01T00:00:00Z", "snapshot"))
+    assert main(["--pool", str(sp.pool.root), "list"]) == 0
+    out = capsys.readouterr().out
+    assert "REPAIR PENDING" in out and f"repair {sp.name}" in out

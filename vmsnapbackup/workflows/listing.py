@@ -9,7 +9,7 @@ from typing import Any
 from ..adapters.storagepool import resolve_pool
 from ..core.pool import Pool
 
-__all__ = ["PointSummary", "list_points"]
+__all__ = ["PointSummary", "list_points", "pending_repairs"]
 
 
 @dataclass
@@ -51,4 +51,21 @@ def list_points(pool: str | os.PathLike[str], *, uri: str = "qemu:///system",
                 virtual_bytes=sum(d.virtual_size for d in m.disks),
                 stored_bytes=sum(d.bytes_written for d in m.disks),
                 generation_start=m.is_generation_start))
+    return out
+
+
+def pending_repairs(pool: str | os.PathLike[str], *, uri: str = "qemu:///system",
+                    domain: str | None = None) -> list[str]:
+    """One line per domain whose backup was interrupted (its journal is still there):
+    ``list`` shows it, because the next backup or prune will refuse until repair ran."""
+    pool_dir, _ = resolve_pool(os.fspath(pool), uri)
+    the_pool = Pool.open(pool_dir)
+    stores = [the_pool.find_domain(domain)] if domain else the_pool.domains()
+    out = []
+    for store in stores:
+        entry = store.journal.read()
+        if entry is not None:
+            out.append(f"domain {store.name}: an interrupted {entry.operation} (pid {entry.pid}, "
+                       f"since {entry.started}) needs repair: vmsnapbackup --pool "
+                       f"{the_pool.root} repair {store.name}")
     return out
