@@ -183,7 +183,7 @@ def test_report_ok_and_domain_level_problems() -> None:
     report = VerifyReport("/pool", 5.0, [dom])
     assert report.ok and not report.incompatible
     assert format_report(report).splitlines()[-1].startswith(
-        "ok: 1 good, 0 damaged (5% of blocks sampled")
+        "ok: 1 good, 0 damaged (5% of stored blocks sampled")
     dom.problems.append("generation 1: /p/generation.json: checksum mismatch")
     assert not report.ok
     assert "  generation 1: /p/generation.json: checksum mismatch" in format_report(report)

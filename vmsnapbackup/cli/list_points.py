@@ -23,11 +23,13 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
-    from ..workflows.listing import list_points
+    from ..workflows.listing import list_points, pending_repairs
 
     points = list_points(ctx.pool, uri=ctx.uri, domain=args.domain)
-    doc: Dict[str, Any] = {"points": [p.to_dict() for p in points]}
-    ctx.emit(doc, _text(points), data=True)  # the listing is what was asked for
+    pending = pending_repairs(ctx.pool, uri=ctx.uri, domain=args.domain)
+    doc: Dict[str, Any] = {"points": [p.to_dict() for p in points], "repair_pending": pending}
+    text = "\n".join([_text(points), *("REPAIR PENDING: " + line for line in pending)])
+    ctx.emit(doc, text, data=True)  # the listing is what was asked for
     return 0
 
 

@@ -22,7 +22,11 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help="domain name or UUID (default: every domain in the pool)")
     p.add_argument("--point", type=int, metavar="N", help="only this point (needs DOMAIN)")
     p.add_argument("--sample", type=float, metavar="PERCENT",
-                   help="read only this percentage of blocks per volume, chosen at random")
+                   help="read only this percentage of the blocks each volume stores, drawn "
+                   "afresh each run; the report says how likely it was to find damage")
+    p.add_argument("--seed", type=int, metavar="N",
+                   help="draw the --sample from this seed (the report names the seed of "
+                   "each run, to repeat a sample)")
     add_json_option(p)
     p.set_defaults(run=run)
 
@@ -33,7 +37,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     from ..workflows.verify import format_report, verify
 
     report = verify(ctx.pool, domain=args.domain, point=args.point, sample=args.sample,
-                    uri=ctx.uri, progress=ctx.progress())
+                    seed=args.seed, uri=ctx.uri, progress=ctx.progress())
     # damage is shown even with --quiet: it is the warning the user runs verify for
     ctx.emit(report.to_dict(), format_report(report),
              data=not report.ok or bool(report.incompatible))

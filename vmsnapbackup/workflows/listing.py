@@ -11,7 +11,7 @@ from ..core.pool import DomainStore, Pool
 from ..errors import VmSnapBackupError
 from .generation import base_files_bytes
 
-__all__ = ["PointSummary", "list_points"]
+__all__ = ["PointSummary", "list_points", "pending_repairs"]
 
 
 @dataclass
@@ -76,3 +76,20 @@ def _add_generation_costs(store: DomainStore, points: list[PointSummary]) -> Non
     for p in points:
         if p.generation is not None:
             p.generation_bytes = totals[p.generation]
+
+
+def pending_repairs(pool: str | os.PathLike[str], *, uri: str = "qemu:///system",
+                    domain: str | None = None) -> list[str]:
+    """One line per domain whose backup was interrupted (its journal is still there):
+    ``list`` shows it, because the next backup or prune will refuse until repair ran."""
+    pool_dir, _ = resolve_pool(os.fspath(pool), uri)
+    the_pool = Pool.open(pool_dir)
+    stores = [the_pool.find_domain(domain)] if domain else the_pool.domains()
+    out = []
+    for store in stores:
+        entry = store.journal.read()
+        if entry is not None:
+            out.append(f"domain {store.name}: an interrupted {entry.operation} (pid {entry.pid}, "
+                       f"since {entry.started}) needs repair: vmsnapbackup --pool "
+                       f"{the_pool.root} repair {store.name}")
+    return out

@@ -52,6 +52,7 @@ from ..core.pool import (
 )
 from ..core.retention import Policy, decide
 from ..errors import RepairNeededError
+from .drylock import looking
 
 __all__ = [
     "REASON_DAMAGED",
@@ -141,7 +142,8 @@ def prune(
         pool_dir, libvirt_pool = resolve_pool(os.fspath(pool), uri)
         the_pool = Pool.open(pool_dir)
     store = the_pool.find_domain(domain)
-    with store.lock("prune"):
+    # a dry run only looks: no lock file created or noted, works on a read-only pool
+    with looking(store) if dry_run else store.lock("prune"):
         entry = store.journal.read()
         if entry is not None:
             raise RepairNeededError(

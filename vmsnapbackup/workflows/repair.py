@@ -46,6 +46,7 @@ from ..errors import (
     UsageError,
     VmSnapBackupError,
 )
+from .drylock import looking
 from .interrupt import interruptible
 from .repairexec import carry_out
 from .repairfacts import DomainFacts, PoolFacts, gather, needs_repair
@@ -318,8 +319,9 @@ def _repair_target(hv: Hypervisor, t: _Target, pool_dir: str, dry_run: bool) -> 
         log.info("domain %s has no part in pool %s: repairing the hypervisor side only",
                  t.name, pool_dir)
         return _repair_facts(hv, t.dom, None, pool_dir, t.name, t.uuid, dry_run)
-    # dry runs lock too: what they report must not be a backup's work in progress
-    with t.store.lock("repair"):
+    # dry runs look too (what they report must not be a backup's work in progress),
+    # but take nothing over: a dead holder's note is what says repair is pending
+    with looking(t.store) if dry_run else t.store.lock("repair"):
         return _repair_facts(hv, t.dom, t.store, pool_dir, t.name, t.uuid, dry_run)
 
 

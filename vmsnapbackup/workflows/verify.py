@@ -16,7 +16,8 @@ Damage is attributed where it lives, because that decides what is lost:
 So the base volume is read once per generation (against table 1), and each
 later point's volume (exported with its base beneath it, i.e. the full disk
 at that point) against its table N.  With ``sample`` only a random share of
-the blocks is read (a cheap routine check; holes are sampled like any block).
+the *stored* blocks is read, freshly drawn each run, and the report says how
+likely that was to find a damaged block (see :mod:`.verifysample`).
 
 The library returns the report and never raises for damage: the caller
 decides (the CLI prints the whole report, then exits INTEGRITY).
@@ -49,8 +50,8 @@ from .pointread import (
     read_daemon,
     read_point_tables,
     read_table1,
-    sample_indexes,
 )
+from .verifysample import SampleTally, draw, fresh_seed, stored_in_base, stored_in_point
 
 __all__ = [
     "DAMAGED",
@@ -172,6 +173,16 @@ class VerifyReport:
     sample: float | None
     domains: list[DomainCheck] = field(default_factory=list)
     seconds: float = 0.0
+    seed: int | None = None
+    tally: SampleTally = field(default_factory=SampleTally)
+
+    def sample_dict(self) -> dict[str, Any] | None:
+        if self.sample is None:
+            return None
+        t = self.tally
+        return {"percent": self.sample, "seed": self.seed, "stored_blocks": t.stored,
+                "sampled_blocks": t.sampled, "chance_one_damaged_block": t.chance(1),
+                "chance_ten_damaged_blocks": t.chance(10)}
 
     @property
     def ok(self) -> bool:
@@ -191,6 +202,7 @@ class VerifyReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"pool": self.pool, "sample_percent": self.sample, "ok": self.ok,
+                "sample": self.sample_dict(),
                 "seconds": round(self.seconds, 3), "counts": self.counts(),
                 "domains": [d.to_dict() for d in self.domains]}
 
@@ -216,7 +228,13 @@ def format_report(report: VerifyReport) -> str:
             lines.append("  no points")
         lines.extend(f"  {format_point(p)}" for p in d.points)
     c = report.counts()
-    how = f"{report.sample:g}% of blocks sampled" if report.sample else "every block read"
+    if report.sample:
+        t = report.tally
+        how = (f"{report.sample:g}% of stored blocks sampled: {t.sampled} of {t.stored}, "
+               f"would find one damaged block with p={t.chance(1):.1%}, ten with "
+               f"p={t.chance(10):.1%}; --seed {report.seed} repeats this sample")
+    else:
+        how = "every block read"
     verdict = "ok" if report.ok else "DAMAGE FOUND"
     lines.append(f"{verdict}: {c[GOOD]} good, {c[DAMAGED]} damaged"
                  + (f", {c[INCOMPATIBLE]} incompatible" if c[INCOMPATIBLE] else "")
@@ -254,11 +272,14 @@ def verify(
         sample = None
     the_pool = open_pool(pool, uri)
     stores = [the_pool.find_domain(domain)] if domain is not None else the_pool.domains()
-    report = VerifyReport(pool=str(the_pool.root), sample=sample)
+    if sample is not None and seed is None:
+        seed = fresh_seed()
+    report = VerifyReport(pool=str(the_pool.root), sample=sample,
+                          seed=seed if sample is not None else None)
     rng = random.Random(seed)
     with read_daemon("verify", runtime_base) as daemon:
         for store in stores:
-            checker = _DomainChecker(store, daemon, sample, rng, progress)
+            checker = _DomainChecker(store, daemon, sample, rng, progress, report.tally)
             report.domains.append(checker.run(point))
     report.seconds = time.monotonic() - started
     log.info("verify of %s: %s", the_pool.root, report.counts())
@@ -269,8 +290,10 @@ class _DomainChecker:
     """One domain's points; caches what a generation's points share (table 1, base check)."""
 
     def __init__(self, store: DomainStore, daemon: Any, sample: float | None,
-                 rng: random.Random, progress: ProgressCallback | None) -> None:
+                 rng: random.Random, progress: ProgressCallback | None,
+                 tally: SampleTally) -> None:
         self.store = store
+        self.tally = tally
         self.daemon = daemon
         self.sample = sample
         self.rng = rng
@@ -278,7 +301,6 @@ class _DomainChecker:
         self._table1: dict[tuple[int, str, str], Any] = {}  # CheckTable or Problem
         self._base: dict[tuple[int, str, str], tuple[Problem | None, int]] = {}
         self._generations_checked: dict[int, bool] = {}
-        self._samples: dict[tuple[int, str, int], Any] = {}
 
     def run(self, point: int | None) -> DomainCheck:
         result = DomainCheck(uuid=self.store.uuid, name=self.store.name)
@@ -329,10 +351,12 @@ class _DomainChecker:
             # the base check was this point's check; or the base is damaged, which
             # already breaks this point (reading through it would only repeat that)
             return dc
-        problem = self._check_volume(VOLUME, self.store.resolve(disk.volume),
-                                     disk.volume_format, tables.table,
-                                     f"{disk.target} point {number}", dc,
-                                     self._sample_for(generation, disk.target, table1.count))
+        path = self.store.resolve(disk.volume)
+        indexes = None
+        if tables.difference is not None:
+            indexes = self._sample_of(path, stored_in_point(tables.difference))
+        problem = self._check_volume(VOLUME, path, disk.volume_format, tables.table,
+                                     f"{disk.target} point {number}", dc, indexes)
         if problem is not None:
             dc.problems.append(problem)
         return dc
@@ -355,10 +379,11 @@ class _DomainChecker:
         key = (generation, disk.target, disk.base)
         if key not in self._base:
             probe = DiskCheck(disk.target)
+            path = self.store.resolve(disk.base)
             problem = self._check_volume(
-                BASE, self.store.resolve(disk.base), disk.base_format, table1,
+                BASE, path, disk.base_format, table1,
                 f"{disk.target} base gen {generation}", probe,
-                self._sample_for(generation, disk.target, table1.count))
+                self._sample_of(path, stored_in_base(table1)))
             self._base[key] = (problem, probe.checked)
         problem, checked = self._base[key]
         dc.checked = max(dc.checked, checked)
@@ -384,16 +409,15 @@ class _DomainChecker:
 
     # -- reading a volume -----------------------------------------------------------
 
-    def _sample_for(self, generation: int, target: str, count: int) -> Any:
-        """One sample per disk and generation: the base is then checked on the very
-        blocks each point is, so a point's mismatch is its own volume's, never an
-        unsampled base block showing through."""
+    def _sample_of(self, volume: Any, stored: Any) -> Any:
+        """A fresh sample of the blocks ``volume`` stores (None: read all of it).
+        A point's sample is drawn from its own stored blocks, so a mismatch found
+        there is its own volume's, never a base block showing through."""
         if self.sample is None:
             return None
-        key = (generation, target, count)
-        if key not in self._samples:
-            self._samples[key] = sample_indexes(count, self.sample, self.rng)
-        return self._samples[key]
+        picked = draw(stored, self.sample, self.rng)
+        self.tally.add(str(volume), int(stored.size), int(picked.size))
+        return picked
 
     def _check_volume(self, kind: str, path: Any, fmt: str, expected: CheckTable,
                       label: str, dc: DiskCheck, indexes: Any) -> Problem | None:
