@@ -6,6 +6,7 @@ import os
 import socket
 import stat
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,7 +76,11 @@ def test_started_process_dies_with_its_session(host: SshHost, tmp_path: Path) ->
     assert host.process_arguments(proc.pid) == ["sleep", "600"]
     host.close()   # the connection goes away: the remote watchdog kills it
     assert proc.wait(timeout=20) is not None
-    assert not os.path.exists(f"/proc/{proc.pid}") or _zombie_or_gone(proc.pid)
+    # the watchdog reads EOF once sshd closes the channel, then SIGKILLs: bounded wait
+    deadline = time.monotonic() + 20
+    while not _zombie_or_gone(proc.pid):
+        assert time.monotonic() < deadline, "remote process outlived its ssh session"
+        time.sleep(0.05)
 
 
 def _zombie_or_gone(pid: int) -> bool:
@@ -98,3 +103,12 @@ def test_reach_socket_forwards_a_remote_unix_socket(host: SshHost, tmp_path: Pat
             with conn:
                 cli.sendall(b"ping")
                 assert conn.recv(4) == b"ping"
+
+
+def test_libvirt_follows_the_same_uri_over_ssh(sshd: SshdServer) -> None:
+    """The URI that gives SshHost its target also opens libvirt's own ssh transport."""
+    from vmsnapbackup.adapters.hypervisor import connect
+
+    with connect(sshd.uri()) as remote, connect("qemu:///system") as local:
+        assert sorted(remote.domain_uuid(d) for d in remote.list_domains()) == \
+            sorted(local.domain_uuid(d) for d in local.list_domains())
