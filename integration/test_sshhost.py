@@ -112,3 +112,31 @@ def test_libvirt_follows_the_same_uri_over_ssh(sshd: SshdServer) -> None:
     with connect(sshd.uri()) as remote, connect("qemu:///system") as local:
         assert sorted(remote.domain_uuid(d) for d in remote.list_domains()) == \
             sorted(local.domain_uuid(d) for d in local.list_domains())
+
+
+def test_remote_storage_daemon_serves_the_image_through_the_forward(
+        host: SshHost, tmp_path: Path) -> None:
+    """The data path of a remote backup: a daemon started over ssh exports the image
+    read-only; our NBD client reads it through the forwarded socket, byte for byte."""
+    import subprocess
+
+    from vmsnapbackup.adapters.nbdclient import NbdClient
+    from vmsnapbackup.adapters.storagedaemon import StorageDaemon
+
+    img = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0xa5 64k 128k", str(img)],
+                   check=True, capture_output=True)
+    ref = tmp_path / "ref.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(img), str(ref)],
+                   check=True)
+    run_base = tmp_path / "run"
+    run_base.mkdir(mode=0o700)
+    with StorageDaemon(str(run_base), tag="remote", host=host) as d:
+        exp = d.export_image(str(img), "qcow2", name="vda")
+        local = host.reach_socket(exp.socket_path)
+        assert local != exp.socket_path
+        with NbdClient.open_unix(local, "vda") as nbd:
+            got = b"".join(nbd.read(off, 1 << 20) for off in range(0, 4 << 20, 1 << 20))
+    assert got == ref.read_bytes()
+    assert got[64 << 10] == 0xa5
