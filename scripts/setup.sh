@@ -17,7 +17,8 @@ VSB_REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VSB_LIBVIRT_URI="qemu:///system"
 VSB_APT_PACKAGES=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-dev pkg-config openssl
                   python3-venv python3-dev gcc fuse3 libfuse3-dev
-                  linux-image-cloud-amd64 busybox-static cpio)
+                  linux-image-cloud-amd64 busybox-static cpio
+                  openssh-server)  # integration/sshd.py: a private sshd as the remote hypervisor
 VSB_LIBVIRTD_DEADLINE=60   # seconds to wait for libvirtd to answer
 
 vsb_log() { printf '[setup] %s\n' "$*" >&2; }
