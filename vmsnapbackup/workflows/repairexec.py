@@ -20,18 +20,17 @@ from ..adapters.hypervisor import Hypervisor
 from ..adapters.storagedaemon import stop_leftover_daemon
 from ..core import inflight
 from ..core.atomic import is_temp_name, unlink_durable
+from ..core.names import BASE_RE, NUMBERED_RE
 from ..core.pool import GENERATION_RECORD, DomainStore
 from ..errors import RepairNeededError
 from .repairfacts import DomainFacts
 from .repairplan import (
-    BASE_VOLUME_FILE,
     CANCEL_JOB,
     CLEAR_INFLIGHT,
     CLEAR_JOURNAL,
     COMMIT,
     DELETE_CHECKPOINT,
     DELETE_OVERLAY,
-    NUMBERED_FILE,
     OFFLINE_COMMIT,
     REMOVE_FILE,
     REMOVE_GENERATION,
@@ -51,7 +50,7 @@ def remove_tree_of_ours(path: Path) -> list[str]:
         for fname in filenames:
             f = Path(dirpath) / fname
             if (is_temp_name(fname) or fname == GENERATION_RECORD
-                    or NUMBERED_FILE.fullmatch(fname) or BASE_VOLUME_FILE.fullmatch(fname)):
+                    or NUMBERED_RE.fullmatch(fname) or BASE_RE.fullmatch(fname)):
                 unlink_durable(f)
             else:
                 kept.append(str(f))

@@ -10,7 +10,6 @@ shows and what the unit tests check.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,13 +17,9 @@ from ..adapters.domainxml import Disk, ImageRef, is_our_overlay, same_image
 from ..adapters.storagedaemon import RUNTIME_DIR_PREFIX
 from ..core.atomic import is_temp_name
 from ..core.journal import JournalEntry
+from ..core.names import NUMBERED_RE
 from ..core.pool import GENERATIONS_DIR, POINTS_DIR, parse_number_name
 from .repairfacts import DomainFacts, PoolFacts, norm_path
-
-# The pool's file names: a copy of core/pool.py's, which is being reorganised; this
-# copy goes once core exports them.
-NUMBERED_FILE = re.compile(r"(table|point|diff)-([0-9]{6,})\.(vsbt|qcow2|vsbd)(\.partial)?")
-BASE_VOLUME_FILE = re.compile(r"base\.(qcow2|raw)(\.partial)?")
 
 __all__ = [
     "CANCEL_JOB",
@@ -346,7 +341,7 @@ def plan_pool(entry: JournalEntry | None, pool: PoolFacts) -> list[RepairAction]
                 kind, rel, f"generation {g} has no sealed point: the interrupted "
                 f"{entry.operation if entry else 'operation'} created it")
             continue
-        numbered = NUMBERED_FILE.fullmatch(name)
+        numbered = NUMBERED_RE.fullmatch(name)
         own_point = (numbered is not None and entry is not None
                      and int(numbered.group(2)) == entry.point
                      and entry.point not in pool.manifest_points)
