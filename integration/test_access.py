@@ -227,6 +227,13 @@ def test_boot_runs_the_point_and_leaves_the_pool_unchanged(points: Points, make_
     result = boot_point(points.dom.name, points.pool, 2, name, overlay_dir=overlay_root)
     try:
         assert result.started and result.point == 2
+        # private from creation: the daemon ran with umask 077, the socket is the QEMU
+        # user's alone, the overlays 0600
+        with open(f"/proc/{result.daemon_pid}/status") as f:
+            assert "Umask:\t0077\n" in f.read()
+        assert stat.S_IMODE(os.stat(result.socket).st_mode) == 0o600
+        for overlay in result.overlays.values():
+            assert stat.S_IMODE(os.stat(overlay).st_mode) == 0o600
         dom = libvirt_conn.lookupByName(name)
         assert dom.isActive() and dom.UUIDString() == result.uuid != points.dom.uuid
         assert points.dom.is_active()                      # the original runs on
