@@ -99,6 +99,8 @@ class RestoreResult:
     seconds: float
     defined: DefinedDomain | None = None
     storage_pool: str | None = None
+    #: newer points skipped because damaged (only when no point was asked for)
+    skipped_damaged: tuple[int, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -113,6 +115,7 @@ class RestoreResult:
             "disks": [d.to_dict() for d in self.disks],
             "defined": self.defined.to_dict() if self.defined else None,
             "storage_pool": self.storage_pool,
+            "skipped_damaged": list(self.skipped_damaged),
         }
 
 
@@ -149,6 +152,13 @@ def restore(
         raise UsageError(f"not a usable domain name: {define!r}")
     store = open_pool(pool, uri).find_domain(domain)
     manifest = select_point(store, point)
+    skipped: tuple[int, ...] = ()
+    if point is None:
+        skipped = tuple(p.number for p in store.damaged_points() if p.number > manifest.point)
+        if skipped:
+            log.warning("domain %s: WARNING: newer point(s) %s are damaged and were skipped; "
+                        "restoring the older point %d (run verify)", store.name,
+                        ", ".join(map(str, skipped)), manifest.point)
     chosen = select_disks(manifest, disks)
 
     lv = LazyHypervisor(uri)
@@ -195,7 +205,8 @@ def restore(
             domain=manifest.domain.name, uuid=manifest.domain.uuid, point=manifest.point,
             generation=manifest.generation, snapshot_at=manifest.snapshot_at,
             directory=os.fspath(directory), format=fmt, disks=tuple(restored),
-            seconds=time.monotonic() - started, storage_pool=storage_pool)
+            seconds=time.monotonic() - started, storage_pool=storage_pool,
+            skipped_damaged=skipped)
         if not result.ok:
             raise _mismatch_error(result)
         if define is not None:
