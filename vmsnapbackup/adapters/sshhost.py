@@ -15,6 +15,7 @@ import contextlib
 import errno
 import os
 import shlex
+import shutil
 import subprocess
 import tempfile
 import time
@@ -98,6 +99,7 @@ class SshHost:
     def __init__(self, target: SshTarget, *, control_dir: str | None = None) -> None:
         self.name = target.host
         self.target = target
+        self._own_dir = control_dir is None
         self._dir = control_dir or tempfile.mkdtemp(prefix="vsb-ssh-")
         os.chmod(self._dir, 0o700)
         self._control = os.path.join(self._dir, "ctl")
@@ -149,6 +151,8 @@ class SshHost:
             except subprocess.TimeoutExpired:
                 self._master.kill()
                 self._master.wait()
+        if self._own_dir:   # the control socket, forwards and master.err go with it
+            shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> SshHost:
         return self.connect()
