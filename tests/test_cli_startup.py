@@ -20,12 +20,6 @@ from vmsnapbackup.core import defaults
 HEAVY = ("numpy", "libvirt", "xxhash", "qemu", "subprocess", "vmsnapbackup.workflows",
          "vmsnapbackup.adapters")
 
-#: RATCHET: command modules that still import their workflow at module level
-#: (their owners are making them lazy).  Only shrinks: a listed module that no
-#: longer loads anything heavy fails test_still_heavy_list_is_honest.
-STILL_HEAVY = {"boot", "mount", "restore"}
-
-
 def _heavy_after(code: str) -> List[str]:
     probe = (f"import sys\n{code}\n"
              f"print(__import__('json').dumps([m for m in {HEAVY!r} if m in sys.modules]))")
@@ -41,16 +35,9 @@ def _run_main(*argv: str) -> str:
             "assert rc in (0, 2), rc")
 
 
-@pytest.mark.parametrize("name", sorted(set(_command_names()) - STILL_HEAVY))
+@pytest.mark.parametrize("name", sorted(_command_names()))
 def test_command_module_is_cheap_to_import(name: str) -> None:
     assert _heavy_after(f"import vmsnapbackup.cli.{name}") == []
-
-
-@pytest.mark.parametrize("name", sorted(STILL_HEAVY))
-def test_still_heavy_list_is_honest(name: str) -> None:
-    assert name in _command_names(), f"no command module {name}: delete it from STILL_HEAVY"
-    assert _heavy_after(f"import vmsnapbackup.cli.{name}") != [], (
-        f"cli/{name}.py is cheap to import now: delete it from STILL_HEAVY")
 
 
 @pytest.mark.parametrize("argv", [["backup", "--help"], ["list", "--help"],
@@ -60,8 +47,6 @@ def test_a_command_parses_without_loading_the_others(argv: List[str]) -> None:
     assert _heavy_after(_run_main(*argv)) == []
 
 
-@pytest.mark.xfail(bool(STILL_HEAVY), strict=True,
-                   reason="the STILL_HEAVY command modules are imported for the full --help")
 def test_top_level_help_loads_nothing_heavy() -> None:
     assert _heavy_after(_run_main("--help")) == []
 

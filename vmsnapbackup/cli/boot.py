@@ -4,16 +4,14 @@ running on throwaway overlays over a point; ``boot --discard NEW`` removes it ag
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
+from ..core.defaults import DEFAULT_BOOT_ROOT
 from ..errors import UsageError
-from ..workflows.access import (
-    DEFAULT_BOOT_ROOT,
-    BootResult,
-    boot_point,
-    discard_boot,
-    resume_boot,
-)
 from .common import Context, add_json_option
+
+if TYPE_CHECKING:
+    from ..workflows.access import BootResult
 
 ORDER = 55
 
@@ -47,6 +45,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
+    from ..workflows.access import boot_point, discard_boot, resume_boot
+
     if (args.discard or args.resume) and (args.domain or args.point is not None or args.name):
         raise UsageError("--discard/--resume take only the boot domain's name")
     if args.discard:

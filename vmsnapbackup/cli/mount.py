@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import threading
+from typing import TYPE_CHECKING
 
-from ..adapters.processes import stop_signals
-from ..workflows.access import MountedPoint, mount_point
 from .common import Context, add_json_option, size_text
+
+if TYPE_CHECKING:
+    from ..workflows.access import MountedPoint
 
 ORDER = 50
 
@@ -40,6 +42,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
+    from ..adapters.processes import stop_signals
+    from ..workflows.access import mount_point
+
     stop = threading.Event()
     # Our handlers are in place before the storage daemon starts, so it leaves
     # signals to us: a signal ends the wait below, and the with-block cleans up.

@@ -3,10 +3,14 @@ optionally as volumes of a libvirt storage pool and as a new (shut-off) domain."
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
+from ..core.defaults import RESTORE_FORMATS
 from ..errors import UsageError
-from ..workflows.restore import RESTORE_FORMATS, RestoreResult, restore
 from .common import Context, add_json_option, size_text
+
+if TYPE_CHECKING:
+    from ..workflows.restore import RestoreResult
 
 ORDER = 30
 
@@ -53,6 +57,8 @@ def parse_point(text: str) -> int | None:
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
+    from ..workflows.restore import restore
+
     result = restore(
         args.domain, ctx.pool, point=parse_point(args.point), disks=args.disks,
         to=args.to, fmt=args.fmt, force=args.force, define=args.define,

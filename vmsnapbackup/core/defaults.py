@@ -8,10 +8,12 @@ from __future__ import annotations
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
+    "DEFAULT_BOOT_ROOT",
     "DEFAULT_POOL",
     "DEFAULT_THRESHOLD",
     "DEFAULT_URI",
     "POOL_ENV",
+    "RESTORE_FORMATS",
     "URI_ENV",
 ]
 
@@ -32,3 +34,10 @@ DEFAULT_THRESHOLD = 0.5
 
 #: Check table block size of a new generation (bytes).
 DEFAULT_BLOCK_SIZE = 64 * 1024
+
+#: Where ``boot`` puts a boot domain's throwaway overlays (a directory per domain):
+#: libvirt's own image directory, so QEMU may open them under its usual labels.
+DEFAULT_BOOT_ROOT = "/var/lib/libvirt/images/vmsnapbackup-boot"
+
+#: Image formats ``restore`` writes.
+RESTORE_FORMATS = ("raw", "qcow2")

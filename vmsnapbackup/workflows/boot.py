@@ -57,6 +57,7 @@ from ..adapters.domainxml import DOMAIN_NAME_RE, new_domain_xml, set_disk_source
 from ..adapters.host import LOCAL
 from ..adapters.hypervisor import DEFAULT_URI, Hypervisor, connect
 from ..adapters.qemuimg import QemuImg
+from ..core import defaults
 from ..core.atomic import atomic_write_json, read_optional
 from ..core.manifest import utc_now
 from ..errors import (
@@ -84,7 +85,7 @@ log = logging.getLogger(__name__)
 
 #: Where boot overlays go unless told otherwise: beside libvirt's own images, where
 #: QEMU can traverse (``/var/lib/libvirt/images`` is 0711 on Debian).
-DEFAULT_BOOT_ROOT = Path("/var/lib/libvirt/images/vmsnapbackup-boot")
+DEFAULT_BOOT_ROOT = Path(defaults.DEFAULT_BOOT_ROOT)
 BOOT_NOTE = "vmsnapbackup-boot.json"
 BOOT_FORMAT = "vmsnapbackup-boot"
 BOOT_VERSION = 1

@@ -22,6 +22,7 @@ from pathlib import Path
 from ..adapters import domaindefine
 from ..adapters.domainxml import new_domain_xml, parse_disks, set_disk_source
 from ..adapters.hypervisor import Hypervisor, connect
+from ..core import defaults
 from ..errors import HypervisorError, UsageError, VmSnapBackupError
 
 __all__ = [
@@ -36,7 +37,7 @@ __all__ = [
     "users_of",
 ]
 
-RESTORE_FORMATS = ("raw", "qcow2")
+RESTORE_FORMATS = defaults.RESTORE_FORMATS
 UNVERIFIED_SUFFIX = ".unverified"
 
 
