@@ -41,6 +41,7 @@ from typing import Any
 
 from ..adapters.openfiles import files_held_open
 from ..adapters.storagepool import refresh_pool, resolve_pool
+from ..core import defaults
 from ..core.manifest import PointManifest, parse_timestamp
 from ..core.pool import (
     DomainStore,
@@ -121,7 +122,7 @@ def prune(
     domain: str,
     pool: str | os.PathLike[str] | Pool,
     *,
-    uri: str = "qemu:///system",
+    uri: str = defaults.DEFAULT_URI,
     keep_last: int | None = None,
     keep_daily: int | None = None,
     keep_weekly: int | None = None,
