@@ -32,10 +32,8 @@ from /dev/null and in a new session (our terminal's Ctrl-C is ours to handle).
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
-import signal
+import shutil
 import stat
 import subprocess
 import tempfile
@@ -59,7 +57,6 @@ __all__ = [
 
 #: Every child process creates its files owner-only (sockets, logs, images).
 CHILD_UMASK = 0o077
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -199,30 +196,26 @@ class Host(Protocol):
 
 
 # ------------------------------------------------------------------------ local
-def _death_signal_setup() -> Callable[[], None]:
-    """The ``preexec_fn`` that makes the kernel SIGKILL the child when we die.
+def _tied_to_us(args: list[str]) -> list[str]:
+    """``args`` run under ``setpriv --pdeathsig KILL``: the kernel kills the child when
+    the thread that started it dies, so a SIGKILLed backup leaves no daemon behind.
 
-    ``prctl`` is resolved here, in the parent, so the child makes one foreign
-    call between fork and exec.  The ``getppid`` check closes the race where we
-    die between ``fork`` and ``prctl``: the child then gives up instead of
-    running unowned.  The death signal follows the *thread* that forked: start
-    from a thread that lives as long as the process is used (the main thread).
+    Done by util-linux's ``setpriv`` (present on every Debian-like host) rather than a
+    Python ``preexec_fn``: with a ``preexec_fn`` Python must ``fork`` a multi-threaded
+    process and run Python code in the child before ``exec``, which its documentation
+    calls unsafe; without one it can use ``vfork``/``posix_spawn`` and runs no Python in
+    the child.  The death signal follows the *thread* that forked: start from a thread
+    that lives as long as the process is used (the main thread).  If we die in the
+    instant between the fork and ``setpriv``'s ``prctl`` the child outlives us; its
+    runtime directory then names it for ``repair``.
     """
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    prctl = libc.prctl
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
-                      ctypes.c_ulong]
-    prctl.restype = ctypes.c_int
-    parent = os.getpid()
-    sig = int(signal.SIGKILL)
-
-    def setup() -> None:
-        if prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
-            os._exit(126)
-        if os.getppid() != parent:
-            os._exit(125)
-
-    return setup
+    if shutil.which(args[0]) is None:  # as Popen would say, not after setpriv's exec fails
+        raise HypervisorError(f"cannot start {args[0]}: no such executable")
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        raise HypervisorError("cannot start " + args[0] + ": setpriv (util-linux) is not "
+                              "installed; it ties our child processes to our lifetime")
+    return [setpriv, "--pdeathsig", "KILL", "--", *args]
 
 
 class _LocalProcess:
@@ -320,11 +313,10 @@ class LocalHost:
         try:
             os.fchmod(fd, 0o600)
             proc = subprocess.Popen(
-                args, env=full_env, stdin=subprocess.DEVNULL, stdout=fd,
-                stderr=subprocess.STDOUT, close_fds=True, start_new_session=True,
-                umask=CHILD_UMASK, cwd="/",
-                # one async-signal-safe foreign call in the child (see _death_signal_setup)
-                preexec_fn=_death_signal_setup() if tie_to_us else None)
+                _tied_to_us(args) if tie_to_us else args, env=full_env,
+                stdin=subprocess.DEVNULL, stdout=fd, stderr=subprocess.STDOUT, close_fds=True,
+                start_new_session=True,
+                umask=CHILD_UMASK, cwd="/")
         except OSError as err:
             raise HypervisorError(f"cannot start {args[0]}: {err.strerror or err}") from err
         finally:
