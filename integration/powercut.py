@@ -192,16 +192,19 @@ def table(outcomes: Sequence[Outcome], pool: Path | None = None) -> str:
 RUNTIME_ROOT = Path("/run/vmsnapbackup")
 
 
-def daemon_dirs() -> set[Path]:
-    """The storage daemons' private dirs on this host (FORMAT.md §11)."""
-    return set(RUNTIME_ROOT.glob("qsd-*")) if RUNTIME_ROOT.is_dir() else set()
+def daemon_dirs(tag: str = "") -> set[Path]:
+    """The storage daemons' private dirs on this host (FORMAT.md §11); with ``tag``
+    (a domain name) only those of that domain's daemons."""
+    pattern = f"qsd-{tag}-*" if tag else "qsd-*"
+    return set(RUNTIME_ROOT.glob(pattern)) if RUNTIME_ROOT.is_dir() else set()
 
 
-def sweep_daemon_dirs(before: set[Path]) -> list[Path]:
+def sweep_daemon_dirs(before: set[Path], tag: str = "") -> list[Path]:
     """Remove the daemon dirs made since ``before`` that no repair removed, stopping
     their daemon if it still runs; returns them (a cut before the journal named the
-    daemon leaves its dir for nobody to find)."""
-    left = sorted(daemon_dirs() - before)
+    daemon leaves its dir for nobody to find).  ``tag`` limits it to one domain's,
+    so a run beside other tests never stops their daemons."""
+    left = sorted(daemon_dirs(tag) - before)
     for d in left:
         try:
             pid = int((d / "qsd.pid").read_text().strip())

@@ -117,7 +117,7 @@ class Soak:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             self.counts["kills"] += 1
-        rep = vmsnapbackup.repair(self.pool, all_domains=True)
+        rep = vmsnapbackup.repair(self.pool, domain=self.dom.name)
         if rep.exit_code != 0:
             self.fail(f"repair after kill: {rep.lines()}")
 
@@ -182,9 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     area = Path(tempfile.mkdtemp(prefix="vsb-soak-"))
     before_dirs = daemon_dirs()
     factory = DomainFactory(libvirt.open(URI))
+    soak_tag = "soak-no-domain-yet"
     t0 = time.monotonic()
     try:
         dom, console = make_guest(factory)
+        soak_tag = dom.name
         soak = Soak(dom, console, area, rng)
         soak.tracked("backup")
         while time.monotonic() - t0 < args.minutes * 60:
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if soak.failures else 0
     finally:
         factory.close()
-        sweep_daemon_dirs(before_dirs)
+        sweep_daemon_dirs(before_dirs, soak_tag)
         shutil.rmtree(area, ignore_errors=True)
 
 
