@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tenacity
+
 from ..adapters import offline
 from ..adapters.domain import Domain
 from ..adapters.domainxml import same_image
@@ -188,8 +190,35 @@ class RepairReport:
                             for d in self.domains for a in d.actions]}
 
 
+#: How long a repair keeps re-planning while the domain's state moves under it.
+_SETTLE_SECONDS = 20.0
+
+
 def _repair_facts(hv: Hypervisor, dom: Domain | None, store: DomainStore | None,
                   pool_dir: str, name: str, uuid: str, dry_run: bool) -> DomainRepair:
+    """Look, plan, act; and look again when the domain changed between the look and
+    the act.
+
+    A backup killed during a libvirt call leaves that call running in libvirtd: a
+    snapshot being created puts the domain on its overlay a moment *after* we
+    looked, so the planned "delete the unused overlay" meets a used one and is
+    (rightly) refused at the last check.  Repair is idempotent, so the answer is
+    to gather the facts again and plan afresh, for a bounded time, rather than
+    fail a repair that one more look would have done.
+    """
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(RepairNeededError),
+        stop=tenacity.stop_after_delay(_SETTLE_SECONDS),
+        wait=tenacity.wait_exponential(multiplier=0.2, max=3.0),
+        before_sleep=lambda state: log.warning(
+            "repair of domain %s: the domain changed while we repaired it (%s); "
+            "looking again", name, state.outcome.exception() if state.outcome else "?"),
+        reraise=True)
+    return retrying(_repair_once, hv, dom, store, pool_dir, name, uuid, dry_run)
+
+
+def _repair_once(hv: Hypervisor, dom: Domain | None, store: DomainStore | None,
+                 pool_dir: str, name: str, uuid: str, dry_run: bool) -> DomainRepair:
     facts = gather(hv, dom, store, name, uuid)
     actions = plan(facts)
     result = DomainRepair(domain=name, uuid=uuid)
