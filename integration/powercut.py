@@ -149,7 +149,7 @@ def judge(outcome: Outcome, dom: TestDomain, pool: Path, next_backup: bool) -> N
         except vmsnapbackup.VmSnapBackupError as err:
             p.append(f"verify: {type(err).__name__}: {err}")
     try:
-        rep = vmsnapbackup.repair(pool, all_domains=True)
+        rep = vmsnapbackup.repair(pool, domain=dom.name)
         outcome.repaired = "nothing" if rep.nothing_to_do else f"{len(rep.actions)} actions"
         if rep.exit_code != 0:
             p.append(f"repair ({rep.exit_code.name}): {'; '.join(rep.lines())}")

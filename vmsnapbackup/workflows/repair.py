@@ -196,16 +196,12 @@ _SETTLE_SECONDS = 20.0
 
 def _repair_facts(hv: Hypervisor, dom: Domain | None, store: DomainStore | None,
                   pool_dir: str, name: str, uuid: str, dry_run: bool) -> DomainRepair:
-    """Look, plan, act; and look again when the domain changed between the look and
-    the act.
+    """Look, plan, act; look again if the domain changed between the look and the act.
 
-    A backup killed during a libvirt call leaves that call running in libvirtd: a
-    snapshot being created puts the domain on its overlay a moment *after* we
-    looked, so the planned "delete the unused overlay" meets a used one and is
-    (rightly) refused at the last check.  Repair is idempotent, so the answer is
-    to gather the facts again and plan afresh, for a bounded time, rather than
-    fail a repair that one more look would have done.
-    """
+    A backup killed during a libvirt call leaves the call running in libvirtd: a
+    snapshot puts the domain on its overlay just *after* we looked, and the planned
+    "delete the unused overlay" is (rightly) refused at its last check.  Repair is
+    idempotent: gather and plan afresh, for a bounded time."""
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_exception_type(RepairNeededError),
         stop=tenacity.stop_after_delay(_SETTLE_SECONDS),
@@ -311,11 +307,20 @@ def _find_target(hv: Hypervisor, the_pool: Pool | None, ident: str) -> _Target:
 
 def _all_targets(hv: Hypervisor, the_pool: Pool | None, pool_dir: str) -> list[_Target]:
     """Domains of the pool with a journal, domains on the hypervisor with one of our
-    overlays in a disk, and domains whose stale in-flight record names this pool."""
+    overlays in a disk, and domains whose stale in-flight record names this pool;
+    never one that a live operation (another process's backup, in any pool) holds
+    now: that is work in progress, not a leftover, and ``--all`` must not fail on it."""
     found: dict[str, _Target] = {}
+    live = {r.uuid: r for r in inflight.records()
+            if r.pid != os.getpid() and inflight.is_live(r)}
 
     def add_uuid(uuid: str, fallback_name: str) -> None:
         if uuid in found:
+            return
+        if uuid in live:
+            rec = live[uuid]
+            log.info("domain %s: skipped, a live %s by pid %d holds it (since %s)",
+                     rec.name, rec.operation, rec.pid, rec.since)
             return
         try:
             dom = hv.find_domain(uuid)
