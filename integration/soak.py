@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     before_dirs = daemon_dirs()
     factory = DomainFactory(libvirt.open(URI))
     soak_tag = "soak-no-domain-yet"
+    soak: Soak | None = None
     t0 = time.monotonic()
     try:
         dom, console = make_guest(factory)
@@ -207,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         factory.close()
         sweep_daemon_dirs(before_dirs, soak_tag)
-        shutil.rmtree(area, ignore_errors=True)
+        if soak is not None and soak.failures:
+            print(f"kept for inspection: {area}")   # the pool holds the evidence
+        else:
+            shutil.rmtree(area, ignore_errors=True)
 
 
 if __name__ == "__main__":
