@@ -30,7 +30,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..adapters.pinnedchain import PinnedImage
 from ..core.checktable import CheckTable, read_check_table
+from ..core.defaults import DEFAULT_URI
 from ..core.manifest import PointDisk
 from ..core.pool import DomainStore, PointInfo
 from ..errors import (
@@ -50,6 +52,7 @@ from .pointread import (
     read_daemon,
     read_point_tables,
     read_table1,
+    reading,
 )
 from .verifysample import SampleTally, draw, fresh_seed, stored_in_base, stored_in_point
 
@@ -250,7 +253,7 @@ def verify(
     domain: str | None = None,
     point: int | None = None,
     sample: float | None = None,
-    uri: str = "qemu:///system",
+    uri: str = DEFAULT_URI,
     progress: ProgressCallback | None = None,
     seed: int | None = None,
     runtime_base: str | None = None,
@@ -280,7 +283,8 @@ def verify(
     with read_daemon("verify", runtime_base) as daemon:
         for store in stores:
             checker = _DomainChecker(store, daemon, sample, rng, progress, report.tally)
-            report.domains.append(checker.run(point))
+            with reading(store):   # no prune removes a point under the check (FORMAT §8)
+                report.domains.append(checker.run(point))
     report.seconds = time.monotonic() - started
     log.info("verify of %s: %s", the_pool.root, report.counts())
     return report
@@ -356,7 +360,9 @@ class _DomainChecker:
         if tables.difference is not None:
             indexes = self._sample_of(path, stored_in_point(tables.difference))
         problem = self._check_volume(VOLUME, path, disk.volume_format, tables.table,
-                                     f"{disk.target} point {number}", dc, indexes)
+                                     f"{disk.target} point {number}", dc, indexes,
+                                     PinnedImage(str(self.store.resolve(disk.base)),
+                                                 disk.base_format))
         if problem is not None:
             dc.problems.append(problem)
         return dc
@@ -420,16 +426,18 @@ class _DomainChecker:
         return picked
 
     def _check_volume(self, kind: str, path: Any, fmt: str, expected: CheckTable,
-                      label: str, dc: DiskCheck, indexes: Any) -> Problem | None:
+                      label: str, dc: DiskCheck, indexes: Any,
+                      backing: PinnedImage | None = None) -> Problem | None:
         if not path.is_file():
             return Problem(kind, f"{path} is missing")
         try:
             if indexes is None:
-                mismatch = hash_image(self.daemon, path, fmt, expected, disk=label,
-                                      phase="verify", progress=self.progress)
+                mismatch = hash_image(self.daemon, path, fmt, expected, backing=backing,
+                                      disk=label, phase="verify", progress=self.progress)
             else:
                 mismatch = hash_sampled(self.daemon, path, fmt, expected, indexes,
-                                        disk=label, phase="verify", progress=self.progress)
+                                        backing=backing, disk=label, phase="verify",
+                                        progress=self.progress)
         except _DAMAGE as err:
             log.warning("domain %s: %s: cannot read %s: %s", self.store.name, label, path, err)
             return Problem(kind, f"cannot read {path}: {err}")

@@ -1,0 +1,63 @@
+"""Readers and prune (issue 12, FORMAT.md §8): a prune never runs under a reader.
+
+A verify that a prune overtakes would report points damaged that were only
+removed; a mount would lose what it serves.  With the readers lock, a prune
+started while a verify or a mount reads the domain is refused (LOCKED, one line),
+the reader finishes with every point good, and the prune works afterwards.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_restore import three_points
+
+from vmsnapbackup.errors import ExitCode, LockedError, VmSnapBackupError
+from vmsnapbackup.progress import ProgressEvent
+from vmsnapbackup.workflows.access import mount_point
+from vmsnapbackup.workflows.prune import prune
+from vmsnapbackup.workflows.verify import verify
+
+pytestmark = pytest.mark.integration
+
+
+def test_prune_during_verify_is_refused(tmp_path: Path) -> None:
+    sp = three_points(tmp_path)
+    tried: list[BaseException | None] = []
+
+    def prune_now(ev: ProgressEvent) -> None:
+        if not tried:
+            try:
+                prune(sp.name, sp.pool, keep_last=1)
+                tried.append(None)
+            except VmSnapBackupError as err:
+                tried.append(err)
+
+    report = verify(sp.pool, domain=sp.name, progress=prune_now)
+    assert isinstance(tried[0], LockedError), tried
+    assert "being read by a restore, verify, mount or boot" in str(tried[0])
+    assert report.ok and [p.status for p in report.domains[0].points] == ["good"] * 3
+    done = prune(sp.name, sp.pool, keep_last=1)   # the reader gone, prune works
+    assert [p.point for p in done.removed] == [1, 2]
+
+
+def test_prune_during_mount_is_refused(tmp_path: Path) -> None:
+    sp = three_points(tmp_path)
+    with mount_point(sp.name, sp.pool, 2, "vda") as m:
+        with pytest.raises(LockedError, match="being read"):
+            prune(sp.name, sp.pool, keep_last=1)
+        proc = subprocess.run([sys.executable, "-m", "vmsnapbackup", "--pool", str(sp.pool.root),
+                               "prune", sp.name, "--keep-last", "1"],
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert proc.returncode == ExitCode.LOCKED, proc.stderr
+        assert "Traceback" not in proc.stderr and "being read" in proc.stderr
+        assert len(sp.store.points()) == 3 and m.size > 0
+    assert [p.point for p in prune(sp.name, sp.pool, keep_last=1).removed] == [1, 2]
+
+
+def test_reader_during_prune_is_refused(tmp_path: Path) -> None:
+    sp = three_points(tmp_path)
+    with sp.store.lock("prune"), pytest.raises(LockedError, match=r"being pruned by pid"):
+        verify(sp.pool, domain=sp.name)
