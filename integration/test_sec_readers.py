@@ -7,6 +7,8 @@ the reader finishes with every point good, and the prune works afterwards.
 """
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +63,32 @@ def test_reader_during_prune_is_refused(tmp_path: Path) -> None:
     sp = three_points(tmp_path)
     with sp.store.lock("prune"), pytest.raises(LockedError, match=r"being pruned by pid"):
         verify(sp.pool, domain=sp.name)
+
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+HOLD = ("import fcntl,os,sys; fd=os.open(sys.argv[1], os.O_RDONLY); "
+        "fcntl.flock(fd, fcntl.LOCK_SH|fcntl.LOCK_NB); print('held')")
+
+
+def test_nobody_cannot_hold_the_readers_lock(tmp_path: Path) -> None:
+    """A local user who could take the shared lock would block every prune forever."""
+    sp = three_points(tmp_path)
+    with mount_point(sp.name, sp.pool, 3, "vda"):
+        pass   # the readers file now exists
+    readers = sp.store.path / "readers"
+    assert readers.is_file() and (readers.stat().st_mode & 0o777) == 0o600
+    proc = subprocess.run([*NOBODY, "/usr/bin/python3", "-c", HOLD, str(readers)],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode != 0 and "held" not in proc.stdout
+    # control: the same attack on a readable copy in a reachable directory works
+    open_dir = Path("/tmp") / f"vsb-readers-{os.getpid()}"
+    open_dir.mkdir(mode=0o755)
+    try:
+        copy = open_dir / "readers"
+        copy.write_bytes(b"")
+        copy.chmod(0o644)
+        proc = subprocess.run([*NOBODY, "/usr/bin/python3", "-c", HOLD, str(copy)],
+                              capture_output=True, text=True, timeout=30, check=False)
+        assert proc.returncode == 0 and "held" in proc.stdout, proc.stderr
+    finally:
+        shutil.rmtree(open_dir, ignore_errors=True)
