@@ -27,7 +27,7 @@ from typing import Any
 
 from ..errors import LockedError, UsageError, storage_error_from_oserror
 from .atomic import FILE_MODE
-from .readerslock import exclusive_readers_fd
+from .readerslock import ensure_readers_file, exclusive_readers_fd
 from .timefmt import utc_now
 
 __all__ = ["EXCLUDES_READERS", "DomainLock", "LockHolder", "read_note"]
@@ -156,6 +156,8 @@ class DomainLock:
                                         utc_now()).to_line())
             if self.operation in EXCLUDES_READERS:
                 self._readers_fd = exclusive_readers_fd(self.path.parent, self.what)
+            else:
+                ensure_readers_file(self.path.parent)
         except BaseException:
             if self._fd is None:
                 os.close(fd)

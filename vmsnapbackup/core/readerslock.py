@@ -23,7 +23,7 @@ from ..errors import LockedError, UsageError
 from .atomic import FILE_MODE
 from .names import LOCK_FILE
 
-__all__ = ["READERS_FILE", "ReadersLock", "exclusive_readers_fd"]
+__all__ = ["READERS_FILE", "ReadersLock", "ensure_readers_file", "exclusive_readers_fd"]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,17 @@ class ReadersLock:
     def __exit__(self, exc_type: type[BaseException] | None,
                  exc: BaseException | None, tb: TracebackType | None) -> None:
         self.release()
+
+
+def ensure_readers_file(domain_dir: Path) -> None:
+    """Create the (empty, 0600) readers file if it is missing.  Called by every holder of
+    the domain's lock, so readers of a pool that was ever backed up with this version
+    find it and never change the pool themselves."""
+    try:
+        os.close(os.open(domain_dir / READERS_FILE,
+                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE))
+    except OSError as err:
+        log.warning("%s: could not create the readers lock file: %s", domain_dir, err.strerror)
 
 
 def exclusive_readers_fd(domain_dir: Path, what: str) -> int:
