@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from test_restore import three_points
 
+from vmsnapbackup.adapters.nbdclient import NbdClient
 from vmsnapbackup.errors import ExitCode, LockedError, VmSnapBackupError
 from vmsnapbackup.progress import ProgressEvent
 from vmsnapbackup.workflows.access import mount_point
@@ -42,21 +43,38 @@ def test_prune_during_verify_is_refused(tmp_path: Path) -> None:
     assert "being read by a restore, verify, mount or boot" in str(tried[0])
     assert report.ok and [p.status for p in report.domains[0].points] == ["good"] * 3
     done = prune(sp.name, sp.pool, keep_last=1)   # the reader gone, prune works
-    assert [p.point for p in done.removed] == [1, 2]
+    assert [p.number for p in done.removed] == [1, 2]
 
 
-def test_prune_during_mount_is_refused(tmp_path: Path) -> None:
+def test_prune_during_a_mount_keeps_what_it_serves(tmp_path: Path) -> None:
+    """A mount holds the readers lock only until its daemon has the volumes open; a
+    prune then keeps the served point (in use) and the mount still reads it exactly."""
     sp = three_points(tmp_path)
     with mount_point(sp.name, sp.pool, 2, "vda") as m:
-        with pytest.raises(LockedError, match="being read"):
-            prune(sp.name, sp.pool, keep_last=1)
-        proc = subprocess.run([sys.executable, "-m", "vmsnapbackup", "--pool", str(sp.pool.root),
-                               "prune", sp.name, "--keep-last", "1"],
-                              capture_output=True, text=True, timeout=120, check=False)
-        assert proc.returncode == ExitCode.LOCKED, proc.stderr
-        assert "Traceback" not in proc.stderr and "being read" in proc.stderr
-        assert len(sp.store.points()) == 3 and m.size > 0
-    assert [p.point for p in prune(sp.name, sp.pool, keep_last=1).removed] == [1, 2]
+        report = prune(sp.name, sp.pool, keep_last=1)
+        assert [p.number for p in report.removed] == [1]
+        assert [p.number for p in report.kept] == [2, 3]
+        assert report.kept[0].reasons[-1].startswith("in use")
+        with NbdClient.open_uri(m.uri) as c:
+            assert c.read(0, c.size)[:len(sp.contents[2]["vda"])] == sp.contents[2]["vda"]
+
+
+def test_cli_prune_during_verify_one_line_locked(tmp_path: Path) -> None:
+    sp = three_points(tmp_path)
+    seen: list[subprocess.CompletedProcess[str]] = []
+
+    def prune_cli(ev: ProgressEvent) -> None:
+        if not seen:
+            seen.append(subprocess.run(
+                [sys.executable, "-m", "vmsnapbackup", "--pool", str(sp.pool.root), "prune",
+                 sp.name, "--keep-last", "1"],
+                capture_output=True, text=True, timeout=120, check=False))
+
+    assert verify(sp.pool, domain=sp.name, progress=prune_cli).ok
+    proc = seen[0]
+    assert proc.returncode == ExitCode.LOCKED, proc.stderr
+    assert "Traceback" not in proc.stderr and "being read" in proc.stderr
+    assert len(sp.store.points()) == 3
 
 
 def test_reader_during_prune_is_refused(tmp_path: Path) -> None:

@@ -152,8 +152,10 @@ def mount_point(domain: str, pool: PoolLike, point: int, disk: str | None = None
         if len(os.fsencode(socket)) > _SUN_PATH_MAX:
             raise UsageError(f"socket path {socket} is too long for a unix socket")
     store = open_pool(pool, uri).find_domain(domain)
-    # held while serving: no prune removes the volume or its base (FORMAT §8)
-    with reading(store):
+    # the readers lock (FORMAT §8) until the daemon holds the volumes open; from then
+    # on prune's open-file check keeps this point (and its base) while it is served
+    readers = reading(store).acquire()
+    try:
         manifest = store.read_manifest(point)
         d = point_disk(store, manifest, disk)
         volume = pinned_volume(store, d)
@@ -164,8 +166,11 @@ def mount_point(domain: str, pool: PoolLike, point: int, disk: str | None = None
             address = {"type": "unix", "data": {"path": socket}}
         with StorageDaemon(tag=f"mount-{store.name}-{point}-{d.target}",
                            nbd_address=address, tls_dir=tls_dir) as daemon:
-            # the backing chain pinned from the manifest, never the qcow2 header's
-            export = daemon.export_pinned(volume, name=d.target)
+            try:
+                # the backing chain pinned from the manifest, never the qcow2 header's
+                export = daemon.export_pinned(volume, name=d.target)
+            finally:
+                readers.release()
             mounted = MountedPoint(uri=export.uri, socket_path=export.socket_path,
                                    export_name=export.name, size=export.size, volume=volume.path,
                                    domain=store.name, point=point, disk=d.target,
@@ -173,3 +178,5 @@ def mount_point(domain: str, pool: PoolLike, point: int, disk: str | None = None
             log.info("domain %s: point %d disk %s served read-only at %s", store.name, point,
                      d.target, export.uri)
             yield mounted
+    finally:
+        readers.release()
