@@ -314,7 +314,7 @@ def files(store: DomainStore) -> List[str]:
     out = []
     for dirpath, _dirs, names in os.walk(store.path):
         out += [os.path.relpath(os.path.join(dirpath, n), store.path) for n in names]
-    return sorted(x for x in out if x not in ("domain.json", "lock"))
+    return sorted(x for x in out if x not in ("domain.json", "lock", "readers"))
 
 
 def test_remove_point_keeps_base_until_last_point_of_generation(store: DomainStore) -> None:

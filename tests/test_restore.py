@@ -133,9 +133,9 @@ def test_define_xml_points_disks_at_restored_images() -> None:
     vdb = disk_el(root, "vdb")
     assert vdb.find("alias").get("name") == "ua-data", "user aliases stay"
     assert vdb.find("backingStore") is None
-    # the writable disk that was not restored is dropped; the cdrom stays as it was
+    # the writable disk that was not restored is dropped; the cdrom stays, empty (DESIGN §8)
     assert dropped == ["vdc"] and "vdc" not in disks
-    assert disks["sda"].source == "/iso/install.iso"
+    assert disks["sda"].source is None
 
 
 def test_define_xml_keeps_metadata_and_source_order() -> None:

@@ -16,6 +16,7 @@ when that process's command line names this directory's socket (pid reuse).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -26,7 +27,9 @@ import tenacity
 from ..errors import ExportError, HypervisorError
 from . import processes
 from .daemonprocess import launch_daemon, qemu_opt
+from .exportnodes import format_node_args
 from .host import LOCAL, Host, HostProcess
+from .pinnedchain import PinnedImage
 
 __all__ = ["LOGFILE", "PIDFILE", "SOCKET", "ServedImage", "daemon_args", "running_pid",
            "serve", "stop"]
@@ -42,11 +45,24 @@ STOP_TIMEOUT = 15.0
 
 @dataclass(frozen=True)
 class ServedImage:
-    """One disk of the boot: the image (opened read-only) and its export name."""
+    """One disk of the boot: the image (opened read-only) and its export name.
+
+    ``chain`` (a point volume from a pool) gives the backing chain explicitly --
+    the manifest's base, or null -- so the name in the qcow2 header is never
+    followed (docs/DESIGN.md §8); the caller checked the header against it.
+    """
 
     export: str
     image: str
     fmt: str
+    chain: PinnedImage | None = None
+
+
+def _format_node(i: int, img: ServedImage) -> str:
+    if img.chain is None or img.fmt != "qcow2":
+        return f"driver={img.fmt},node-name=vsbd{i},file=vsbf{i},read-only=on"
+    tree = format_node_args(img.fmt, f"vsbd{i}", f"vsbf{i}", writable=False, pinned=img.chain)
+    return json.dumps(tree, separators=(",", ":"))   # --blockdev takes JSON for a tree
 
 
 def daemon_args(directory: str, images: Sequence[ServedImage]) -> list[str]:
@@ -56,8 +72,7 @@ def daemon_args(directory: str, images: Sequence[ServedImage]) -> list[str]:
     for i, img in enumerate(images):
         args += ["--blockdev", (f"driver=file,node-name=vsbf{i},"
                  f"filename={qemu_opt(img.image)},read-only=on"),
-                 "--blockdev", (f"driver={img.fmt},node-name=vsbd{i},file=vsbf{i},"
-                 "read-only=on")]
+                 "--blockdev", _format_node(i, img)]
     args += ["--nbd-server",
              f"addr.type=unix,addr.path={qemu_opt(os.path.join(directory, SOCKET))}"]
     for i, img in enumerate(images):

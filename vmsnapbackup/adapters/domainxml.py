@@ -15,10 +15,9 @@ import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 from vmsnapbackup.errors import (
-    CorruptFileError,
     HypervisorError,
     NotFoundError,
     UnsupportedDiskError,
@@ -340,111 +339,3 @@ def checkpoint_xml(name: str, bitmap_targets: Sequence[str], all_targets: Sequen
         else:
             ET.SubElement(disks_el, "disk", name=target, checkpoint="no")
     return ET.tostring(root, encoding="unicode")
-
-
-# --- a new domain from a point's saved definition (restore --define, boot) -----------------
-
-#: Names we accept for a domain we define (libvirt allows more; these are safe in paths).
-DOMAIN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
-
-DiskRewrite = Callable[[ET.Element], None]
-
-
-def new_domain_xml(xml: str, name: str, disks: Mapping[str, DiskRewrite], *,
-                   network: bool = True, what: str = "<saved domain XML>"
-                   ) -> tuple[str, list[str]]:
-    """A point's saved domain XML made into a *new* domain that can run beside the original.
-
-    Returns ``(xml, dropped targets)``.  The new domain gets ``name`` and no UUID,
-    MAC addresses, NVRAM path, agent socket paths or fixed display ports (libvirt
-    makes its own, so nothing clashes with the original).  Runtime-only details of
-    a live XML (domain id, automatic aliases, dynamic labels) are removed.
-    ``disks[target]`` rewrites that disk's element in place (its new source); a
-    disk not listed is dropped, except removable and read-only ones (cdrom,
-    floppy): sharing a writable disk with the original would corrupt it.
-    ``network`` False removes the interfaces.
-    """
-    if not name or not DOMAIN_NAME_RE.fullmatch(name):
-        raise UsageError(f"not a usable domain name: {name!r}")
-    try:
-        root = ET.fromstring(xml)
-    except ET.ParseError as err:
-        raise CorruptFileError(what, f"not well-formed: {err}") from None
-    if root.tag != "domain":
-        raise CorruptFileError(what, f"root element is <{root.tag}>, not <domain>")
-    root.attrib.pop("id", None)
-    name_el = root.find("name")
-    if name_el is None:
-        name_el = ET.SubElement(root, "name")
-    name_el.text = name
-    for el in root.findall("uuid"):
-        root.remove(el)
-    for sec in root.findall("seclabel"):
-        if sec.get("type") == "dynamic":   # its labels belong to the original's process
-            root.remove(sec)
-    os_el = root.find("os")
-    if os_el is not None:
-        for el in os_el.findall("nvram"):
-            os_el.remove(el)
-    for parent in root.iter():
-        for alias in parent.findall("alias"):
-            if not (alias.get("name") or "").startswith("ua-"):
-                parent.remove(alias)
-    devices = root.find("devices")
-    if devices is None:
-        raise CorruptFileError(what, "has no <devices>")
-    dropped: list[str] = []
-    seen = set()
-    for disk_el in devices.findall("disk"):
-        target_el = disk_el.find("target")
-        target = target_el.get("dev") if target_el is not None else None
-        if target is not None and target in disks:
-            disks[target](disk_el)
-            seen.add(target)
-        elif disk_el.get("device") in ("cdrom", "floppy") or disk_el.find("readonly") is not None:
-            continue
-        else:
-            devices.remove(disk_el)
-            dropped.append(target or "?")
-    missing = sorted(set(disks) - seen)
-    if missing:
-        raise CorruptFileError(what, f"has no disk {', '.join(missing)} of the point")
-    for iface in devices.findall("interface"):
-        if not network:
-            devices.remove(iface)
-            continue
-        for tag in ("mac", "target"):
-            for el in iface.findall(tag):
-                iface.remove(el)
-    for chan in devices.findall("channel"):
-        src = chan.find("source")
-        if chan.get("type") == "unix" and src is not None and src.get("mode") == "bind":
-            src.attrib.pop("path", None)
-    for gfx in devices.findall("graphics"):
-        if gfx.get("port") not in (None, "-1") and gfx.get("autoport") != "yes":
-            gfx.set("autoport", "yes")
-            for attr in ("port", "tlsPort", "websocket"):
-                gfx.attrib.pop(attr, None)
-    return ET.tostring(root, encoding="unicode"), dropped
-
-
-def set_disk_source(disk_el: ET.Element, path: str, fmt: str,
-                    backing: ET.Element | None = None) -> None:
-    """Point a ``<disk>`` element at a file image, with an optional explicit backing store."""
-    disk_el.set("type", "file")
-    if disk_el.get("device") == "lun":
-        disk_el.set("device", "disk")
-    for tag in ("source", "backingStore", "mirror", "encryption", "auth", "shareable",
-                "transient"):
-        for el in disk_el.findall(tag):
-            disk_el.remove(el)
-    driver = disk_el.find("driver")
-    if driver is None:
-        driver = ET.Element("driver")
-        disk_el.insert(0, driver)
-    driver.set("name", "qemu")
-    driver.set("type", fmt)
-    index = list(disk_el).index(driver) + 1
-    disk_el.insert(index, ET.Element("source", {"file": path}))
-    if backing is not None:
-        disk_el.insert(index + 1, backing)

@@ -194,7 +194,7 @@ class QemuImg:
             raise
 
     # --------------------------------------------------------------------- convert
-    def convert(self, src: str, src_fmt: str, dst: str, dst_fmt: str, *,
+    def convert(self, src: str, src_fmt: str | None, dst: str, dst_fmt: str, *,
                 progress: Callable[[float], None] | None = None,
                 target_is_zero: bool = False) -> None:
         """Copy ``src`` (read through its backing chain) into the existing ``dst``.
@@ -203,9 +203,12 @@ class QemuImg:
         file for raw or :meth:`create` for qcow2): the convert writes with ``-n``
         and so never creates a file of its own.  Zero regions stay unallocated
         (``-S 4k``, qemu-img's default); ``target_is_zero`` (a fresh ``dst``) spares
-        writing them at all.  ``progress`` gets the percentage done.
+        writing them at all.  ``progress`` gets the percentage done.  ``src_fmt``
+        None: ``src`` is a ``json:`` pseudo-filename that names its driver (a point
+        volume with its backing chain pinned, :mod:`.pinnedchain`).
         """
-        args = ["convert", "-n", "-f", src_fmt, "-O", dst_fmt]
+        fmt_args = ["-f", src_fmt] if src_fmt is not None else []
+        args = ["convert", "-n", *fmt_args, "-O", dst_fmt]
         if target_is_zero:
             args.append("--target-is-zero")
         on_stdout = None

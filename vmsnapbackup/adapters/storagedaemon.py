@@ -1,42 +1,42 @@
 """The export step: serve images over NBD from a private ``qemu-storage-daemon``.
 
 The process (runtime directory, start, QMP, signals, stop, repair's leftover
-clean-up) is :mod:`~vmsnapbackup.adapters.daemonprocess`; this module is what
-runs inside it: one NBD server, and block nodes plus an NBD export per image --
+clean-up) is :mod:`~vmsnapbackup.adapters.daemonprocess`, the block nodes
+themselves :mod:`~vmsnapbackup.adapters.exportnodes`; this module is what runs
+inside the daemon: one NBD server, and block nodes plus an NBD export per image --
 the frozen image read-only, the point volume being filled writable, a point
-volume read back for a restore, a verify or a mount.
+volume read back (chain pinned) for a restore, a verify or a mount.
 
-Why each export is two block nodes (file, then format) added by QMP rather
-than on the command line: the file node gets O_DIRECT where the filesystem
-allows it (a frozen image read once from end to end must not evict the host's
-page cache), and a failure half-way can be undone node by node.  Removing an
-export waits for QEMU's ``BLOCK_EXPORT_DELETED``: only then is the image closed
-and flushed, and only then may it be committed, renamed or sealed.
+Nodes are added by QMP rather than on the command line so that O_DIRECT can
+fall back where the filesystem refuses it.  Removing an export waits for QEMU's
+``BLOCK_EXPORT_DELETED``: only then is the image closed and flushed, and only
+then may it be committed, renamed or sealed.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
-import re
 import time
-import urllib.parse
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
 from .. import errors
+from . import exportnodes as nodes
 from .daemonleftover import stop_leftover_daemon
 from .daemonprocess import NBD_SOCKET, RUNTIME_DIR_PREFIX, DaemonProcess, qemu_opt
+from .exportnodes import Export
 from .host import LOCAL, Host
+from .pinnedchain import PinnedImage, check_header
 from .processes import daemon_arguments
 from .qemuimg import QemuImg, relative_backing_path
 
 __all__ = [
     "RUNTIME_DIR_PREFIX",
     "Export",
+    "PinnedImage",
     "StorageDaemon",
     "daemon_arguments",
     "detect_format",
@@ -47,55 +47,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_EXPORT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _TLS_ID = "vsbtls"  # id of the tls-creds-x509 object of a TLS-only NBD server
-_FORMAT_RE = re.compile(r"^[a-z0-9_-]{1,32}$")
 
 
 def detect_format(path: str, host: Host = LOCAL) -> str:
     """Probe an image's format (see :meth:`QemuImg.detect_format` for why callers
     that know it -- domain XML, pool manifest -- should pass it instead)."""
     return QemuImg(host, error=errors.ExportError).detect_format(path)
-
-
-@dataclass(frozen=True)
-class Export:
-    """One NBD export served by a :class:`StorageDaemon`.
-
-    ``size`` is QEMU's virtual size of the image, which for a raw file whose
-    length is not a multiple of 512 is rounded *up* to 512 (the tail reads as
-    zeros).
-    """
-
-    name: str
-    socket_path: str | None   # None when the NBD server listens on TCP
-    image_path: str
-    fmt: str
-    writable: bool
-    size: int
-    node_name: str
-    file_node: str
-    export_id: str
-    host: str | None = None
-    port: int | None = None
-    #: the persistent dirty bitmap the export serves as ``qemu:dirty-bitmap:<name>``
-    #: (None: not asked, or refused -- ``bitmap_refused`` says why)
-    bitmap: str | None = None
-    bitmap_refused: str | None = None
-    #: the x509 directory clients must use (server served with TLS), None: plain NBD
-    tls_dir: str | None = None
-
-    @property
-    def uri(self) -> str:
-        """``nbd+unix:///NAME?socket=PATH`` (or ``nbd://HOST:PORT/NAME`` on TCP,
-        ``nbds://HOST:PORT/NAME`` with TLS), understood by qemu-img, qemu-io, nbdinfo."""
-        if self.socket_path is None:
-            host = f"[{self.host}]" if self.host and ":" in self.host else self.host
-            scheme = "nbds" if self.tls_dir is not None else "nbd"
-            return f"{scheme}://{host}:{self.port}/{self.name}"
-        sock = urllib.parse.quote(self.socket_path, safe="/")
-        return f"nbd+unix:///{self.name}?socket={sock}"
-
 
 
 class StorageDaemon(DaemonProcess):
@@ -232,17 +190,14 @@ class StorageDaemon(DaemonProcess):
         return f"vsbf{n}", f"vsbd{n}", f"vsbe{n}"
 
     def _check_name(self, name: str | None, default: str) -> str:
-        name = default if name is None else name
-        if not _EXPORT_NAME_RE.match(name):
-            raise errors.UsageError(
-                f"bad export name {name!r}: use letters, digits, '.', '_' and '-'"
-            )
+        name = nodes.check_export_name(default if name is None else name)
         if any(e.name == name for e in self._exports):
             raise errors.UsageError(f"export name {name!r} is already in use")
         return name
 
     def _add_export(self, path: str, fmt: str | None, writable: bool, name: str | None,
-                    direct: bool = False, bitmap: str | None = None) -> Export:
+                    direct: bool = False, bitmap: str | None = None,
+                    pinned: PinnedImage | None = None) -> Export:
         if self._qmp is None or self._closed:
             raise errors.ExportError("storage daemon is not running")
         path = os.path.abspath(path)
@@ -254,24 +209,19 @@ class StorageDaemon(DaemonProcess):
             raise errors.NotFoundError(f"image {path} does not exist")
         if fmt is None:
             fmt = self._qemu_img.detect_format(path)
-        if not _FORMAT_RE.match(fmt):
-            raise errors.UsageError(f"bad image format {fmt!r}")
+        nodes.check_format(fmt)
         file_node, node, export_id = self._next_ids()
         name = self._check_name(name, node)
-        driver = "host_device" if st.is_block_device else "file"
-        common: dict[str, Any] = {"read-only": not writable}
-        if writable:
-            # lets WRITE_ZEROES with MAY_TRIM leave holes (raw) or zero clusters (qcow2)
-            common["discard"] = "unmap"
-        file_node_args = {"driver": driver, "node-name": file_node, "filename": path, **common}
-        direct = self._add_node(path, file_node_args, direct,
-                                cache={"direct": True}, aio="native")
+        file_args = nodes.file_node_args(path, file_node, block_device=st.is_block_device,
+                                         writable=writable)
+        direct = self._add_node(path, file_args, direct, cache={"direct": True}, aio="native")
         try:
-            # the backing images QEMU opens below the format node (a point volume's
-            # base) inherit its cache mode: without it the base, read once end to
+            # the backing images below the format node (a point volume's base)
+            # inherit its cache mode: without it the base, read once end to
             # end, went through the page cache and cost twice the time
-            self._add_node(path, {"driver": fmt, "node-name": node, "file": file_node,
-                                  **common}, direct, cache={"direct": True})
+            fmt_args = nodes.format_node_args(fmt, node, file_node, writable=writable,
+                                              pinned=pinned, host=self.host)
+            self._add_node(path, fmt_args, direct, cache={"direct": True})
             export_args: dict[str, Any] = {"type": "nbd", "id": export_id, "node-name": node,
                                            "name": name, "writable": writable}
             refused = None
@@ -353,28 +303,14 @@ class StorageDaemon(DaemonProcess):
 
     def _bitmap_problem(self, node: str, bitmap: str) -> str | None:
         """Why ``bitmap`` of ``node`` cannot be trusted, or None when it can."""
-        for info in self._cmd("query-named-block-nodes", flat=True):
-            if info.get("node-name") != node:
-                continue
-            for bm in info.get("dirty-bitmaps") or ():
-                if bm.get("name") != bitmap:
-                    continue
-                if not bm.get("persistent", False):
-                    return "it is not persistent"
-                if bm.get("inconsistent", False):
-                    return "QEMU marks it inconsistent (its writer stopped with it in use)"
-                return None
-            return "the image has no such bitmap"
-        return f"block node {node} vanished from the storage daemon"
+        return nodes.bitmap_problem(self._cmd("query-named-block-nodes", flat=True), node, bitmap)
 
     def _virtual_size(self, node: str) -> int:
-        for info in self._cmd("query-named-block-nodes", flat=True):
-            if info.get("node-name") == node:
-                return int(info["image"]["virtual-size"])
-        raise errors.ExportError(f"block node {node} vanished from the storage daemon")
+        return nodes.virtual_size(self._cmd("query-named-block-nodes", flat=True), node)
 
     def export_image(self, path: str, fmt: str | None = None, *, name: str | None = None,
-                     direct: bool = False, bitmap: str | None = None) -> Export:
+                     direct: bool = False, bitmap: str | None = None,
+                    pinned: PinnedImage | None = None) -> Export:
         """Export an image read-only (the frozen image, a point volume, ...).
 
         ``fmt`` None probes the format with qemu-img (see :func:`detect_format`
@@ -394,6 +330,19 @@ class StorageDaemon(DaemonProcess):
         bitmap must read everything, which is slower but never wrong.
         """
         return self._add_export(path, fmt, False, name, direct, bitmap)
+
+    def export_pinned(self, image: PinnedImage, *, name: str | None = None,
+                      direct: bool = False) -> Export:
+        """Export a pool volume read-only with its backing chain pinned (docs/DESIGN.md §8).
+
+        The header of every image of the chain is checked first (a backing name,
+        backing format or data file other than ``image`` says is a
+        CorruptFileError), then the format node is opened with its ``backing``
+        given explicitly -- the pinned base, opened by us, or null -- so the name
+        in the qcow2 header is never followed.
+        """
+        check_header(image, self.host, self._qemu_img)
+        return self._add_export(image.path, image.fmt, False, name, direct, pinned=image)
 
     def open_writable(self, path: str, fmt: str | None = None, *,
                       name: str | None = None) -> Export:

@@ -75,3 +75,23 @@ def refresh_pool(name: str | None, uri: str) -> None:
             conn.close()
     except HypervisorError as exc:
         log.warning("%s", exc)
+
+
+def contained_volume(directory: Path, name: str) -> Path:
+    """The path of volume ``name`` in a storage pool's target ``directory``, refused
+    (UsageError) unless it stays inside it (docs/DESIGN.md §8).
+
+    ``name`` is built from names that come from a backup pool (the domain, the
+    disk target), which is not trusted: a name with a ``/`` or ``..``, or a volume
+    path that resolves elsewhere -- a symlink planted in the directory -- must not
+    make a restore write outside the storage pool.
+    """
+    if not name or "/" in name or "\0" in name or name in (".", "..") or name.startswith("."):
+        raise UsageError(f"volume name {name!r} would leave storage pool directory "
+                         f"{directory}: refusing it")
+    root = os.path.realpath(directory)
+    path = directory / name
+    if os.path.islink(path) or os.path.dirname(os.path.realpath(path)) != root:
+        raise UsageError(f"volume {path} resolves outside storage pool directory "
+                         f"{root} (a symlink?): refusing to write it")
+    return path

@@ -38,7 +38,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="replace existing files (never a disk of a running domain)")
     p.add_argument("--define", metavar="NAME",
                    help="define a new shut-off domain NAME from the point's saved XML, with "
-                   "the restored disks, a new UUID and new MAC addresses")
+                   "the restored disks, a new UUID and new MAC addresses; passthrough "
+                   "devices and QEMU command-line extras of the saved XML are left out")
+    p.add_argument("--trust-pool-xml", action="store_true",
+                   help="with --define: keep passthrough devices and qemu:commandline of the "
+                   "pool's saved XML (only for a pool nobody else can write)")
     add_json_option(p)
     p.set_defaults(run=run)
 
@@ -62,7 +66,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     result = restore(
         args.domain, ctx.pool, point=parse_point(args.point), disks=args.disks,
         to=args.to, fmt=args.fmt, force=args.force, define=args.define,
-        pool_volume=args.pool_volume, uri=ctx.uri,
+        pool_volume=args.pool_volume, trust_pool_xml=args.trust_pool_xml, uri=ctx.uri,
         progress=None if ctx.json else ctx.progress())
     ctx.emit(result.to_dict(), format_result(result))
     return 0

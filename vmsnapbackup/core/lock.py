@@ -27,14 +27,20 @@ from typing import Any
 
 from ..errors import LockedError, UsageError, storage_error_from_oserror
 from .atomic import FILE_MODE
+from .readerslock import ensure_readers_file, exclusive_readers_fd
 from .timefmt import utc_now
 
-__all__ = ["DomainLock", "LockHolder"]
+__all__ = ["EXCLUDES_READERS", "DomainLock", "LockHolder", "read_note"]
 
 log = logging.getLogger(__name__)
 
 #: The note is one short line; anything larger is not ours and is not worth reading.
 _MAX_NOTE = 4096
+
+#: Operations that remove points: they also take the readers lock exclusively
+#: (FORMAT.md §8, :mod:`.readerslock`), so no restore, verify, mount or boot is
+#: reading the domain while they run.
+EXCLUDES_READERS = frozenset({"prune"})
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,7 @@ class DomainLock:
         #: the note of a holder that died with the lock held, found when we took it
         self.previous_holder: LockHolder | None = None
         self._fd: int | None = None
+        self._readers_fd: int | None = None
 
     @property
     def held(self) -> bool:
@@ -147,6 +154,10 @@ class DomainLock:
                             previous.since or "?")
             self._write_note(LockHolder(os.getpid(), socket.gethostname(), self.operation,
                                         utc_now()).to_line())
+            if self.operation in EXCLUDES_READERS:
+                self._readers_fd = exclusive_readers_fd(self.path.parent, self.what)
+            else:
+                ensure_readers_file(self.path.parent)
         except BaseException:
             if self._fd is None:
                 os.close(fd)
@@ -164,6 +175,9 @@ class DomainLock:
         fd, self._fd = self._fd, None
         if fd is None:
             return
+        readers, self._readers_fd = self._readers_fd, None
+        if readers is not None:
+            os.close(readers)   # releases the readers lock
         try:
             os.ftruncate(fd, 0)
         except OSError as err:
@@ -200,3 +214,15 @@ def _read_note(fd: int) -> str:
     except OSError:
         return ""
     return data.decode("utf-8", errors="replace")
+
+
+def read_note(path: str | os.PathLike[str]) -> str:
+    """The note of the lock file at ``path`` ("" when there is none to read)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return ""
+    try:
+        return _read_note(fd)
+    finally:
+        os.close(fd)

@@ -2,8 +2,9 @@
 point, without restoring it first and without ever writing into the pool.
 
 Both rest on one fact (docs/DESIGN.md): a point volume is a qcow2 overlay whose
-backing file is its generation's base volume (relative path), so opening it
-read-only gives the whole disk as it was at the point; the first point of a
+backing file is its generation's base volume, so opening it read-only -- with
+that base pinned from the manifest, never the name in its header (docs/DESIGN.md
+§8) -- gives the whole disk as it was at the point; the first point of a
 generation *is* the base.
 
 **mount** exports that volume read-only over NBD from a private storage daemon
@@ -28,8 +29,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..adapters.hypervisor import DEFAULT_URI
 from ..adapters.storagedaemon import StorageDaemon
+from ..core.defaults import DEFAULT_URI
 from ..errors import UsageError
 from .boot import (
     BOOT_NOTE,
@@ -42,7 +43,7 @@ from .boot import (
     discard_boot,
     resume_boot,
 )
-from .pointread import PoolLike, open_pool, point_disk, point_volume
+from .pointread import PoolLike, open_pool, pinned_volume, point_disk, reading
 
 __all__ = [
     "BOOT_NOTE",
@@ -151,21 +152,31 @@ def mount_point(domain: str, pool: PoolLike, point: int, disk: str | None = None
         if len(os.fsencode(socket)) > _SUN_PATH_MAX:
             raise UsageError(f"socket path {socket} is too long for a unix socket")
     store = open_pool(pool, uri).find_domain(domain)
-    manifest = store.read_manifest(point)
-    d = point_disk(store, manifest, disk)
-    volume = point_volume(store, d)
-    address: dict[str, Any] | None = None
-    if port is not None:
-        address = {"type": "inet", "data": {"host": bind, "port": str(port)}}
-    elif socket is not None:
-        address = {"type": "unix", "data": {"path": socket}}
-    with StorageDaemon(tag=f"mount-{store.name}-{point}-{d.target}",
-                       nbd_address=address, tls_dir=tls_dir) as daemon:
-        export = daemon.export_image(str(volume), d.volume_format, name=d.target)
-        mounted = MountedPoint(uri=export.uri, socket_path=export.socket_path,
-                               export_name=export.name, size=export.size, volume=str(volume),
-                               domain=store.name, point=point, disk=d.target,
-                               host=export.host, port=export.port, tls_dir=export.tls_dir)
-        log.info("domain %s: point %d disk %s served read-only at %s", store.name, point,
-                 d.target, export.uri)
-        yield mounted
+    # the readers lock (FORMAT §8) until the daemon holds the volumes open; from then
+    # on prune's open-file check keeps this point (and its base) while it is served
+    readers = reading(store).acquire()
+    try:
+        manifest = store.read_manifest(point)
+        d = point_disk(store, manifest, disk)
+        volume = pinned_volume(store, d)
+        address: dict[str, Any] | None = None
+        if port is not None:
+            address = {"type": "inet", "data": {"host": bind, "port": str(port)}}
+        elif socket is not None:
+            address = {"type": "unix", "data": {"path": socket}}
+        with StorageDaemon(tag=f"mount-{store.name}-{point}-{d.target}",
+                           nbd_address=address, tls_dir=tls_dir) as daemon:
+            try:
+                # the backing chain pinned from the manifest, never the qcow2 header's
+                export = daemon.export_pinned(volume, name=d.target)
+            finally:
+                readers.release()
+            mounted = MountedPoint(uri=export.uri, socket_path=export.socket_path,
+                                   export_name=export.name, size=export.size, volume=volume.path,
+                                   domain=store.name, point=point, disk=d.target,
+                                   host=export.host, port=export.port, tls_dir=export.tls_dir)
+            log.info("domain %s: point %d disk %s served read-only at %s", store.name, point,
+                     d.target, export.uri)
+            yield mounted
+    finally:
+        readers.release()

@@ -53,12 +53,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..adapters import bootdaemon, domaindefine
-from ..adapters.domainxml import DOMAIN_NAME_RE, new_domain_xml, set_disk_source
 from ..adapters.host import LOCAL
-from ..adapters.hypervisor import DEFAULT_URI, Hypervisor, connect
+from ..adapters.hypervisor import Hypervisor, connect
+from ..adapters.newdomain import DOMAIN_NAME_RE, new_domain_xml, set_disk_source
+from ..adapters.pinnedchain import PinnedImage, check_header
 from ..adapters.qemuimg import QemuImg
 from ..core import defaults
 from ..core.atomic import atomic_write_json, read_optional
+from ..core.defaults import DEFAULT_URI
 from ..core.manifest import utc_now
 from ..errors import (
     CorruptFileError,
@@ -67,7 +69,7 @@ from ..errors import (
     UsageError,
     VmSnapBackupError,
 )
-from .pointread import PoolLike, open_pool, point_volume
+from .pointread import PoolLike, open_pool, pinned_volume, reading
 
 __all__ = [
     "BOOT_NOTE",
@@ -172,10 +174,29 @@ def _note_files(note: dict[str, Any]) -> list[str]:
     return [*files, bootdaemon.SOCKET, bootdaemon.PIDFILE, bootdaemon.LOGFILE]
 
 
+def _chain(d: dict[str, Any]) -> PinnedImage | None:
+    """The pinned backing chain a note records for a disk (docs/DESIGN.md §8).  A
+    note written before chains were pinned has no ``base`` key: its volume is then
+    served as its header says, with a warning."""
+    if "base" not in d:
+        log.warning("boot note predates pinned backing chains: %s is served following "
+                    "the backing file its header names", d.get("volume"))
+        return None
+    base = None if d["base"] is None else PinnedImage(str(d["base"]), str(d["base_format"]))
+    return PinnedImage(str(d["volume"]), str(d["format"]), base)
+
+
 def _served_images(note: dict[str, Any]) -> list[bootdaemon.ServedImage]:
-    return [bootdaemon.ServedImage(export=str(d["export"]), image=str(d["volume"]),
-                                   fmt=str(d["format"]))
-            for _target, d in sorted(dict(note["disks"]).items())]
+    """The images the boot's daemon serves; every pinned chain's headers are checked
+    first (a tampered pool is refused, never served)."""
+    served = []
+    for _target, d in sorted(dict(note["disks"]).items()):
+        chain = _chain(d)
+        if chain is not None:
+            check_header(chain)
+        served.append(bootdaemon.ServedImage(export=str(d["export"]), image=str(d["volume"]),
+                                             fmt=str(d["format"]), chain=chain))
+    return served
 
 
 # --- the workflows -----------------------------------------------------------------------------
@@ -221,12 +242,13 @@ def boot_point(domain: str, pool: PoolLike, point: int, name: str, *,
     """
     bdir = _boot_dir(name, overlay_dir)
     store = open_pool(pool, uri).find_domain(domain)
-    manifest = store.read_manifest(point)
-    volumes = {d.target: (d, point_volume(store, d)) for d in manifest.disks}
     sock = bdir / bootdaemon.SOCKET
     if len(os.fsencode(str(sock))) > _SUN_PATH_MAX:
         raise UsageError(f"boot directory {bdir} is too long for a unix socket path")
-    with connect(uri) as hv:
+    # readers lock until the daemon holds the volumes open (then prune sees them in use)
+    with reading(store), connect(uri) as hv:
+        manifest = store.read_manifest(point)
+        volumes = {d.target: (d, pinned_volume(store, d)) for d in manifest.disks}
         if domaindefine.find(hv, name=name) is not None:
             raise UsageError(f"a domain named {name!r} already exists on {uri}")
         owner = domaindefine.qemu_owner(hv, manifest.domain.xml)
@@ -236,9 +258,11 @@ def boot_point(domain: str, pool: PoolLike, point: int, name: str, *,
             "created": utc_now(), "uri": uri,
             "source": {"domain": store.name, "uuid": store.uuid, "point": point,
                        "pool": str(store.pool.root)},
-            "disks": {t: {"overlay": f"{t}.qcow2", "export": t, "volume": str(path),
-                          "format": d.volume_format, "virtual_size": d.virtual_size}
-                      for t, (d, path) in sorted(volumes.items())},
+            "disks": {t: {"overlay": f"{t}.qcow2", "export": t, "volume": v.path,
+                          "format": d.volume_format, "virtual_size": d.virtual_size,
+                          "base": v.backing.path if v.backing else None,
+                          "base_format": v.backing.fmt if v.backing else None}
+                      for t, (d, v) in sorted(volumes.items())},
         }
         ref = None
         boot_disks: dict[str, BootDisk] = {}

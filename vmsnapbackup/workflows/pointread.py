@@ -17,24 +17,33 @@ import contextlib
 import dataclasses
 import logging
 import os
-import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Union
 
 import numpy as np
 
 from ..adapters.nbdclient import NbdClient
+from ..adapters.pinnedchain import PinnedImage
 from ..adapters.storagedaemon import StorageDaemon
 from ..adapters.storagepool import resolve_pool
 from ..core.blockruns import block_runs
 from ..core.checktable import CheckTable, hash_blocks, read_check_table
-from ..core.difftable import DifferenceTable, apply, changed_indexes, read_difference_table
+from ..core.defaults import DEFAULT_URI
+from ..core.difftable import DifferenceTable, apply, read_difference_table
 from ..core.manifest import PointDisk, PointManifest
 from ..core.pool import DomainStore, Pool
+from ..core.readerslock import ReadersLock
 from ..errors import CorruptFileError, NotFoundError, UsageError
 from ..progress import ProgressCallback, ProgressEvent, emit
+from .blockcompare import (
+    BlockMismatch,
+    compare_sampled,
+    compare_tables,
+    sample_indexes,
+    size_mismatch,
+)
 from .diskpass import RawImageSource, run_disk_pass
 
 __all__ = [
@@ -49,9 +58,11 @@ __all__ = [
     "hash_sampled",
     "open_pool",
     "point_disk",
+    "pinned_volume",
     "point_volume",
     "read_daemon",
     "read_point_tables",
+    "reading",
     "read_table1",
     "sample_indexes",
     "select_disks",
@@ -64,10 +75,6 @@ log = logging.getLogger(__name__)
 #: A pool, a directory (``os.PathLike``, or a string with a slash) or a libvirt pool name.
 PoolLike = Union[Pool, str, "os.PathLike[str]"]
 
-DEFAULT_URI = "qemu:///system"
-
-#: Blocks named one by one in a mismatch message; the rest are counted.
-NAMED_BLOCKS = 8
 #: Largest single read while sampling (runs of sampled blocks are cut to this).
 SAMPLE_READ_SIZE = 4 << 20
 
@@ -140,6 +147,27 @@ def point_volume(store: DomainStore, d: PointDisk) -> Path:
     return path
 
 
+def reading(store: DomainStore) -> ReadersLock:
+    """The readers lock of ``store`` (FORMAT.md §8), not yet taken: a reader holds it
+    from its first manifest to its last volume, so no prune removes them meanwhile."""
+    return ReadersLock(store.path, f"domain {store.name} ({store.uuid})")
+
+
+def pinned_volume(store: DomainStore, d: PointDisk) -> PinnedImage:
+    """The point volume of disk ``d`` with its backing chain pinned from the manifest:
+    its generation's base volume (format given), or none for a generation's first
+    point.  Readers open it only so (docs/DESIGN.md §8): the backing name in a
+    qcow2 header is never followed."""
+    path = point_volume(store, d)
+    if d.is_base:
+        return PinnedImage(os.fspath(path), d.volume_format)
+    base = store.resolve(d.base)
+    if not base.is_file():
+        raise CorruptFileError(base, f"base volume of disk {d.target} is missing")
+    return PinnedImage(os.fspath(path), d.volume_format,
+                       PinnedImage(os.fspath(base), d.base_format))
+
+
 # --- tables ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -198,102 +226,6 @@ def read_point_tables(store: DomainStore, disk: PointDisk,
     return PointTables(table1, table, diff)
 
 
-# --- comparing -----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class BlockMismatch:
-    """Which blocks of an image differ from the table they must match.
-
-    ``indexes`` are ascending; ``checked`` is how many blocks were compared (all of
-    them, or a sample).  ``size_note`` is set when the image is not even the right
-    size (then no block could be compared).
-    """
-
-    block_size: int
-    total: int
-    checked: int
-    indexes: tuple[int, ...]
-    size_note: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return not self.indexes and self.size_note is None
-
-    @property
-    def count(self) -> int:
-        return len(self.indexes)
-
-    def offsets(self, limit: int = NAMED_BLOCKS) -> list[tuple[int, int]]:
-        """(block index, byte offset) of the first ``limit`` differing blocks."""
-        return [(i, i * self.block_size) for i in self.indexes[:limit]]
-
-    def describe(self, limit: int = NAMED_BLOCKS) -> str:
-        """One phrase for a person: ``2 of 1024 blocks differ: 17 (offset 1114112), 18 (...)``."""
-        if self.size_note is not None:
-            return self.size_note
-        if not self.indexes:
-            return f"all {self.checked} checked blocks match"
-        named = ", ".join(f"{i} (offset {off})" for i, off in self.offsets(limit))
-        more = f", and {self.count - limit} more" if self.count > limit else ""
-        of = f"{self.total}" if self.checked == self.total else \
-            f"{self.checked} sampled of {self.total}"
-        return f"{self.count} of {of} blocks differ: {named}{more}"
-
-    def to_dict(self, limit: int = 1000) -> dict[str, Any]:
-        return {"block_size": self.block_size, "total": self.total, "checked": self.checked,
-                "differ": self.count, "blocks": list(self.indexes[:limit]),
-                "size": self.size_note}
-
-
-def _size_mismatch(expected: CheckTable, size: int, checked: int = 0) -> BlockMismatch | None:
-    if size == expected.disk_size:
-        return None
-    return BlockMismatch(expected.block_size, expected.count, checked, (),
-                         size_note=f"image is {size} bytes, the point's disk "
-                                   f"{expected.disk_size}")
-
-
-def compare_tables(expected: CheckTable, actual: CheckTable) -> BlockMismatch:
-    """Every block of ``actual`` against ``expected`` (same block size)."""
-    if actual.block_size != expected.block_size:
-        raise UsageError("tables of different block sizes cannot be compared")
-    bad = _size_mismatch(expected, actual.disk_size, 0)
-    if bad is not None:
-        return bad
-    indexes = changed_indexes(expected, actual)
-    return BlockMismatch(expected.block_size, expected.count, expected.count,
-                         tuple(int(i) for i in indexes))
-
-
-def compare_sampled(expected: CheckTable, indexes: np.ndarray,
-                    values: np.ndarray) -> BlockMismatch:
-    """Sampled blocks: ``values[k]`` is the value read for block ``indexes[k]``."""
-    if values.shape != (len(indexes), expected.values.shape[1]):
-        raise UsageError(f"{values.shape} values for {len(indexes)} sampled blocks")
-    idx = np.asarray(indexes, dtype=np.intp)
-    rows = expected.values[idx]
-    differ = np.flatnonzero(np.any(rows != values, axis=1))
-    return BlockMismatch(expected.block_size, expected.count, int(idx.size),
-                         tuple(int(idx[k]) for k in differ))
-
-
-def sample_indexes(count: int, percent: float,
-                   rng: random.Random | None = None) -> np.ndarray:
-    """A sorted random sample of block indexes: ``percent`` of ``count``, at least one.
-
-    ``rng`` lets a caller (and the tests) make the sample reproducible.
-    """
-    if not 0 < percent <= 100:
-        raise UsageError(f"a sample is more than 0 and at most 100 percent, not {percent}")
-    if count <= 0:
-        return np.zeros(0, dtype=np.int64)
-    k = max(1, min(count, round(count * percent / 100.0)))
-    if k == count:
-        return np.arange(count, dtype=np.int64)
-    rng = rng or random.Random()
-    return np.array(sorted(rng.sample(range(count), k)), dtype=np.int64)
-
-
 # --- hashing an image through an export ----------------------------------------------------
 
 def with_phase(progress: ProgressCallback | None, phase: str) -> ProgressCallback | None:
@@ -315,8 +247,8 @@ def read_daemon(tag: str, runtime_base: str | None = None) -> Iterator[StorageDa
 
 
 @contextlib.contextmanager
-def _exported(daemon: StorageDaemon, path: Path, fmt: str) -> Iterator[NbdClient]:
-    export = daemon.export_image(os.fspath(path), fmt, direct=True)   # read once, end to end
+def _exported(daemon: StorageDaemon, image: PinnedImage) -> Iterator[NbdClient]:
+    export = daemon.export_pinned(image, direct=True)   # read once, end to end
     assert export.socket_path is not None   # the daemon's private socket
     try:
         with NbdClient.open_unix(export.socket_path, export.name) as client:
@@ -333,24 +265,26 @@ def hash_export(client: NbdClient, block_size: int, *, disk: str = "",
 
 
 def hash_image(daemon: StorageDaemon, path: Path, fmt: str, expected: CheckTable, *,
-               disk: str = "", phase: str = "verify",
+               backing: PinnedImage | None = None, disk: str = "", phase: str = "verify",
                progress: ProgressCallback | None = None) -> BlockMismatch:
     """Export ``path`` read-only, hash all of it and compare with ``expected``.
 
-    A qcow2 point volume is exported with its backing base, so what is hashed is
-    the full disk at that point.  A raw file is read directly: it holds exactly
-    what a guest would read, and the export would cost two copies per byte more.
+    A qcow2 point volume is exported with its backing pinned to ``backing`` (None:
+    it must have none; a header naming another is damage, docs/DESIGN.md §8), so
+    what is hashed is the full disk at that point and never another file.  A raw
+    file is read directly: it holds exactly what a guest would read, and the
+    export would cost two copies per byte more.
     """
     if fmt == "raw":
         with RawImageSource.open(path) as source:
-            bad = _size_mismatch(expected, source.size)
+            bad = size_mismatch(expected, source.size)
             if bad is not None:
                 return bad
             actual, _stats = run_disk_pass(source, None, expected.block_size, None, disk=disk,
                                            progress=with_phase(progress, phase))
         return compare_tables(expected, actual)
-    with _exported(daemon, path, fmt) as client:
-        bad = _size_mismatch(expected, client.size)
+    with _exported(daemon, PinnedImage(os.fspath(path), fmt, backing)) as client:
+        bad = size_mismatch(expected, client.size)
         if bad is not None:
             return bad
         actual = hash_export(client, expected.block_size, disk=disk,
@@ -359,13 +293,14 @@ def hash_image(daemon: StorageDaemon, path: Path, fmt: str, expected: CheckTable
 
 
 def hash_sampled(daemon: StorageDaemon, path: Path, fmt: str, expected: CheckTable,
-                 indexes: np.ndarray, *, disk: str = "", phase: str = "verify",
+                 indexes: np.ndarray, *, backing: PinnedImage | None = None,
+                 disk: str = "", phase: str = "verify",
                  progress: ProgressCallback | None = None) -> BlockMismatch:
     """Read only the blocks ``indexes`` (holes included: they read as zeros) and
-    compare their values with ``expected``."""
+    compare their values with ``expected`` (``backing`` as for :func:`hash_image`)."""
     bs = expected.block_size
-    with _exported(daemon, path, fmt) as client:
-        bad = _size_mismatch(expected, client.size)
+    with _exported(daemon, PinnedImage(os.fspath(path), fmt, backing)) as client:
+        bad = size_mismatch(expected, client.size)
         if bad is not None:
             return bad
         values = np.empty((len(indexes), expected.values.shape[1]), dtype=np.uint8)

@@ -28,18 +28,21 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters import storagepool
-from ..adapters.domainxml import DOMAIN_NAME_RE
 from ..adapters.host import LOCAL
-from ..adapters.hypervisor import DEFAULT_URI
+from ..adapters.newdomain import DOMAIN_NAME_RE
+from ..adapters.pinnedchain import check_header
+from ..core.defaults import DEFAULT_URI
 from ..core.manifest import PointManifest
-from ..errors import CorruptFileError, StorageError, UsageError, VerifyMismatchError
+from ..errors import StorageError, UsageError, VerifyMismatchError
 from ..progress import ProgressCallback
 from .interrupt import interruptible
 from .pointread import (
     PoolLike,
     open_pool,
+    pinned_volume,
     read_daemon,
     read_point_tables,
+    reading,
     select_disks,
     select_point,
 )
@@ -130,6 +133,7 @@ def restore(
     force: bool = False,
     define: str | None = None,
     pool_volume: str | None = None,
+    trust_pool_xml: bool = False,
     uri: str = DEFAULT_URI,
     progress: ProgressCallback | None = None,
     runtime_base: str | None = None,
@@ -141,6 +145,8 @@ def restore(
     Every image is checked against table N before it gets its final name; a
     mismatch raises VerifyMismatchError after every disk was tried (the failing
     ones stay as ``<name>.unverified``), and ``define`` is then not done.
+    ``define`` leaves out of the pool's saved XML what reaches into the host
+    (passthrough, ``qemu:commandline``; docs/DESIGN.md §8) unless ``trust_pool_xml``.
     """
     started = time.monotonic()
     if fmt not in RESTORE_FORMATS:
@@ -151,71 +157,74 @@ def restore(
     if define is not None and not DOMAIN_NAME_RE.fullmatch(define):
         raise UsageError(f"not a usable domain name: {define!r}")
     store = open_pool(pool, uri).find_domain(domain)
-    manifest = select_point(store, point)
-    skipped: tuple[int, ...] = ()
-    if point is None:
-        skipped = tuple(p.number for p in store.damaged_points() if p.number > manifest.point)
-        if skipped:
-            log.warning("domain %s: WARNING: newer point(s) %s are damaged and were skipped; "
-                        "restoring the older point %d (run verify)", store.name,
-                        ", ".join(map(str, skipped)), manifest.point)
-    chosen = select_disks(manifest, disks)
+    # no prune removes what this restore reads, from the manifest to the last volume
+    with reading(store):
+        manifest = select_point(store, point)
+        skipped: tuple[int, ...] = ()
+        if point is None:
+            skipped = tuple(p.number for p in store.damaged_points() if p.number > manifest.point)
+            if skipped:
+                log.warning("domain %s: WARNING: newer point(s) %s are damaged and were skipped; "
+                            "restoring the older point %d (run verify)", store.name,
+                            ", ".join(map(str, skipped)), manifest.point)
+        chosen = select_disks(manifest, disks)
 
-    lv = LazyHypervisor(uri)
-    try:
-        storage_pool = None
-        if pool_volume is not None:
-            directory, storage_pool = storagepool.resolve_pool(pool_volume, uri)
-            prefix: str | None = define or manifest.domain.name
-        else:
-            assert to is not None
-            directory = Path(os.path.abspath(os.fspath(to)))
-            prefix = None
-        if directory.exists() and not directory.is_dir():
-            raise UsageError(f"{directory} is not a directory")
+        lv = LazyHypervisor(uri)
+        try:
+            storage_pool = None
+            if pool_volume is not None:
+                directory, storage_pool = storagepool.resolve_pool(pool_volume, uri)
+                prefix: str | None = define or manifest.domain.name
+            else:
+                assert to is not None
+                directory = Path(os.path.abspath(os.fspath(to)))
+                prefix = None
+            if directory.exists() and not directory.is_dir():
+                raise UsageError(f"{directory} is not a directory")
 
-        plans = []
-        for d in chosen:
-            tables = read_point_tables(store, d)  # damaged tables: refuse before writing
-            for rel, what in ((d.volume, "point volume"), (d.base, "base volume")):
-                if not store.resolve(rel).is_file():
-                    raise CorruptFileError(store.resolve(rel), f"{what} is missing")
-            plans.append(DiskPlan(d, tables, store.resolve(d.volume),
-                                  directory / image_name(d.target, fmt, prefix)))
-        check_targets({p.disk.target: p.final for p in plans}, force, lv)
-        if define is not None and lv.domain_exists(define):
-            raise UsageError(f"domain '{define}' already exists; choose another name")
+            plans = []
+            for d in chosen:
+                tables = read_point_tables(store, d)  # damaged tables: refuse before writing
+                volume = pinned_volume(store, d)   # missing volumes: refuse before writing
+                check_header(volume)   # so is a header naming another backing file
+                name = image_name(d.target, fmt, prefix)
+                final = storagepool.contained_volume(directory, name) if pool_volume \
+                    else directory / name
+                plans.append(DiskPlan(d, tables, volume, final))
+            check_targets({p.disk.target: p.final for p in plans}, force, lv)
+            if define is not None and lv.domain_exists(define):
+                raise UsageError(f"domain '{define}' already exists; choose another name")
 
-        if not directory.exists():
-            try:
-                LOCAL.mkdir(os.fspath(directory), 0o755, parents=True)
-            except OSError as err:
-                raise StorageError(f"cannot create {directory}: {err.strerror}") from err
+            if not directory.exists():
+                try:
+                    LOCAL.mkdir(os.fspath(directory), 0o755, parents=True)
+                except OSError as err:
+                    raise StorageError(f"cannot create {directory}: {err.strerror}") from err
 
-        restored = []
-        # a signal unwinds through restore_disk, which removes its temp file
-        with interruptible("restore"), \
-                read_daemon(f"restore-{store.name}", runtime_base) as daemon:
-            for plan in plans:
-                restored.append(restore_disk(plan, fmt, daemon, progress))
-        if storage_pool is not None:
-            storagepool.refresh_pool(storage_pool, uri)
+            restored = []
+            # a signal unwinds through restore_disk, which removes its temp file
+            with interruptible("restore"), \
+                    read_daemon(f"restore-{store.name}", runtime_base) as daemon:
+                for plan in plans:
+                    restored.append(restore_disk(plan, fmt, daemon, progress))
+            if storage_pool is not None:
+                storagepool.refresh_pool(storage_pool, uri)
 
-        result = RestoreResult(
-            domain=manifest.domain.name, uuid=manifest.domain.uuid, point=manifest.point,
-            generation=manifest.generation, snapshot_at=manifest.snapshot_at,
-            directory=os.fspath(directory), format=fmt, disks=tuple(restored),
-            seconds=time.monotonic() - started, storage_pool=storage_pool,
-            skipped_damaged=skipped)
-        if not result.ok:
-            raise _mismatch_error(result)
-        if define is not None:
-            result = _define(result, manifest, define, lv)
-        log.info("restored point %d of %s into %s in %.2f s", manifest.point,
-                 manifest.domain.name, directory, result.seconds)
-        return result
-    finally:
-        lv.close()
+            result = RestoreResult(
+                domain=manifest.domain.name, uuid=manifest.domain.uuid, point=manifest.point,
+                generation=manifest.generation, snapshot_at=manifest.snapshot_at,
+                directory=os.fspath(directory), format=fmt, disks=tuple(restored),
+                seconds=time.monotonic() - started, storage_pool=storage_pool,
+                skipped_damaged=skipped)
+            if not result.ok:
+                raise _mismatch_error(result)
+            if define is not None:
+                result = _define(result, manifest, define, lv, trust_pool_xml)
+            log.info("restored point %d of %s into %s in %.2f s", manifest.point,
+                     manifest.domain.name, directory, result.seconds)
+            return result
+        finally:
+            lv.close()
 
 
 def _mismatch_error(result: RestoreResult) -> VerifyMismatchError:
@@ -229,9 +238,9 @@ def _mismatch_error(result: RestoreResult) -> VerifyMismatchError:
 
 
 def _define(result: RestoreResult, manifest: PointManifest, name: str,
-            lv: LazyHypervisor) -> RestoreResult:
+            lv: LazyHypervisor, trust: bool) -> RestoreResult:
     images = {d.target: (d.path, d.format) for d in result.disks}
-    xml, dropped = rewrite_domain_xml(manifest.domain.xml, name, images)
+    xml, dropped = rewrite_domain_xml(manifest.domain.xml, name, images, trust=trust)
     for target in dropped:
         log.warning("domain %s: disk %s was not restored and is left out of the new "
                     "domain", name, target)

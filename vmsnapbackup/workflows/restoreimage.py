@@ -39,6 +39,7 @@ from typing import Any
 
 from ..adapters.host import LOCAL
 from ..adapters.nbdclient import NbdClient
+from ..adapters.pinnedchain import PinnedImage, check_header, json_filename
 from ..adapters.qemuimg import QemuImg
 from ..adapters.storagedaemon import StorageDaemon
 from ..core.atomic import durable_rename, fsync_dir, fsync_path
@@ -96,11 +97,12 @@ class RestoredDisk:
 
 @dataclass
 class DiskPlan:
-    """One disk to restore: its manifest entry, table N, its point volume, its name."""
+    """One disk to restore: its manifest entry, table N, its point volume (backing
+    chain pinned from the manifest, docs/DESIGN.md §8), its name."""
 
     disk: PointDisk
     tables: PointTables
-    volume: Path
+    volume: PinnedImage
     final: Path
 
 
@@ -167,7 +169,7 @@ def _copy_checked(plan: DiskPlan, daemon: StorageDaemon, tmp: Path, timing: _Tim
     d = plan.disk
     expected = plan.tables.table
     t0 = time.monotonic()
-    export = daemon.export_image(os.fspath(plan.volume), d.volume_format, direct=True)
+    export = daemon.export_pinned(plan.volume, direct=True)
     assert export.socket_path is not None   # the daemon's private socket
     try:
         with NbdClient.open_unix(export.socket_path, export.name) as client, \
@@ -199,7 +201,9 @@ def _convert(plan: DiskPlan, fmt: str, out: Path, progress: ProgressCallback | N
     def percent(pct: float) -> None:
         emit(progress, ProgressEvent(d.target, "restore", int(size * pct / 100), size))
 
-    img.convert(os.fspath(plan.volume), d.volume_format, os.fspath(out), fmt,
+    # the header is checked, then the chain is given to qemu-img explicitly (json:)
+    check_header(plan.volume, LOCAL, img)
+    img.convert(json_filename(plan.volume), None, os.fspath(out), fmt,
                 target_is_zero=True, progress=percent if progress is not None else None)
     emit(progress, ProgressEvent(d.target, "restore", size, size, finished=True))
 

@@ -20,8 +20,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from ..adapters import domaindefine
-from ..adapters.domainxml import new_domain_xml, parse_disks, set_disk_source
+from ..adapters.domainxml import parse_disks
 from ..adapters.hypervisor import Hypervisor, connect
+from ..adapters.newdomain import new_domain_xml, set_disk_source
 from ..core import defaults
 from ..errors import HypervisorError, UsageError, VmSnapBackupError
 
@@ -91,16 +92,17 @@ def users_of(path: Path, used: Mapping[str, list[str]]) -> list[str]:
     return sorted(set(names))
 
 
-def rewrite_domain_xml(xml: str, name: str,
-                       disks: Mapping[str, tuple[str, str]]) -> tuple[str, list[str]]:
+def rewrite_domain_xml(xml: str, name: str, disks: Mapping[str, tuple[str, str]], *,
+                       trust: bool = False) -> tuple[str, list[str]]:
     """The saved domain XML made into a new domain on the restored images.
 
     ``disks`` maps a target to ``(image path, format)``; returns ``(xml, dropped
-    targets)``.  What else changes, and why, is :func:`new_domain_xml`'s to say.
+    targets)``.  What else changes, and why -- passthrough and QEMU extras left
+    out unless ``trust`` -- is :func:`new_domain_xml`'s to say.
     """
     return new_domain_xml(xml, name, {
         t: functools.partial(set_disk_source, path=path, fmt=fmt)
-        for t, (path, fmt) in disks.items()})
+        for t, (path, fmt) in disks.items()}, trust=trust)
 
 
 class LazyHypervisor:
