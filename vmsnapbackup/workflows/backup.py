@@ -28,23 +28,13 @@ from ..adapters.hypervisor import Hypervisor, connect
 from ..adapters.storagedaemon import StorageDaemon
 from ..adapters.storagepool import refresh_pool, resolve_pool
 from ..core import inflight
-from ..core.atomic import durable_rename
-from ..core.checktable import write_check_table
-from ..core.difftable import compare, write_difference_table
+from ..core.defaults import DEFAULT_URI
+from ..core.difftable import compare
 from ..core.journal import JournalDaemon, JournalDisk, JournalEntry
-from ..core.manifest import (
-    BlockCounts,
-    DomainInfo,
-    GenerationDisk,
-    GenerationRecord,
-    PointDisk,
-    PointManifest,
-    digest_hex,
-    utc_now,
-)
+from ..core.manifest import GenerationRecord, utc_now
 from ..core.pool import DomainStore, Pool
 from ..core.retention import Policy
-from ..core.tablefile import DEFAULT_BLOCK_SIZE, file_checksum, validate_block_size
+from ..core.tablefile import DEFAULT_BLOCK_SIZE, validate_block_size
 from ..errors import (
     HypervisorError,
     RepairNeededError,
@@ -52,6 +42,7 @@ from ..errors import (
     UsageError,
 )
 from ..progress import ProgressCallback
+from .backupseal import BackupSeal
 from .backupundo import BackupUndo
 from .backupvolumes import BackupVolumes
 from .backupwork import BackupResult, DiskResult, DiskWork
@@ -75,7 +66,7 @@ def backup(
     domain: str,
     pool: str | os.PathLike[str],
     *,
-    uri: str = "qemu:///system",
+    uri: str = DEFAULT_URI,
     disks: Sequence[str] | None = None,
     quiesce: bool | None = None,
     new_generation: bool = False,
@@ -139,7 +130,7 @@ def backup(
     return result
 
 
-class _BackupRun(BackupVolumes, BackupUndo):
+class _BackupRun(BackupVolumes, BackupSeal, BackupUndo):
     """One backup of one domain, with the lock held.  Keeps what it created so it can undo it."""
 
     def __init__(self, hv: Hypervisor, dom: Domain, store: DomainStore, name: str, uuid: str,
@@ -316,84 +307,6 @@ class _BackupRun(BackupVolumes, BackupUndo):
         self.overlay_seconds = time.monotonic() - self.snapshot_mono
         log.info("domain %s: back on its original images after %.2f s on overlays",
                  self.name, self.overlay_seconds)
-
-    def _seal(self) -> None:
-        """Step 6: volumes, then tables, then the manifest (FORMAT §10 steps 3 to 5)."""
-        self.journal.update(step="seal")
-        g = self.generation
-        disks: list[PointDisk] = []
-        for w in self.work:
-            assert w.volume_partial and w.volume_final and w.table and w.stats
-            durable_rename(w.volume_partial, w.volume_final)
-            self.created.append(w.volume_final)
-        gen_disks: dict[str, GenerationDisk] = {}
-        for w in self.work:
-            target = w.disk.target
-            assert w.table is not None and w.stats is not None and w.volume_final
-            body_digest = digest_hex(w.table.body_digest())
-            if self.new_gen:
-                table_path = self.store.table_path(g, target, self.point)
-                self.journal.add_files([self.store.relpath(table_path)])
-                checksum = write_check_table(table_path, w.table)
-                self.created.append(table_path)
-                gen_disks[target] = GenerationDisk(
-                    virtual_size=w.size, base_format=self.base_format,
-                    base=w.volume_final.name, table=table_path.name, table_digest=body_digest)
-                table1_digest, diff_rel, diff_digest = digest_hex(checksum), None, None
-                base_path, base_fmt = w.volume_final, self.base_format
-            else:
-                assert self.gen_record is not None
-                gdisk = self.gen_record.disks[target]
-                table_path = self.store.disk_dir(g, target) / gdisk.table
-                assert w.difference is not None   # step 4
-                diff_path = self.store.difference_path(g, target, self.point)
-                self.journal.add_files([self.store.relpath(diff_path)])
-                diff_checksum = write_difference_table(diff_path, w.difference)
-                self.created.append(diff_path)
-                table1_digest = digest_hex(file_checksum(table_path))
-                diff_rel, diff_digest = self.store.relpath(diff_path), digest_hex(diff_checksum)
-                base_path = self.store.disk_dir(g, target) / gdisk.base
-                base_fmt = gdisk.base_format
-            s = w.stats
-            disks.append(PointDisk(
-                target=target, source=w.disk.source or "", format=w.disk.format or "raw",
-                virtual_size=w.size, block_size=self.block_size,
-                volume=self.store.relpath(w.volume_final),
-                volume_format=self.base_format if self.new_gen else "qcow2",
-                base=self.store.relpath(base_path), base_format=base_fmt,
-                table=self.store.relpath(table_path), table1_digest=table1_digest,
-                difference=diff_rel, difference_digest=diff_digest, table_digest=body_digest,
-                blocks=BlockCounts(total=s.total, read=s.read, holes=s.holes,
-                                   changed=s.changed, zero=s.zero, unchanged=s.unchanged),
-                bytes_written=s.bytes_written,
-                seconds={"read": round(s.seconds, 3), "commit": round(w.commit_seconds, 3)},
-                dirty_bitmap=w.dirty_bitmap))
-        if self.new_gen:
-            self.store.write_generation(GenerationRecord(
-                generation=g, first_point=self.point, created=self.started,
-                block_size=self.block_size, disks=gen_disks, checkpoint=self.bitmaps.checkpoint))
-        manifest = PointManifest(
-            point=self.point, generation=g,
-            domain=DomainInfo(name=self.name, uuid=self.uuid, xml=self.domain_xml),
-            started=self.started, snapshot_at=self.snapshot_at, finished=utc_now(),
-            consistency=self.consistency, disks=tuple(disks),
-            # a bitmap that failed a check is deleted after the seal; should that fail,
-            # no run recorded means the next point proves it by a full read again
-            qemu_run=None if self.bitmaps.distrusted else self.qemu_run)
-        self.journal.add_files([self.store.relpath(self.store.manifest_path(self.point))])
-        self.store.write_manifest(manifest)
-        self.sealed = True
-        log.info("domain %s: point %d sealed (generation %d)", self.name, self.point, g)
-
-    def _result(self) -> BackupResult:
-        return BackupResult(
-            domain=self.name, uuid=self.uuid, point=self.point, generation=self.generation,
-            new_generation=self.new_gen, consistency=self.consistency,
-            pool=str(self.pool_dir),
-            disks=[w.result(self.store.relpath(w.volume_final) if w.volume_final else "")
-                   for w in self.work],
-            seconds={"on_overlay": round(self.overlay_seconds, 3),
-                     "commit": round(sum(w.commit_seconds for w in self.work), 3)})
 
     # -- the generation ----------------------------------------------------------
 
