@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
+    "BLOCK_OVERLAY_ROOT",
     "DEFAULT_POOL",
     "DEFAULT_THRESHOLD",
     "DEFAULT_URI",
@@ -32,3 +33,8 @@ DEFAULT_THRESHOLD = 0.5
 
 #: Check table block size of a new generation (bytes).
 DEFAULT_BLOCK_SIZE = 64 * 1024
+
+#: Where the snapshot overlays of a running domain's block-device disks go when no
+#: ``--overlay-dir`` is given (a device has no directory beside it): one directory per
+#: domain UUID below libvirt's own images directory, which QEMU can reach.
+BLOCK_OVERLAY_ROOT = "/var/lib/libvirt/images/vmsnapbackup-overlays"

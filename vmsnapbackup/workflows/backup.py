@@ -22,7 +22,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..adapters.checkpoints import checkpoints_wanted
 from ..adapters.domain import Domain
+from ..adapters.domainjobs import busy_with
 from ..adapters.domainxml import Disk, overlay_path
 from ..adapters.hypervisor import Hypervisor, connect
 from ..adapters.storagedaemon import StorageDaemon
@@ -43,6 +45,7 @@ from ..errors import (
 )
 from ..progress import ProgressCallback
 from .backupseal import BackupSeal
+from .backupstart import announce_new_pool, apply_exclude, overlay_dirs, refuse_live_backup
 from .backupundo import BackupUndo
 from .backupvolumes import BackupVolumes
 from .backupwork import BackupResult, DiskResult, DiskWork
@@ -68,6 +71,7 @@ def backup(
     *,
     uri: str = DEFAULT_URI,
     disks: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
     quiesce: bool | None = None,
     new_generation: bool = False,
     threshold: float | None = None,
@@ -75,7 +79,7 @@ def backup(
     base_format: str = "qcow2",
     overlay_dir: str | None = None,
     progress: ProgressCallback | None = None,
-    dirty_bitmaps: bool = True,
+    dirty_bitmaps: bool | None = None,
     retention: Policy | None = None,
 ) -> BackupResult:
     """Back up ``domain`` (name, UUID or id) into ``pool`` (a path or a libvirt pool name).
@@ -87,7 +91,13 @@ def backup(
     ``dirty_bitmaps`` lets a running domain's new generation start with a
     libvirt checkpoint, whose bitmap later points use to skip reading what
     was not written (see :mod:`.dirtymap` for when it is trusted).  False
-    creates no checkpoint and reads every data block.
+    creates no checkpoint, reads every data block and deletes the checkpoints
+    vmsnapbackup left on the domain, so that other users of libvirt's backup
+    API (virtnbdbackup) find none of ours; None follows the domain's own
+    setting (``vmsnapbackup checkpoints off DOMAIN``), on by default.
+
+    ``exclude`` leaves those disk targets out (a target the domain lacks is an
+    error); ``disks`` None means every disk that can be backed up.
 
     ``threshold`` None lets :mod:`..core.genpolicy` decide when a new generation
     pays (from the stored sizes, weighing the base by ``retention``, the policy
@@ -106,21 +116,30 @@ def backup(
         dom = hv.find_domain(domain)
         name, uuid = hv.domain_name(dom), hv.domain_uuid(dom)
         selected, skipped = hv.backup_disks(dom, disks)
+        selected, skipped = apply_exclude(name, [d.target for d in hv.disks(dom)], selected,
+                                          skipped, exclude)
         for s in skipped:
             log.info("domain %s: not backing up %s: %s", name, s.disk.target, s.reason)
         if not selected:
             reasons = "; ".join(f"{s.disk.target}: {s.reason}" for s in skipped) or "no disks"
             raise UnsupportedDiskError(f"domain {name} has no disk that can be backed up "
                                        f"({reasons})")
+        # all that can refuse before the pool is made or a point number is burnt
+        refuse_live_backup(uuid, name)
+        places = overlay_dirs(name, uuid, selected, overlay_dir, hv.is_active(dom))
+        if dirty_bitmaps is None:
+            dirty_bitmaps = checkpoints_wanted(dom)
         # only now, with a domain worth backing up: a typo must not leave a new pool behind
+        announce_new_pool(pool_dir)
         store = Pool.open(pool_dir, create=True).domain(uuid, name, create=True)
         with store.lock("backup"):
+            refuse_live_backup(uuid, name)   # again: it may have started meanwhile
             repair_before_backup(store, hv, dom, name, pool_dir)
             store.set_name(name)
             run = _BackupRun(hv, dom, store, name, uuid, selected, pool_dir,
                              quiesce=quiesce, new_generation=new_generation,
                              threshold=threshold, block_size=block_size,
-                             base_format=base_format, overlay_dir=overlay_dir,
+                             base_format=base_format, overlay_dirs=places,
                              progress=progress, dirty_bitmaps=dirty_bitmaps,
                              retention=retention)
             result = run.execute()
@@ -136,7 +155,7 @@ class _BackupRun(BackupVolumes, BackupSeal, BackupUndo):
     def __init__(self, hv: Hypervisor, dom: Domain, store: DomainStore, name: str, uuid: str,
                  disks: list[Disk], pool_dir: Path, *, quiesce: bool | None,
                  new_generation: bool, threshold: float | None, block_size: int,
-                 base_format: str, overlay_dir: str | None,
+                 base_format: str, overlay_dirs: dict[str, str | None],
                  progress: ProgressCallback | None, dirty_bitmaps: bool = True,
                  retention: Policy | None = None) -> None:
         self.hv, self.dom, self.store = hv, dom, store
@@ -144,7 +163,7 @@ class _BackupRun(BackupVolumes, BackupSeal, BackupUndo):
         self.work = [DiskWork(d) for d in disks]
         self.quiesce, self.force_new = quiesce, new_generation
         self.threshold, self.block_size, self.base_format = threshold, block_size, base_format
-        self.overlay_dir, self.progress = overlay_dir, progress
+        self.overlay_dirs, self.progress = overlay_dirs, progress
         self.retention = retention
         self.journal = store.journal
         self.active = False
@@ -209,6 +228,7 @@ class _BackupRun(BackupVolumes, BackupSeal, BackupUndo):
     def _run(self) -> None:
         """The recipe: the method's steps in order, each a method named after it."""
         self.current = read_current(self.store)
+        self.bitmaps.clear_when_off(self.dom)
         bitmap: str | None = None
         if self.active:
             bitmap = self._snapshot()
@@ -232,10 +252,12 @@ class _BackupRun(BackupVolumes, BackupSeal, BackupUndo):
 
         Returns the generation's dirty bitmap to export with the frozen images, if usable.
         """
+        self._say_what_we_wait_for()
         qcow2 = [w.disk.target for w in self.work if (w.disk.format or "") == "qcow2"]
         self.bitmaps.start_generation(self.dom, self._new_generation_reason(sizes=None), qcow2)
         snap_id = f"p{self.point}-{secrets.token_hex(3)}"
-        overlays = {w.disk.target: overlay_path(w.disk, snap_id, self.overlay_dir)
+        overlays = {w.disk.target: overlay_path(w.disk, snap_id,
+                                                self.overlay_dirs.get(w.disk.target))
                     for w in self.work}
         self.journal.update(step="snapshot", disks={
             w.disk.target: JournalDisk(source=w.disk.source or "",
@@ -257,6 +279,17 @@ class _BackupRun(BackupVolumes, BackupSeal, BackupUndo):
             w.image, w.image_format = frozen.path, frozen.format or w.disk.format or "raw"
         log.info("domain %s: %s snapshot in %.3f s", self.name, self.consistency, snap.seconds)
         return self.bitmaps.usable_bitmap(self.dom, self.current, self.qemu_run)
+
+    def _say_what_we_wait_for(self) -> None:
+        """Another tool's job makes our checkpoint and snapshot wait: say so at once."""
+        try:
+            busy = busy_with(self.dom, [w.disk.target for w in self.work])
+        except HypervisorError as exc:
+            log.debug("domain %s: cannot ask for its jobs: %s", self.name, exc)
+            return
+        if busy:
+            log.warning("domain %s: waiting for %s to finish before the snapshot (libvirt "
+                        "gives up after about 30 s)", self.name, "; ".join(busy))
 
     def _read_shut_off(self) -> None:
         """A shut-off domain needs no snapshot: its images are read as they are."""
