@@ -65,6 +65,9 @@ def overlay_dirs(name: str, uuid: str, disks: Sequence[Disk], overlay_dir: str |
     A shut-off domain is read directly and needs no overlay at all.
     """
     if overlay_dir is not None:
+        info = LOCAL.stat(overlay_dir) if running else None
+        if running and (info is None or not info.is_dir):
+            raise UsageError(f"--overlay-dir {overlay_dir}: no such directory")
         return {d.target: overlay_dir for d in disks}
     out: dict[str, str | None] = {d.target: None for d in disks}
     devices = [d.target for d in disks if d.type != "file"]
