@@ -14,6 +14,7 @@ import pytest
 from domains import DiskSpec, DomainFactory
 
 from vmsnapbackup.cli import main
+from vmsnapbackup.core.defaults import DEFAULT_URI
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +30,7 @@ def _checkpoints(td) -> list[str]:  # type: ignore[no-untyped-def]
 
 def _virtnbdbackup(td, level: str, out: Path) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
     assert VIRTNBDBACKUP is not None
-    return subprocess.run([VIRTNBDBACKUP, "-U", "qemu:///system", "-d", td.name, "-l", level,
+    return subprocess.run([VIRTNBDBACKUP, "-U", DEFAULT_URI, "-d", td.name, "-l", level,
                            "-o", str(out)], capture_output=True, text=True, timeout=300,
                           check=False)
 
