@@ -68,7 +68,7 @@ def test_second_backup_of_a_domain_being_backed_up_is_busy(
     finally:
         if stopped:
             os.kill(first.pid, signal.SIGCONT)
-        out, errs = first.communicate(timeout=300)
+        _, errs = first.communicate(timeout=300)
     assert first.returncode == 0, errs
     assert not _on_our_overlay(td)
 
