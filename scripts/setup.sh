@@ -18,7 +18,8 @@ VSB_LIBVIRT_URI="qemu:///system"
 VSB_APT_PACKAGES=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-dev pkg-config openssl
                   python3-venv python3-dev gcc fuse3 libfuse3-dev
                   linux-image-cloud-amd64 busybox-static cpio
-                  openssh-server)  # integration/sshd.py: a private sshd as the remote hypervisor
+                  openssh-server   # integration/sshd.py: a private sshd as the remote hypervisor
+                  virtnbdbackup)   # integration/test_tour_coexist.py: the other backup tool beside us
 VSB_LIBVIRTD_DEADLINE=60   # seconds to wait for libvirtd to answer
 
 vsb_log() { printf '[setup] %s\n' "$*" >&2; }

@@ -8,6 +8,7 @@ Whether to make, trust or delete one is the workflow's policy
 from __future__ import annotations
 
 import logging
+import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 
 import libvirt
@@ -18,9 +19,21 @@ from vmsnapbackup.adapters.host import LOCAL, Host
 from vmsnapbackup.adapters.libvirterrors import message, translated
 from vmsnapbackup.errors import HypervisorError
 
-__all__ = ["checkpoint_names", "create_checkpoint", "delete_checkpoint", "qemu_run"]
+__all__ = [
+    "checkpoint_names",
+    "checkpoints_wanted",
+    "create_checkpoint",
+    "delete_checkpoint",
+    "qemu_run",
+    "set_checkpoints_wanted",
+]
 
 log = logging.getLogger(__name__)
+
+#: Our element in the domain's ``<metadata>``: the per-domain settings that belong to
+#: the domain rather than to one pool (several pools may back up the same domain).
+METADATA_URI = "urn:vmsnapbackup:domain:1"
+METADATA_KEY = "vmsnapbackup"
 
 
 def qemu_run(dom: Domain, host: Host = LOCAL) -> str | None:
@@ -85,3 +98,45 @@ def delete_checkpoint(dom: Domain, name: str) -> bool:
     log.info("domain '%s': deleted checkpoint %s%s", dom.name, name,
              "" if not flags else " (metadata only: the domain is shut off)")
     return True
+
+
+def _metadata_flags(dom: Domain, write: bool) -> int:
+    """The persistent definition where there is one (and, on write, the running one too)."""
+    persistent = dom.is_persistent()
+    flags: int = (libvirt.VIR_DOMAIN_AFFECT_CONFIG if persistent
+                  else libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    if write and persistent and dom.is_active():
+        flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+    return flags
+
+
+def checkpoints_wanted(dom: Domain) -> bool:
+    """The domain's setting: may vmsnapbackup leave libvirt checkpoints on it? (default yes)
+
+    Off for a domain another libvirt-backup-API user (virtnbdbackup) also backs up:
+    such tools refuse to run beside a checkpoint they did not make.
+    """
+    try:
+        text = dom.virdomain.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_URI,
+                                      _metadata_flags(dom, write=False))
+    except libvirt.libvirtError as err:
+        if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+            return True
+        raise HypervisorError(f"settings of domain '{dom.name}': {message(err)}") from err
+    try:
+        value = ET.fromstring(text).get("checkpoints", "yes")
+    except ET.ParseError:
+        log.warning("domain '%s': unreadable vmsnapbackup metadata %r: checkpoints stay on",
+                    dom.name, text)
+        return True
+    return value != "no"
+
+
+def set_checkpoints_wanted(dom: Domain, wanted: bool) -> None:
+    """Record the setting in the domain's own definition (``virsh dumpxml`` shows it)."""
+    xml = f"<settings checkpoints='{'yes' if wanted else 'no'}'/>"
+    with translated(f"settings of domain '{dom.name}'"):
+        dom.virdomain.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, METADATA_KEY,
+                                  METADATA_URI, _metadata_flags(dom, write=True))
+    log.info("domain '%s': vmsnapbackup checkpoints %s", dom.name,
+             "allowed" if wanted else "off (every backup reads every data block)")

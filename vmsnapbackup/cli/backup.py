@@ -21,6 +21,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("domain", metavar="DOMAIN", help="domain name, UUID or id")
     p.add_argument("--disk", action="append", metavar="TARGET", dest="disks",
                    help="back up only this disk (repeatable; default: every disk we can)")
+    p.add_argument("--exclude", action="append", metavar="TARGET", default=[],
+                   help="leave this disk out (repeatable; a target like vdb)")
     q = p.add_mutually_exclusive_group()
     q.add_argument("--quiesce", dest="quiesce", action="store_true", default=None,
                    help="require the guest agent to freeze filesystems (fail without it)")
@@ -43,9 +45,14 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help="format of a new base volume (default qcow2)")
     p.add_argument("--overlay-dir", metavar="DIR",
                    help="put the snapshot overlays here instead of beside each image")
-    p.add_argument("--no-dirty-bitmaps", dest="dirty_bitmaps", action="store_false",
-                   help="neither create a libvirt checkpoint for a new generation nor use one: "
-                   "read every data block")
+    b = p.add_mutually_exclusive_group()
+    b.add_argument("--dirty-bitmaps", dest="dirty_bitmaps", action="store_true", default=None,
+                   help="use libvirt checkpoints even if 'checkpoints off' was set for the "
+                   "domain")
+    b.add_argument("--no-dirty-bitmaps", dest="dirty_bitmaps", action="store_false",
+                   help="neither create a libvirt checkpoint nor use one, and delete ours from "
+                   "the domain (for virtnbdbackup beside us): read every data block "
+                   "(default: the domain's 'vmsnapbackup checkpoints on|off' setting, on)")
     add_json_option(p)
     p.set_defaults(run=run)
 
@@ -79,7 +86,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     retention = None if all(c is None for c in counts) else Policy(*counts)
 
     result = backup(
-        args.domain, ctx.pool, uri=ctx.uri, disks=args.disks, quiesce=args.quiesce,
+        args.domain, ctx.pool, uri=ctx.uri, disks=args.disks, exclude=args.exclude,
+        quiesce=args.quiesce,
         new_generation=args.new_generation, threshold=args.threshold,
         block_size=args.block_size, base_format=args.base_format,
         overlay_dir=args.overlay_dir, progress=ctx.progress(),
@@ -99,6 +107,8 @@ def _text(r: "BackupResult") -> str:
         lines.append(f"  {d.target}: {b.get('read', 0)} of {b.get('total', 0)} blocks read"
                      f"{skipped}, {b.get('changed', 0)} stored ({b.get('zero', 0)} zero), "
                      f"{size_text(d.bytes_written)} written")
+        if d.full_read:
+            lines.append(f"    ({d.full_read})")
     for target, reason in r.skipped:
         lines.append(f"  {target}: skipped ({reason})")
     return "\n".join(lines)

@@ -28,7 +28,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     points = list_points(ctx.pool, uri=ctx.uri, domain=args.domain)
     pending = pending_repairs(ctx.pool, uri=ctx.uri, domain=args.domain)
     doc: Dict[str, Any] = {"points": [p.to_dict() for p in points], "repair_pending": pending}
-    text = "\n".join([_text(points), *("REPAIR PENDING: " + line for line in pending)])
+    text = "\n".join([_text(points), *_full_read_notes(points),
+                      *("REPAIR PENDING: " + line for line in pending)])
     ctx.emit(doc, text, data=True)  # the listing is what was asked for
     return 0
 
@@ -49,3 +50,13 @@ def _text(points: List["PointSummary"]) -> str:
                     f"{','.join(p.disks):<10} {size_text(p.stored_bytes):>10} "
                     f"{size_text(p.generation_bytes):>10}")
     return "\n".join(rows)
+
+
+def _full_read_notes(points: List["PointSummary"]) -> List[str]:
+    """One line per domain whose newest point has disks every backup reads in full."""
+    newest: Dict[str, "PointSummary"] = {}
+    for p in points:
+        if not p.damaged:
+            newest[p.uuid] = p   # oldest first: the last one wins
+    return [f"note: {p.domain}: {', '.join(p.full_read)} raw (image or block device): every "
+            "backup reads all of it (no dirty bitmap)" for p in newest.values() if p.full_read]

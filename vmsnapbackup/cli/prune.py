@@ -9,6 +9,7 @@ from .common import Context, add_json_option, size_text
 
 if TYPE_CHECKING:
     from ..workflows.prune import PruneReport
+    from ..workflows.pruneall import PruneAllReport
 
 ORDER = 40
 
@@ -30,7 +31,11 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         "is always kept; damaged points and points in use (mount, boot) are kept and "
         "reported. Rules as restic's 'forget': --keep-daily N keeps the newest point of "
         "each of the last N days that have points; weekly by ISO week; monthly by month.")
-    p.add_argument("domain", metavar="DOMAIN", help="domain name or UUID (as in the pool)")
+    p.add_argument("domain", metavar="DOMAIN", nargs="?",
+                   help="domain name or UUID (as in the pool)")
+    p.add_argument("--all", action="store_true", dest="all_domains",
+                   help="prune every domain in the pool (one summary; the exit code says "
+                   "if any failed)")
     p.add_argument("--keep-last", type=_count, metavar="N", help="keep the N newest points")
     p.add_argument("--keep-daily", type=_count, metavar="N",
                    help="keep the newest point of each of the last N days with points")
@@ -45,13 +50,37 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
+    import functools
+
+    from ..errors import UsageError
     from ..workflows.prune import prune
 
-    report = prune(args.domain, ctx.pool, uri=ctx.uri, keep_last=args.keep_last,
-                   keep_daily=args.keep_daily, keep_weekly=args.keep_weekly,
-                   keep_monthly=args.keep_monthly, dry_run=args.dry_run)
+    if args.all_domains == (args.domain is not None):
+        raise UsageError("prune: give a DOMAIN or --all, not both")
+    one = functools.partial(prune, uri=ctx.uri, keep_last=args.keep_last,
+                            keep_daily=args.keep_daily, keep_weekly=args.keep_weekly,
+                            keep_monthly=args.keep_monthly, dry_run=args.dry_run)
+    if args.all_domains:
+        from ..workflows.pruneall import prune_all
+
+        every = prune_all(ctx.pool, one, uri=ctx.uri)
+        ctx.emit(every.to_dict(), _all_text(every))
+        return every.exit_code
+    report = one(args.domain, ctx.pool)
     ctx.emit(report.to_dict(), _text(report))
     return 0
+
+
+def _all_text(r: "PruneAllReport") -> str:
+    removed = sum(len(x.removed) for x in r.reports)
+    freed = sum(x.bytes_freed for x in r.reports)
+    dry = any(x.dry_run for x in r.reports)
+    lines = [f"pool {r.pool}: {len(r.reports)} domain(s) pruned, {len(r.failed)} failed; "
+             f"{'would remove' if dry else 'removed'} {removed} point(s), "
+             f"{size_text(freed)} {'to free' if dry else 'freed'}"]
+    lines += [_text(x) for x in r.reports]
+    lines += [f"domain {d}: FAILED: {msg}" for d, msg, _ in r.failed]
+    return "\n".join(lines)
 
 
 def _text(r: "PruneReport") -> str:

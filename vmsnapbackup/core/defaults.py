@@ -7,6 +7,7 @@ these would eventually disagree.  Pure constants: importing this costs nothing.
 from __future__ import annotations
 
 __all__ = [
+    "BLOCK_OVERLAY_ROOT",
     "DEFAULT_BLOCK_SIZE",
     "DEFAULT_BOOT_ROOT",
     "DEFAULT_POOL",
@@ -41,3 +42,8 @@ DEFAULT_BOOT_ROOT = "/var/lib/libvirt/images/vmsnapbackup-boot"
 
 #: Image formats ``restore`` writes.
 RESTORE_FORMATS = ("raw", "qcow2")
+
+#: Where the snapshot overlays of a running domain's block-device disks go when no
+#: ``--overlay-dir`` is given (a device has no directory beside it): one directory per
+#: domain UUID below libvirt's own images directory, which QEMU can reach.
+BLOCK_OVERLAY_ROOT = "/var/lib/libvirt/images/vmsnapbackup-overlays"

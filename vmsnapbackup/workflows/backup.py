@@ -22,29 +22,21 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..adapters.checkpoints import checkpoints_wanted
 from ..adapters.domain import Domain
+from ..adapters.domainjobs import busy_with
 from ..adapters.domainxml import Disk, overlay_path
 from ..adapters.hypervisor import Hypervisor, connect
 from ..adapters.storagedaemon import StorageDaemon
 from ..adapters.storagepool import refresh_pool, resolve_pool
 from ..core import inflight
-from ..core.atomic import durable_rename
-from ..core.checktable import write_check_table
-from ..core.difftable import compare, write_difference_table
+from ..core.defaults import DEFAULT_URI
+from ..core.difftable import compare
 from ..core.journal import JournalDaemon, JournalDisk, JournalEntry
-from ..core.manifest import (
-    BlockCounts,
-    DomainInfo,
-    GenerationDisk,
-    GenerationRecord,
-    PointDisk,
-    PointManifest,
-    digest_hex,
-    utc_now,
-)
+from ..core.manifest import GenerationRecord, utc_now
 from ..core.pool import DomainStore, Pool
 from ..core.retention import Policy
-from ..core.tablefile import DEFAULT_BLOCK_SIZE, file_checksum, validate_block_size
+from ..core.tablefile import DEFAULT_BLOCK_SIZE, validate_block_size
 from ..errors import (
     HypervisorError,
     RepairNeededError,
@@ -52,6 +44,8 @@ from ..errors import (
     UsageError,
 )
 from ..progress import ProgressCallback
+from .backupseal import BackupSeal
+from .backupstart import announce_new_pool, apply_exclude, overlay_dirs, refuse_live_backup
 from .backupundo import BackupUndo
 from .backupvolumes import BackupVolumes
 from .backupwork import BackupResult, DiskResult, DiskWork
@@ -75,8 +69,9 @@ def backup(
     domain: str,
     pool: str | os.PathLike[str],
     *,
-    uri: str = "qemu:///system",
+    uri: str = DEFAULT_URI,
     disks: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
     quiesce: bool | None = None,
     new_generation: bool = False,
     threshold: float | None = None,
@@ -84,7 +79,7 @@ def backup(
     base_format: str = "qcow2",
     overlay_dir: str | None = None,
     progress: ProgressCallback | None = None,
-    dirty_bitmaps: bool = True,
+    dirty_bitmaps: bool | None = None,
     retention: Policy | None = None,
 ) -> BackupResult:
     """Back up ``domain`` (name, UUID or id) into ``pool`` (a path or a libvirt pool name).
@@ -96,7 +91,13 @@ def backup(
     ``dirty_bitmaps`` lets a running domain's new generation start with a
     libvirt checkpoint, whose bitmap later points use to skip reading what
     was not written (see :mod:`.dirtymap` for when it is trusted).  False
-    creates no checkpoint and reads every data block.
+    creates no checkpoint, reads every data block and deletes the checkpoints
+    vmsnapbackup left on the domain, so that other users of libvirt's backup
+    API (virtnbdbackup) find none of ours; None follows the domain's own
+    setting (``vmsnapbackup checkpoints off DOMAIN``), on by default.
+
+    ``exclude`` leaves those disk targets out (a target the domain lacks is an
+    error); ``disks`` None means every disk that can be backed up.
 
     ``threshold`` None lets :mod:`..core.genpolicy` decide when a new generation
     pays (from the stored sizes, weighing the base by ``retention``, the policy
@@ -115,21 +116,30 @@ def backup(
         dom = hv.find_domain(domain)
         name, uuid = hv.domain_name(dom), hv.domain_uuid(dom)
         selected, skipped = hv.backup_disks(dom, disks)
+        selected, skipped = apply_exclude(name, [d.target for d in hv.disks(dom)], selected,
+                                          skipped, exclude)
         for s in skipped:
             log.info("domain %s: not backing up %s: %s", name, s.disk.target, s.reason)
         if not selected:
             reasons = "; ".join(f"{s.disk.target}: {s.reason}" for s in skipped) or "no disks"
             raise UnsupportedDiskError(f"domain {name} has no disk that can be backed up "
                                        f"({reasons})")
+        # all that can refuse before the pool is made or a point number is burnt
+        refuse_live_backup(uuid, name)
+        places = overlay_dirs(name, uuid, selected, overlay_dir, hv.is_active(dom))
+        if dirty_bitmaps is None:
+            dirty_bitmaps = checkpoints_wanted(dom)
         # only now, with a domain worth backing up: a typo must not leave a new pool behind
+        announce_new_pool(pool_dir)
         store = Pool.open(pool_dir, create=True).domain(uuid, name, create=True)
         with store.lock("backup"):
+            refuse_live_backup(uuid, name)   # again: it may have started meanwhile
             repair_before_backup(store, hv, dom, name, pool_dir)
             store.set_name(name)
             run = _BackupRun(hv, dom, store, name, uuid, selected, pool_dir,
                              quiesce=quiesce, new_generation=new_generation,
                              threshold=threshold, block_size=block_size,
-                             base_format=base_format, overlay_dir=overlay_dir,
+                             base_format=base_format, overlay_dirs=places,
                              progress=progress, dirty_bitmaps=dirty_bitmaps,
                              retention=retention)
             result = run.execute()
@@ -139,13 +149,13 @@ def backup(
     return result
 
 
-class _BackupRun(BackupVolumes, BackupUndo):
+class _BackupRun(BackupVolumes, BackupSeal, BackupUndo):
     """One backup of one domain, with the lock held.  Keeps what it created so it can undo it."""
 
     def __init__(self, hv: Hypervisor, dom: Domain, store: DomainStore, name: str, uuid: str,
                  disks: list[Disk], pool_dir: Path, *, quiesce: bool | None,
                  new_generation: bool, threshold: float | None, block_size: int,
-                 base_format: str, overlay_dir: str | None,
+                 base_format: str, overlay_dirs: dict[str, str | None],
                  progress: ProgressCallback | None, dirty_bitmaps: bool = True,
                  retention: Policy | None = None) -> None:
         self.hv, self.dom, self.store = hv, dom, store
@@ -153,7 +163,7 @@ class _BackupRun(BackupVolumes, BackupUndo):
         self.work = [DiskWork(d) for d in disks]
         self.quiesce, self.force_new = quiesce, new_generation
         self.threshold, self.block_size, self.base_format = threshold, block_size, base_format
-        self.overlay_dir, self.progress = overlay_dir, progress
+        self.overlay_dirs, self.progress = overlay_dirs, progress
         self.retention = retention
         self.journal = store.journal
         self.active = False
@@ -218,6 +228,7 @@ class _BackupRun(BackupVolumes, BackupUndo):
     def _run(self) -> None:
         """The recipe: the method's steps in order, each a method named after it."""
         self.current = read_current(self.store)
+        self.bitmaps.clear_when_off(self.dom)
         bitmap: str | None = None
         if self.active:
             bitmap = self._snapshot()
@@ -241,10 +252,12 @@ class _BackupRun(BackupVolumes, BackupUndo):
 
         Returns the generation's dirty bitmap to export with the frozen images, if usable.
         """
+        self._say_what_we_wait_for()
         qcow2 = [w.disk.target for w in self.work if (w.disk.format or "") == "qcow2"]
         self.bitmaps.start_generation(self.dom, self._new_generation_reason(sizes=None), qcow2)
         snap_id = f"p{self.point}-{secrets.token_hex(3)}"
-        overlays = {w.disk.target: overlay_path(w.disk, snap_id, self.overlay_dir)
+        overlays = {w.disk.target: overlay_path(w.disk, snap_id,
+                                                self.overlay_dirs.get(w.disk.target))
                     for w in self.work}
         self.journal.update(step="snapshot", disks={
             w.disk.target: JournalDisk(source=w.disk.source or "",
@@ -266,6 +279,17 @@ class _BackupRun(BackupVolumes, BackupUndo):
             w.image, w.image_format = frozen.path, frozen.format or w.disk.format or "raw"
         log.info("domain %s: %s snapshot in %.3f s", self.name, self.consistency, snap.seconds)
         return self.bitmaps.usable_bitmap(self.dom, self.current, self.qemu_run)
+
+    def _say_what_we_wait_for(self) -> None:
+        """Another tool's job makes our checkpoint and snapshot wait: say so at once."""
+        try:
+            busy = busy_with(self.dom, [w.disk.target for w in self.work])
+        except HypervisorError as exc:
+            log.debug("domain %s: cannot ask for its jobs: %s", self.name, exc)
+            return
+        if busy:
+            log.warning("domain %s: waiting for %s to finish before the snapshot (libvirt "
+                        "gives up after about 30 s)", self.name, "; ".join(busy))
 
     def _read_shut_off(self) -> None:
         """A shut-off domain needs no snapshot: its images are read as they are."""
@@ -316,84 +340,6 @@ class _BackupRun(BackupVolumes, BackupUndo):
         self.overlay_seconds = time.monotonic() - self.snapshot_mono
         log.info("domain %s: back on its original images after %.2f s on overlays",
                  self.name, self.overlay_seconds)
-
-    def _seal(self) -> None:
-        """Step 6: volumes, then tables, then the manifest (FORMAT §10 steps 3 to 5)."""
-        self.journal.update(step="seal")
-        g = self.generation
-        disks: list[PointDisk] = []
-        for w in self.work:
-            assert w.volume_partial and w.volume_final and w.table and w.stats
-            durable_rename(w.volume_partial, w.volume_final)
-            self.created.append(w.volume_final)
-        gen_disks: dict[str, GenerationDisk] = {}
-        for w in self.work:
-            target = w.disk.target
-            assert w.table is not None and w.stats is not None and w.volume_final
-            body_digest = digest_hex(w.table.body_digest())
-            if self.new_gen:
-                table_path = self.store.table_path(g, target, self.point)
-                self.journal.add_files([self.store.relpath(table_path)])
-                checksum = write_check_table(table_path, w.table)
-                self.created.append(table_path)
-                gen_disks[target] = GenerationDisk(
-                    virtual_size=w.size, base_format=self.base_format,
-                    base=w.volume_final.name, table=table_path.name, table_digest=body_digest)
-                table1_digest, diff_rel, diff_digest = digest_hex(checksum), None, None
-                base_path, base_fmt = w.volume_final, self.base_format
-            else:
-                assert self.gen_record is not None
-                gdisk = self.gen_record.disks[target]
-                table_path = self.store.disk_dir(g, target) / gdisk.table
-                assert w.difference is not None   # step 4
-                diff_path = self.store.difference_path(g, target, self.point)
-                self.journal.add_files([self.store.relpath(diff_path)])
-                diff_checksum = write_difference_table(diff_path, w.difference)
-                self.created.append(diff_path)
-                table1_digest = digest_hex(file_checksum(table_path))
-                diff_rel, diff_digest = self.store.relpath(diff_path), digest_hex(diff_checksum)
-                base_path = self.store.disk_dir(g, target) / gdisk.base
-                base_fmt = gdisk.base_format
-            s = w.stats
-            disks.append(PointDisk(
-                target=target, source=w.disk.source or "", format=w.disk.format or "raw",
-                virtual_size=w.size, block_size=self.block_size,
-                volume=self.store.relpath(w.volume_final),
-                volume_format=self.base_format if self.new_gen else "qcow2",
-                base=self.store.relpath(base_path), base_format=base_fmt,
-                table=self.store.relpath(table_path), table1_digest=table1_digest,
-                difference=diff_rel, difference_digest=diff_digest, table_digest=body_digest,
-                blocks=BlockCounts(total=s.total, read=s.read, holes=s.holes,
-                                   changed=s.changed, zero=s.zero, unchanged=s.unchanged),
-                bytes_written=s.bytes_written,
-                seconds={"read": round(s.seconds, 3), "commit": round(w.commit_seconds, 3)},
-                dirty_bitmap=w.dirty_bitmap))
-        if self.new_gen:
-            self.store.write_generation(GenerationRecord(
-                generation=g, first_point=self.point, created=self.started,
-                block_size=self.block_size, disks=gen_disks, checkpoint=self.bitmaps.checkpoint))
-        manifest = PointManifest(
-            point=self.point, generation=g,
-            domain=DomainInfo(name=self.name, uuid=self.uuid, xml=self.domain_xml),
-            started=self.started, snapshot_at=self.snapshot_at, finished=utc_now(),
-            consistency=self.consistency, disks=tuple(disks),
-            # a bitmap that failed a check is deleted after the seal; should that fail,
-            # no run recorded means the next point proves it by a full read again
-            qemu_run=None if self.bitmaps.distrusted else self.qemu_run)
-        self.journal.add_files([self.store.relpath(self.store.manifest_path(self.point))])
-        self.store.write_manifest(manifest)
-        self.sealed = True
-        log.info("domain %s: point %d sealed (generation %d)", self.name, self.point, g)
-
-    def _result(self) -> BackupResult:
-        return BackupResult(
-            domain=self.name, uuid=self.uuid, point=self.point, generation=self.generation,
-            new_generation=self.new_gen, consistency=self.consistency,
-            pool=str(self.pool_dir),
-            disks=[w.result(self.store.relpath(w.volume_final) if w.volume_final else "")
-                   for w in self.work],
-            seconds={"on_overlay": round(self.overlay_seconds, 3),
-                     "commit": round(sum(w.commit_seconds for w in self.work), 3)})
 
     # -- the generation ----------------------------------------------------------
 

@@ -11,7 +11,7 @@ from ..core.checktable import CheckTable
 from ..core.difftable import DifferenceTable
 from .diskpass import PassStats
 
-__all__ = ["BackupResult", "DiskResult", "DiskWork"]
+__all__ = ["BackupResult", "DiskResult", "DiskWork", "full_read_reason"]
 
 
 @dataclass
@@ -26,6 +26,8 @@ class DiskResult:
     blocks: dict[str, int]
     bytes_written: int
     seconds: dict[str, float]
+    #: why every backup reads this disk in full (a raw image or a block device), or None
+    full_read: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -53,6 +55,17 @@ class BackupResult:
         return d
 
 
+def full_read_reason(disk: Disk) -> str | None:
+    """Why each backup of ``disk`` reads all of it, not only what changed (None: it need not).
+
+    A dirty bitmap lives in a qcow2 image; a raw file has none (only its holes are
+    skipped), and a raw block device has no holes either: it is read whole.
+    """
+    if (disk.format or "raw") == "qcow2":
+        return None
+    if disk.type == "block":
+        return "raw block device: every backup reads the whole device"
+    return "raw image: no dirty bitmap, every backup reads all its data"
 
 
 @dataclass
@@ -85,4 +98,5 @@ class DiskWork:
                     "zero": s.zero} if s else {},
             bytes_written=s.bytes_written if s else 0,
             seconds={"read": round(s.seconds, 3) if s else 0.0,
-                     "commit": round(self.commit_seconds, 3)})
+                     "commit": round(self.commit_seconds, 3)},
+            full_read=full_read_reason(self.disk))

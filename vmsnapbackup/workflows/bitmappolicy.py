@@ -14,7 +14,11 @@ reads as the method's steps:
   against that full read (:meth:`BitmapPolicy.prove`);
 * after the seal, the checkpoint a new generation replaced, or one that
   failed a check, is deleted (:meth:`BitmapPolicy.retire`); a failed backup
-  deletes the checkpoint it made (:meth:`BitmapPolicy.drop_own`).
+  deletes the checkpoint it made (:meth:`BitmapPolicy.drop_own`);
+* with bitmaps off (``--no-dirty-bitmaps``, or the domain's setting), the
+  backup first deletes every checkpoint of ours on the domain
+  (:func:`remove_our_checkpoints`): other users of libvirt's backup API
+  refuse to run beside a checkpoint they did not make.
 
 Any doubt means reading every data block: slower, never wrong.
 """
@@ -30,10 +34,15 @@ from ..adapters.nbdclient import NbdClient
 from ..core.checktable import CheckTable
 from ..core.journal import Journal
 from ..errors import HypervisorError, VmSnapBackupError
-from .dirtymap import change_outside, new_checkpoint_name, unchanged_blocks_disagree
+from .dirtymap import (
+    change_outside,
+    is_our_checkpoint,
+    new_checkpoint_name,
+    unchanged_blocks_disagree,
+)
 from .generation import CurrentGeneration
 
-__all__ = ["BitmapPolicy"]
+__all__ = ["BitmapPolicy", "remove_our_checkpoints"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +60,11 @@ class BitmapPolicy:
         self.checkpoint: str | None = None   # made by this backup for its new generation
         self.distrusted: str | None = None   # a bitmap that failed its check
         self.proven = False   # the generation's last point was in this QEMU run
+
+    def clear_when_off(self, dom: Domain) -> None:
+        """Bitmaps off: the domain is left without any checkpoint of ours."""
+        if not self.enabled:
+            remove_our_checkpoints(self.hv, dom, self.name)
 
     def start_generation(self, dom: Domain, new_generation: str | None,
                          targets: Sequence[str]) -> None:
@@ -163,3 +177,18 @@ class BitmapPolicy:
         except VmSnapBackupError as exc:
             log.warning("domain %s: checkpoint %s of the failed backup not deleted: %s",
                         self.name, self.checkpoint, exc)
+
+
+def remove_our_checkpoints(hv: Hypervisor, dom: Domain, name: str) -> list[str]:
+    """Delete every checkpoint of ours (of any pool) from the domain; the names deleted.
+
+    Only names with our reserved prefix are touched.  A generation whose
+    checkpoint is gone is still whole: its later points read every data block.
+    """
+    removed = []
+    for cp in hv.checkpoint_names(dom):
+        if is_our_checkpoint(cp) and hv.delete_checkpoint(dom, cp):
+            removed.append(cp)
+    if removed:
+        log.info("domain %s: deleted vmsnapbackup checkpoint(s) %s", name, ", ".join(removed))
+    return removed

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..adapters.storagepool import resolve_pool
+from ..core.defaults import DEFAULT_URI
 from ..core.pool import DomainStore, Pool
-from ..errors import VmSnapBackupError
+from ..errors import NotFoundError, VmSnapBackupError
 from .generation import base_files_bytes
 
 __all__ = ["PointSummary", "list_points", "pending_repairs"]
@@ -29,16 +30,17 @@ class PointSummary:
     damaged: str | None = None
     #: what the point's generation stores now: its base plus its points still in the pool
     generation_bytes: int = 0
+    #: disks every backup reads in full (raw images, block devices: no dirty bitmap)
+    full_read: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
-def list_points(pool: str | os.PathLike[str], *, uri: str = "qemu:///system",
+def list_points(pool: str | os.PathLike[str], *, uri: str = DEFAULT_URI,
                 domain: str | None = None) -> list[PointSummary]:
     """Every point of ``domain`` (or of every domain), oldest first; damaged ones flagged."""
-    pool_dir, _ = resolve_pool(os.fspath(pool), uri)
-    the_pool = Pool.open(pool_dir)
+    the_pool = _open_pool(pool, uri)
     stores = [the_pool.find_domain(domain)] if domain else the_pool.domains()
     out: list[PointSummary] = []
     for store in stores:
@@ -54,7 +56,8 @@ def list_points(pool: str | os.PathLike[str], *, uri: str = "qemu:///system",
                 disks=[d.target for d in m.disks],
                 virtual_bytes=sum(d.virtual_size for d in m.disks),
                 stored_bytes=sum(d.bytes_written for d in m.disks),
-                generation_start=m.is_generation_start))
+                generation_start=m.is_generation_start,
+                full_read=[d.target for d in m.disks if d.format != "qcow2"]))
         _add_generation_costs(store, [p for p in out if p.uuid == store.uuid])
     return out
 
@@ -78,12 +81,11 @@ def _add_generation_costs(store: DomainStore, points: list[PointSummary]) -> Non
             p.generation_bytes = totals[p.generation]
 
 
-def pending_repairs(pool: str | os.PathLike[str], *, uri: str = "qemu:///system",
+def pending_repairs(pool: str | os.PathLike[str], *, uri: str = DEFAULT_URI,
                     domain: str | None = None) -> list[str]:
     """One line per domain whose backup was interrupted (its journal is still there):
     ``list`` shows it, because the next backup or prune will refuse until repair ran."""
-    pool_dir, _ = resolve_pool(os.fspath(pool), uri)
-    the_pool = Pool.open(pool_dir)
+    the_pool = _open_pool(pool, uri)
     stores = [the_pool.find_domain(domain)] if domain else the_pool.domains()
     out = []
     for store in stores:
@@ -93,3 +95,12 @@ def pending_repairs(pool: str | os.PathLike[str], *, uri: str = "qemu:///system"
                        f"since {entry.started}) needs repair: vmsnapbackup --pool "
                        f"{the_pool.root} repair {store.name}")
     return out
+
+
+def _open_pool(pool: str | os.PathLike[str], uri: str) -> Pool:
+    """The pool to list; a path with nothing there yet is NotFoundError, said plainly
+    (``backup`` creates a missing pool, so "create it first" would mislead)."""
+    pool_dir, _ = resolve_pool(os.fspath(pool), uri)
+    if not pool_dir.exists():
+        raise NotFoundError(f"no pool yet at {pool_dir} (the first backup into it creates it)")
+    return Pool.open(pool_dir)
