@@ -10,9 +10,12 @@ side by side sharing one budget.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -177,3 +180,46 @@ def test_one_budget_is_shared_by_domains_read_side_by_side(
     # side by side: each domain's read lasted most of the span (not one after the other)
     for key in times.first:
         assert times.last[key] - times.first[key] > 0.6 * span, (key, span)
+
+
+def test_a_domain_killed_mid_read_fails_alone_and_one_repair_puts_it_back(
+        make_domain, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A real fault the real stack reaches: QEMU of one domain dies while it is read."""
+    from faults import until
+
+    from vmsnapbackup.adapters.domainxml import OVERLAY_MARKER
+
+    doms = [_written(make_domain, 32 * MiB, 12 * MiB, "vsb-many-kill") for _ in range(3)]
+    victim = doms[1]
+    pool = str(tmp_path / "pool")
+    child = subprocess.Popen(
+        [sys.executable, "-m", "vmsnapbackup", "--pool", pool, "backup",
+         *(d.name for d in doms), "--parallel", "3", "--max-rate", "6M", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def victim_on_overlay() -> None:
+            assert glob.glob(str(victim.workdir / f"*{OVERLAY_MARKER}*"))
+        until(victim_on_overlay, deadline=60)
+        victim.dom.destroy()          # the guest's QEMU dies mid-backup
+        out, err = child.communicate(timeout=300)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == ExitCode.DOMAINS_FAILED, err
+    doc = json.loads(out)
+    by_name = {d["domain"]: d for d in doc["domains"]}
+    assert doc["failed"] == [victim.name], err
+    for d in doms:
+        if d is not victim:
+            assert by_name[d.name]["ok"] and d.is_active()
+            assert d.current_source("vda") == d.disks["vda"]
+    # the victim is left repairable (or repaired); one repair puts it back on its image
+    assert by_name[victim.name]["exit_code"] in (ExitCode.REPAIR_NEEDED, ExitCode.HYPERVISOR,
+                                                 ExitCode.INTERRUPTED), by_name[victim.name]
+    assert main(["--pool", pool, "repair", victim.name]) == 0
+    assert not victim.is_active()
+    assert victim.current_source("vda") == victim.disks["vda"]
+    assert not glob.glob(str(victim.workdir / f"*{OVERLAY_MARKER}*"))
+    victim.start()                # and it boots from its own image again
+    assert victim.is_active()
