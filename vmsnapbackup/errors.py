@@ -24,6 +24,9 @@ codes; the library raises them.
      +-- UnsupportedDiskError            exit 9   cdrom, network, shareable, ... disks
      +-- IncompatibleFormatError         exit 10  pool written by a newer version
      +-- RepairNeededError               exit 11  leftover state; run ``repair``
+
+    (no exception)                       exit 12  a run over several domains: some
+                                                  failed, the others have their point
 """
 from __future__ import annotations
 
@@ -70,6 +73,9 @@ class ExitCode(enum.IntEnum):
     UNSUPPORTED_DISK = 9
     INCOMPATIBLE = 10
     REPAIR_NEEDED = 11
+    #: A run over several domains (``backup --all``, several names) finished, but
+    #: not every domain got its point; the output says which failed and why.
+    DOMAINS_FAILED = 12
 
 
 class VmSnapBackupError(Exception):

@@ -1,10 +1,18 @@
-"""``vmsnapbackup backup DOMAIN``: take one point of a running or shut-off domain."""
+"""``vmsnapbackup backup DOMAIN...|--all``: take one point of each running or shut-off domain.
+
+One domain named on one connection is the plain backup: its result, or its
+error's own exit code.  Several names, ``--all`` or several ``-c`` make a run
+over many domains (:mod:`vmsnapbackup.workflows.backupmany`): ``--parallel`` at
+once, each isolated from the others, a line per domain while it runs, a table
+(or one ``--json`` document) at the end, and exit 12 when any domain failed.
+"""
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from ..core.defaults import DEFAULT_BLOCK_SIZE
+from ..errors import UsageError
 from .common import Context, add_json_option, size_text
 
 if TYPE_CHECKING:
@@ -18,7 +26,22 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                        description="Back up a domain: external snapshot, read each disk once, "
                        "store what differs from the generation's first check table, commit "
                        "back. The domain keeps running.")
-    p.add_argument("domain", metavar="DOMAIN", help="domain name, UUID or id")
+    p.add_argument("domains", metavar="DOMAIN", nargs="*",
+                   help="domain name, UUID or id (several: a run over many domains)")
+    many = p.add_argument_group("many domains in one run")
+    many.add_argument("--all", action="store_true", dest="every",
+                      help="every domain of every -c connection")
+    state = many.add_mutually_exclusive_group()
+    state.add_argument("--running", action="store_true", help="with --all: running ones only")
+    state.add_argument("--inactive", action="store_true", help="with --all: shut-off ones only")
+    many.add_argument("--exclude-domain", action="append", default=[], metavar="GLOB",
+                      dest="exclude_domains", help="leave out domains whose name matches "
+                      "(repeatable; shell glob)")
+    many.add_argument("--parallel", type=_positive, default=1, metavar="N",
+                      help="back up N domains at once (default 1)")
+    p.add_argument("--max-rate", metavar="RATE",
+                   help="bandwidth budget of the whole run, shared by every disk read "
+                   "(e.g. 100M = 100 MiB/s; K, M, G are binary units)")
     p.add_argument("--disk", action="append", metavar="TARGET", dest="disks",
                    help="back up only this disk (repeatable; default: every disk we can)")
     p.add_argument("--exclude", action="append", metavar="TARGET", default=[],
@@ -68,6 +91,13 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
 
 
+def _positive(text: str) -> int:
+    n = _count(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"not a whole number >= 1: {text!r}")
+    return n
+
+
 def _count(text: str) -> int:
     try:
         n = int(text)
@@ -79,21 +109,58 @@ def _count(text: str) -> int:
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
+    if not args.every and not args.domains:   # before any import: a usage error stays cheap
+        raise UsageError("name at least one DOMAIN, or give --all (see 'vmsnapbackup "
+                         "backup --help')")
     from ..core.retention import Policy
-    from ..workflows.backup import backup
+    from ..workflows.ratebudget import RateBudget, parse_rate, rate_budget
 
     counts = (args.keep_last, args.keep_daily, args.keep_weekly, args.keep_monthly)
     retention = None if all(c is None for c in counts) else Policy(*counts)
+    max_rate = None if args.max_rate is None else parse_rate(args.max_rate)
+    options = dict(disks=args.disks, exclude=args.exclude, quiesce=args.quiesce,
+                   new_generation=args.new_generation, threshold=args.threshold,
+                   block_size=args.block_size, base_format=args.base_format,
+                   overlay_dir=args.overlay_dir, dirty_bitmaps=args.dirty_bitmaps,
+                   retention=retention)
+    budget = None if max_rate is None else RateBudget(max_rate)
+    with rate_budget(budget):
+        if args.every or len(args.domains) != 1 or len(ctx.uris) > 1:
+            return _run_many(args, ctx, options, max_rate)
+        return _run_one(args.domains[0], ctx, options)
 
-    result = backup(
-        args.domain, ctx.pool, uri=ctx.uri, disks=args.disks, exclude=args.exclude,
-        quiesce=args.quiesce,
-        new_generation=args.new_generation, threshold=args.threshold,
-        block_size=args.block_size, base_format=args.base_format,
-        overlay_dir=args.overlay_dir, progress=ctx.progress(),
-        dirty_bitmaps=args.dirty_bitmaps, retention=retention)
+
+def _run_one(domain: str, ctx: Context, options: Dict[str, Any]) -> int:
+    from ..workflows.backup import backup
+
+    result = backup(domain, ctx.pool, uri=ctx.uri, progress=ctx.progress(), **options)
     ctx.emit(result.to_dict(), _text(result))
     return 0
+
+
+def _run_many(args: argparse.Namespace, ctx: Context, options: Dict[str, Any],
+              max_rate: Optional[int]) -> int:
+    from ..workflows.backupmany import backup_many, list_inventories, select_domains
+    from ._manyview import ManyDisplay, summary_text
+
+    if args.every or len(ctx.uris) > 1:
+        inventories, failed = list_inventories(ctx.uris)
+    else:
+        inventories, failed = {ctx.uris[0]: []}, []
+    targets, missing = select_domains(
+        inventories, args.domains, every=args.every, running=args.running,
+        inactive=args.inactive, exclude=args.exclude_domains)
+    display = None
+    if not (ctx.json or ctx.quiet):
+        display = ManyDisplay(ctx.err, ctx.err.isatty(), [t.label for t in targets])
+    try:
+        result = backup_many(targets, ctx.pool, parallel=args.parallel, observer=display,
+                             max_rate=max_rate, failed=[*failed, *missing], **options)
+    finally:
+        if display is not None:
+            display.close()
+    ctx.emit(result.to_dict(), summary_text(result))
+    return result.exit_code
 
 
 def _text(r: "BackupResult") -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, TextIO, Tuple
 
 from ..core.defaults import DEFAULT_POOL, DEFAULT_URI, POOL_ENV, URI_ENV
-from ..errors import ExitCode, NotFoundError, VmSnapBackupError
+from ..errors import ExitCode, NotFoundError, UsageError, VmSnapBackupError
 
 if TYPE_CHECKING:
     from ..progress import ProgressEvent
@@ -41,9 +41,10 @@ PROGRESS_LOGGER = "vmsnapbackup.progress"
 
 def add_global_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "-c", "--connect", dest="uri", metavar="URI",
+        "-c", "--connect", dest="uri", metavar="URI", action=_ConnectAction,
         default=os.environ.get(URI_ENV, DEFAULT_URI),
-        help=f"libvirt connection URI (default: ${URI_ENV} or {DEFAULT_URI})",
+        help=f"libvirt connection URI (default: ${URI_ENV} or {DEFAULT_URI}); "
+        "backup takes several",
     )
     parser.add_argument(
         "--pool", metavar="PATH|NAME",
@@ -57,6 +58,17 @@ def add_global_options(parser: argparse.ArgumentParser) -> None:
                       "(--json documents and the output of 'list' are still printed)")
     talk.add_argument("-v", "--verbose", action="store_true", help="log more")
     parser.add_argument("--debug", action="store_true", help="log everything, tracebacks too")
+
+
+class _ConnectAction(argparse.Action):
+    """``-c URI``: the last one is ``uri``; every one given is kept in ``uris`` (backup
+    takes several; any other command refuses more than one, see :attr:`Context.uri`)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: Optional[str] = None) -> None:
+        setattr(namespace, self.dest, values)
+        uris = list(getattr(namespace, "uris", None) or [])
+        namespace.uris = [*uris, values]
 
 
 def add_json_option(parser: argparse.ArgumentParser) -> None:
@@ -102,8 +114,11 @@ class Context:
     """
 
     def __init__(self, uri: str, pool: str, json: bool = False, quiet: bool = False,
-                 out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> None:
-        self.uri = uri
+                 out: Optional[TextIO] = None, err: Optional[TextIO] = None,
+                 uris: Optional[List[str]] = None) -> None:
+        self._uri = uri
+        #: Every ``-c`` given, in order (``[uri]`` when none or one was).
+        self.uris: List[str] = list(dict.fromkeys(uris)) if uris else [uri]
         self.pool = pool
         self.json = json
         self.quiet = quiet
@@ -114,7 +129,16 @@ class Context:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Context":
         return cls(uri=args.uri, pool=args.pool, json=bool(getattr(args, "json", False)),
-                   quiet=bool(getattr(args, "quiet", False)))
+                   quiet=bool(getattr(args, "quiet", False)),
+                   uris=getattr(args, "uris", None))
+
+    @property
+    def uri(self) -> str:
+        """The one libvirt connection of a command that takes one."""
+        if len(self.uris) > 1:
+            raise UsageError(f"this command takes one -c URI, not {len(self.uris)} "
+                             "(only backup takes several)")
+        return self._uri
 
     def emit(self, document: Dict[str, Any], text: str, *, data: bool = False) -> None:
         """Print the result: the JSON document with --json, else the text.

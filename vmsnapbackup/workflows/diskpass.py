@@ -33,42 +33,43 @@ copies it into our buffer and out of it), and memory stays bounded at
 A block is only counted once the pass returns, and the pass only returns
 after every write it issued was answered without error: a failed write raises
 here, never later.
+
+Every chunk is taken from the run's bandwidth budget (:mod:`.ratebudget`)
+before it is requested, when the run has one.  What the pass reads from and
+writes to are the protocols of :mod:`.passio`; the writer thread is
+:mod:`.passwriter`, a local raw file as source :mod:`.rawimage`.
 """
 from __future__ import annotations
 
 import collections
-import errno
 import logging
-import os
 import queue
-import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from typing_extensions import Self
-
-    from ..adapters.nbdclient import NbdClient
 
 from ..core.blockruns import (
     Run,
     block_runs,
     complement_runs,
     intersect_runs,
-    whole_block_runs,
 )
 from ..core.checktable import CheckTable, CheckTableBuilder
 from ..core.difftable import changed_indexes
-from ..errors import IntegrityError, NotFoundError, UsageError
+from ..errors import UsageError
 from ..progress import ProgressCallback, ProgressEvent, emit
+from .passio import BlockSource, BlockTarget, pieces
+from .passwriter import PassWriter
+from .ratebudget import RateBudget, current_budget, throttled
+from .rawimage import DEFAULT_CHUNK_SIZE, RawImageSource
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "READ_DEPTH",
     "WRITE_BACKLOG",
     "WRITE_DEPTH",
+    "BlockSource",
+    "BlockTarget",
     "PassStats",
     "RawImageSource",
     "run_disk_pass",
@@ -76,8 +77,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Read request size: 1 MiB measured fastest over a unix socket (DESIGN §4).
-DEFAULT_CHUNK_SIZE = 1 << 20
 #: Read requests kept in flight on the source export.
 READ_DEPTH = 8
 #: Write requests kept in flight on the target export.
@@ -99,17 +98,6 @@ class PassStats:
     bytes_read: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
-
-
-
-def _pieces(ranges: Iterable[Run], chunk: int) -> Iterator[Run]:
-    """Each range cut into chunks of at most ``chunk`` bytes, from the range's start."""
-    for offset, length in ranges:
-        end = offset + length
-        while offset < end:
-            step = min(chunk, end - offset)
-            yield offset, step
-            offset += step
 
 
 def _zero_byte_runs(table: CheckTable, indexes: Iterable[int]) -> list[Run]:
@@ -159,160 +147,9 @@ def _plan_chunk(table: CheckTable, table1: CheckTable | None, offset: int,
     return plan
 
 
-_STOP = object()
-_ABORT = object()
-
-
-class _Writer:
-    """Owns the target connection in its own thread; see the module docstring.
-
-    Data writes are sent through one ``write_many`` over the whole pass, so
-    they stay pipelined across chunks.  WRITE_ZEROES runs are rare (blocks
-    that became zeros) and touch no buffer: they are sent after the data.
-    A buffer goes back to ``free`` only once its writes are in the socket;
-    on a failure ``None`` goes there instead, to wake the reading thread.
-    """
-
-    def __init__(self, target: NbdClient, free: queue.Queue[bytearray | None], depth: int,
-                 disk: str) -> None:
-        self._target = target
-        self._free = free
-        self._depth = depth
-        self._queue: queue.Queue[Any] = queue.Queue()
-        self._zeros: list[Run] = []
-        self._aborted = False
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name=f"vsb-write-{disk}",
-                                        daemon=True)
-        self._thread.start()
-
-    def submit(self, writes: list[tuple[int, memoryview]], zeros: list[Run],
-               buffer: bytearray) -> None:
-        self._queue.put((writes, zeros, buffer))
-
-    def finish(self) -> None:
-        """Wait until every write was answered; raise the first failure."""
-        self._queue.put(_STOP)
-        self._thread.join()
-        if self.error is not None:
-            raise self.error
-
-    def abort(self) -> None:
-        """Stop sending (requests already sent are still collected) and wait for the thread."""
-        self._queue.put(_ABORT)
-        self._thread.join()
-
-    def _main(self) -> None:
-        try:
-            self._target.write_many(self._items(), depth=self._depth)
-            if not self._aborted:
-                for offset, length in self._zeros:
-                    self._target.write_zeroes(offset, length)
-        except BaseException as exc:
-            self.error = exc
-            self._free.put(None)
-
-    def _items(self) -> Iterator[tuple[int, memoryview]]:
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            if item is _ABORT:
-                self._aborted = True
-                return
-            writes, zeros, buffer = item
-            self._zeros.extend(zeros)
-            yield from writes
-            # resumed by write_many: the last of these writes is in the socket
-            self._free.put(buffer)
-
-
-class RawImageSource:
-    """A local raw image file as the pass's source, read without an export.
-
-    For hashing an image this process may read itself (the raw image a
-    restore just wrote, before it is reported good): its bytes are exactly
-    what a guest would read, and going through a storage daemon costs two
-    more copies per byte (measured: 2 GiB of data hashed in 0.3 s from the
-    page cache, against 1.2-2 s through an NBD export).  Holes come from
-    ``SEEK_DATA``/``SEEK_HOLE``, so they are not read either.  Only for raw
-    files: any other format needs QEMU to be read.
-    """
-
-    def __init__(self, fd: int, size: int, name: str = "") -> None:
-        self._fd = fd
-        self.size = size
-        self.name = name
-
-    @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> RawImageSource:
-        name = os.fspath(path)
-        try:
-            fd = os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError:
-            raise NotFoundError(f"image {name} does not exist") from None
-        except OSError as err:
-            raise IntegrityError(f"cannot open image {name}: {err.strerror}") from None
-        try:
-            size = os.fstat(fd).st_size
-        except BaseException:
-            os.close(fd)
-            raise
-        return cls(fd, size, name)
-
-    def _unreadable(self, err: OSError, offset: int) -> IntegrityError:
-        return IntegrityError(f"cannot read image {self.name} at offset {offset}: "
-                              f"{err.strerror}")
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _extents(self) -> Iterator[Run]:
-        pos = 0
-        while pos < self.size:
-            try:
-                start = os.lseek(self._fd, pos, os.SEEK_DATA)
-                if start >= self.size:
-                    return
-                end = min(os.lseek(self._fd, start, os.SEEK_HOLE), self.size)
-            except OSError as err:
-                if err.errno == errno.ENXIO:  # only a hole up to the end
-                    return
-                raise self._unreadable(err, pos) from None
-            yield start, end - start
-            pos = end
-
-    def data_ranges(self, block_size: int) -> Iterator[Run]:
-        """The data extents widened to whole blocks and joined (as NbdClient.data_ranges)."""
-        return whole_block_runs(self._extents(), block_size, 0, self.size)
-
-    def read_chunks(self, ranges: Iterable[Run], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                    depth: int | None = None) -> Iterator[tuple[int, memoryview]]:
-        """Each range in chunks, read into one reused buffer (valid until the next item)."""
-        buffer = memoryview(bytearray(chunk_size))
-        for offset, length in _pieces(ranges, chunk_size):
-            view = buffer[:length]
-            try:
-                got = os.preadv(self._fd, [view], offset)
-            except OSError as err:
-                raise self._unreadable(err, offset) from None
-            if got != length:
-                raise IntegrityError(f"{self.name}: {length} bytes at offset {offset} could "
-                                     f"not be read (file shrank to {got} there?)")
-            yield offset, view
-
-
 def run_disk_pass(
-    source: NbdClient,  # on the frozen image (read-only)
-    target: NbdClient,  # on the base or point volume (writable)
+    source: BlockSource,  # the frozen image, a point volume or a raw file (read-only)
+    target: BlockTarget | None,  # the base or point volume, a new image; None: hash only
     block_size: int,
     table1: CheckTable | None,
     *,
@@ -321,6 +158,7 @@ def run_disk_pass(
     progress: ProgressCallback | None = None,
     dirty: Sequence[Run] | None = None,
     data: Sequence[Run] | None = None,
+    budget: RateBudget | None = None,
 ) -> tuple[CheckTable, PassStats]:
     """Read ``source`` once; return its check table and what was written to ``target``.
 
@@ -333,6 +171,10 @@ def run_disk_pass(
     the caller).  Blocks outside them are not read: their values are table
     1's, so they can never count as changed.  ``data``: the source's
     ``data_ranges(block_size)``, when the caller already walked them.
+
+    ``budget``: the bandwidth budget every chunk read is taken from before it
+    is requested; None uses the one in force for the run
+    (:func:`.ratebudget.rate_budget`), if any.
     """
     started = time.monotonic()
     size = source.size
@@ -340,6 +182,7 @@ def run_disk_pass(
     table = builder.table
     stats = PassStats(total=table.count)
     chunk = max(block_size, chunk_size - chunk_size % block_size)
+    budget = current_budget() if budget is None else budget
 
     data = list(source.data_ranges(block_size) if data is None else data)
     holes = list(complement_runs(data, size))
@@ -366,21 +209,30 @@ def run_disk_pass(
                 stats.changed += len(changed)
 
     emit(progress, ProgressEvent(disk, "read", 0, data_bytes))
+    reads = throttled(pieces(data, chunk), budget)
     if target is None:
-        _hash_only(source, builder, data, chunk, stats, disk, data_bytes, progress)
+        _hash_only(source, builder, reads, chunk, stats, disk, data_bytes, progress)
     else:
-        _copy(source, target, builder, table1, data, chunk, stats, disk, data_bytes, progress)
+        _copy(source, target, builder, table1, reads, chunk, stats, disk, data_bytes,
+              progress)
     emit(progress, ProgressEvent(disk, "read", data_bytes, data_bytes, finished=True))
 
     stats.seconds = time.monotonic() - started
     return builder.finish(), stats
 
 
-def _hash_only(source: NbdClient, builder: CheckTableBuilder, data: list[Run], chunk: int,
-               stats: PassStats, disk: str, data_bytes: int,
+def _hash_only(source: BlockSource, builder: CheckTableBuilder, reads: Iterable[Run],
+               chunk: int, stats: PassStats, disk: str, data_bytes: int,
                progress: ProgressCallback | None) -> None:
+    """Read into a ring of READ_DEPTH buffers (a buffer is free once its result is used)."""
+    ring = [memoryview(bytearray(chunk)) for _ in range(READ_DEPTH)]
+
+    def requests() -> Iterator[tuple[int, memoryview]]:
+        for index, (offset, length) in enumerate(reads):
+            yield offset, ring[index % READ_DEPTH][:length]
+
     done = 0
-    for offset, view in source.read_chunks(data, chunk_size=chunk, depth=READ_DEPTH):
+    for offset, view in source.read_many(requests(), depth=READ_DEPTH):
         hashed = builder.hash_into(offset, view)
         stats.read += len(hashed.values)
         stats.bytes_read += len(view)
@@ -388,20 +240,19 @@ def _hash_only(source: NbdClient, builder: CheckTableBuilder, data: list[Run], c
         emit(progress, ProgressEvent(disk, "read", done, data_bytes))
 
 
-def _copy(source: NbdClient, target: NbdClient, builder: CheckTableBuilder,
-          table1: CheckTable | None,
-          data: list[Run], chunk: int, stats: PassStats, disk: str, data_bytes: int,
-          progress: ProgressCallback | None) -> None:
+def _copy(source: BlockSource, target: BlockTarget, builder: CheckTableBuilder,
+          table1: CheckTable | None, reads: Iterable[Run], chunk: int, stats: PassStats,
+          disk: str, data_bytes: int, progress: ProgressCallback | None) -> None:
     """Read and hash here, write from the writer thread (see the module docstring)."""
     table = builder.table
     free: queue.Queue[bytearray | None] = queue.Queue()
     for _ in range(READ_DEPTH + WRITE_BACKLOG):
         free.put(bytearray(chunk))
     in_flight: collections.deque[bytearray] = collections.deque()
-    writer = _Writer(target, free, WRITE_DEPTH, disk)
+    writer = PassWriter(target, free, WRITE_DEPTH, disk)
 
     def requests() -> Iterator[tuple[int, memoryview]]:
-        for offset, length in _pieces(data, chunk):
+        for offset, length in reads:
             buffer = free.get()
             if buffer is None:  # the writer failed; its error is raised below
                 assert writer.error is not None

@@ -12,14 +12,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..adapters.inventory import list_domains
 from ..core.jobconfig import Config, Job, select_domains
-from ..errors import NotFoundError, UsageError, VmSnapBackupError
+from ..errors import BackupInterruptedError, NotFoundError, UsageError, VmSnapBackupError
 from .backup import backup
+from .batch import run_isolated
 from .jobstate import load_state, save_state
 from .listing import list_points
 from .prune import prune
@@ -174,9 +174,11 @@ def run_job(job: Job, *, dry_run: bool = False, state_dir: str | None = None) ->
     for name in missing:
         result.domains.append(DomainRun(name, Step(False, error=f"NotFoundError: no domain "
                                                    f"named {name!r} on {job.uri}")))
-    with ThreadPoolExecutor(max_workers=job.parallelism,
-                            thread_name_prefix=f"job-{job.name}") as pool:
-        backups = list(pool.map(lambda d: _backup(job, d, dry_run), selected))
+    batch = run_isolated(selected, lambda d: _backup(job, d, dry_run),
+                         parallel=job.parallelism, name=f"job-{job.name}", what=f"job {job.name}")
+    if batch.interrupted:
+        raise BackupInterruptedError(f"job {job.name} interrupted")
+    backups = [o.value or Step(False, o.seconds, o.error_text) for o in batch.outcomes]
     now = time.time()
     for name, b in zip(selected, backups):
         run = DomainRun(name, b)
