@@ -46,6 +46,13 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--no-dirty-bitmaps", dest="dirty_bitmaps", action="store_false",
                    help="neither create a libvirt checkpoint for a new generation nor use one: "
                    "read every data block")
+    p.add_argument("--tls-dir", nargs="?", const="", metavar="DIR",
+                   help="remote hypervisor (qemu+ssh): read its disks over NBD with TLS and "
+                   "client certificates from DIR (QEMU's file names; default /etc/pki/qemu) "
+                   "instead of through the ssh connection")
+    p.add_argument("--nbd-ports", metavar="FIRST-LAST",
+                   help="with --tls-dir: the TCP ports the hypervisor may serve on "
+                   "(default 10809-10872)")
     add_json_option(p)
     p.set_defaults(run=run)
 
@@ -74,6 +81,7 @@ def _count(text: str) -> int:
 def run(args: argparse.Namespace, ctx: Context) -> int:
     from ..core.retention import Policy
     from ..workflows.backup import backup
+    from ..workflows.backupdaemons import data_path_from
 
     counts = (args.keep_last, args.keep_daily, args.keep_weekly, args.keep_monthly)
     retention = None if all(c is None for c in counts) else Policy(*counts)
@@ -83,7 +91,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         new_generation=args.new_generation, threshold=args.threshold,
         block_size=args.block_size, base_format=args.base_format,
         overlay_dir=args.overlay_dir, progress=ctx.progress(),
-        dirty_bitmaps=args.dirty_bitmaps, retention=retention)
+        dirty_bitmaps=args.dirty_bitmaps, retention=retention,
+        data_path=data_path_from(args.tls_dir, args.nbd_ports))
     ctx.emit(result.to_dict(), _text(result))
     return 0
 

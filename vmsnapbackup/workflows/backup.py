@@ -24,7 +24,9 @@ from pathlib import Path
 
 from ..adapters.domain import Domain
 from ..adapters.domainxml import Disk, overlay_path
+from ..adapters.hostinflight import inflight_on
 from ..adapters.hypervisor import Hypervisor, connect
+from ..adapters.sourceexport import DataPath
 from ..adapters.storagedaemon import StorageDaemon
 from ..adapters.storagepool import refresh_pool, resolve_pool
 from ..core import inflight
@@ -52,6 +54,7 @@ from ..errors import (
     UsageError,
 )
 from ..progress import ProgressCallback
+from .backupdaemons import backup_daemons
 from .backupundo import BackupUndo
 from .backupvolumes import BackupVolumes
 from .backupwork import BackupResult, DiskResult, DiskWork
@@ -86,6 +89,7 @@ def backup(
     progress: ProgressCallback | None = None,
     dirty_bitmaps: bool = True,
     retention: Policy | None = None,
+    data_path: DataPath | None = None,
 ) -> BackupResult:
     """Back up ``domain`` (name, UUID or id) into ``pool`` (a path or a libvirt pool name).
 
@@ -132,6 +136,7 @@ def backup(
                              base_format=base_format, overlay_dir=overlay_dir,
                              progress=progress, dirty_bitmaps=dirty_bitmaps,
                              retention=retention)
+            run.data_path = data_path
             result = run.execute()
     refresh_pool(libvirt_pool, uri)
     result.skipped = [(s.disk.target, s.reason) for s in skipped]
@@ -174,6 +179,7 @@ class _BackupRun(BackupVolumes, BackupUndo):
         self.bitmaps = BitmapPolicy(hv, self.journal, name, 0, pool_dir, dirty_bitmaps)
         self.qemu_run: str | None = None             # the QEMU run at the snapshot
         self.current = CurrentGeneration()
+        self.data_path: DataPath | None = None   # how a remote hypervisor's images reach us
 
     def execute(self) -> BackupResult:
         self.active = self.hv.is_active(self.dom)
@@ -185,7 +191,7 @@ class _BackupRun(BackupVolumes, BackupUndo):
         # registered before anything is written to the pool: a backup kept away by a
         # live operation of this host (say, a backup into another pool: another pool
         # lock) must leave no journal behind
-        with inflight.inflight(record):
+        with inflight_on(self.hv.host, record):   # on the hypervisor, for its hook
             self.point = self.bitmaps.point = self.store.allocate_point()
             self.journal.write(JournalEntry(
                 operation="backup", pid=os.getpid(), host=socket.gethostname(),
@@ -223,10 +229,11 @@ class _BackupRun(BackupVolumes, BackupUndo):
             bitmap = self._snapshot()
         else:
             self._read_shut_off()
-        with StorageDaemon(tag=f"{self.name}-{self.point}") as daemon:
-            self._export(daemon, bitmap)
+        with backup_daemons(self.hv.host, f"{self.name}-{self.point}",
+                            self.data_path) as (source, volumes):
+            self._export(source, bitmap)
             self._plan_generation()
-            self._check_tables(daemon)
+            self._check_tables(volumes)
         # every export is gone with the daemon: the frozen images are free to commit into
         self._difference()
         if self.active:

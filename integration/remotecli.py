@@ -1,0 +1,41 @@
+"""Run the CLI as a backup server that cannot see the hypervisor's files.
+
+Why a private mount namespace: 127.0.0.1 stands in for the remote hypervisor,
+so without it the CLI could quietly open the images or the runtime directory
+itself and a "remote" test would prove nothing.  ``unshare --mount`` with a
+tmpfs over the image root and the runtime directory leaves only ssh and NBD to
+reach the data; the shell first checks that both really look empty.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+IMAGES_ROOT = "/var/lib/libvirt/images"
+RUNTIME_DIR = "/run/vmsnapbackup"
+
+_BLIND = (
+    'set -e; for d in "$IMAGES" "$RUNTIME"; do mkdir -p "$d"; '
+    'mount -t tmpfs -o mode=0700,size=64m vsb-blind "$d"; '
+    'if [ -n "$(ls -A "$d")" ]; then echo "$d is not empty" >&2; exit 99; fi; done; '
+    'exec "$@"'
+)
+
+
+@dataclass(frozen=True)
+class CliRun:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def blind_cli(argv: Sequence[str], *, timeout: float = 600) -> CliRun:
+    """``python -m vmsnapbackup ARGV`` where the hypervisor's directories are empty tmpfs."""
+    cmd = ["unshare", "--mount", "--propagation", "private", "env",
+           f"IMAGES={IMAGES_ROOT}", f"RUNTIME={RUNTIME_DIR}", "sh", "-c", _BLIND, "sh",
+           sys.executable, "-m", "vmsnapbackup", *argv]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL, check=False)
+    return CliRun(done.returncode, done.stdout, done.stderr)
