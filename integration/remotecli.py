@@ -31,11 +31,36 @@ class CliRun:
     stderr: str
 
 
+def _blind_argv(argv: Sequence[str]) -> list[str]:
+    # unshare, env and sh all exec: the CLI keeps the pid Popen reports
+    return ["unshare", "--mount", "--propagation", "private", "env",
+            f"IMAGES={IMAGES_ROOT}", f"RUNTIME={RUNTIME_DIR}", "sh", "-c", _BLIND, "sh",
+            sys.executable, "-m", "vmsnapbackup", *argv]
+
+
 def blind_cli(argv: Sequence[str], *, timeout: float = 600) -> CliRun:
     """``python -m vmsnapbackup ARGV`` where the hypervisor's directories are empty tmpfs."""
-    cmd = ["unshare", "--mount", "--propagation", "private", "env",
-           f"IMAGES={IMAGES_ROOT}", f"RUNTIME={RUNTIME_DIR}", "sh", "-c", _BLIND, "sh",
-           sys.executable, "-m", "vmsnapbackup", *argv]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+    done = subprocess.run(_blind_argv(argv), capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL, check=False)
     return CliRun(done.returncode, done.stdout, done.stderr)
+
+
+def blind_popen(argv: Sequence[str]) -> subprocess.Popen[str]:
+    """:func:`blind_cli` started in the background (stdout and stderr piped)."""
+    return subprocess.Popen(_blind_argv(argv), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def ssh_master_of(pid: int) -> int | None:
+    """The OpenSSH master (``ssh ... -M``) the CLI process ``pid`` started, if any."""
+    out = subprocess.run(["pgrep", "-P", str(pid), "-x", "ssh"], capture_output=True,
+                         text=True, check=False).stdout.split()
+    for child in out:
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"-M" in args:
+            return int(child)
+    return None
