@@ -16,7 +16,6 @@ carries our overlay marker and that is the disk's current top image.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 import time
@@ -34,6 +33,7 @@ from tenacity import (
 
 from vmsnapbackup.adapters.domain import Domain
 from vmsnapbackup.adapters.domainxml import Disk, ImageRef, find_disk, is_our_overlay, same_image
+from vmsnapbackup.adapters.host import LOCAL, Host
 from vmsnapbackup.adapters.libvirterrors import message, translated
 from vmsnapbackup.errors import HypervisorError, RepairNeededError, UsageError
 
@@ -101,7 +101,8 @@ def cancel_block_job(dom: Domain, target: str) -> None:
 class BlockJobs:
     """The commits of one connection, woken by its block-job events."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: Host = LOCAL) -> None:
+        self._host = host   # where the overlays are (removed there after a commit)
         self._waiters: dict[tuple[str, str], _JobWaiter] = {}
         self._lock = threading.Lock()
 
@@ -174,10 +175,10 @@ class BlockJobs:
                 self._waiters.pop(key, None)
         image = _verify_pivoted(dom, target, frozen, disk.backing_chain[1:])
         seconds = time.monotonic() - started
-        if os.path.lexists(overlay_path):
+        if self._host.stat(overlay_path, follow=False) is not None:
             log.warning("libvirt left overlay %s after the commit; removing it", overlay_path)
             try:
-                os.unlink(overlay_path)
+                self._host.unlink(overlay_path)
             except OSError as err:
                 raise HypervisorError(
                     f"disk '{target}' is committed but overlay {overlay_path} could not be "

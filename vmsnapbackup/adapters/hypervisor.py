@@ -19,13 +19,10 @@ per process).
 from __future__ import annotations
 
 import logging
-import os
 import threading
-import time
 import uuid as uuid_mod
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Union
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Callable
 
 import libvirt
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
@@ -44,18 +41,13 @@ from vmsnapbackup.adapters.domainxml import (
     overlay_id,
     overlay_path,
     parse_disks,
-    same_image,
-    snapshot_xml,
-    unsupported_reason,
 )
+from vmsnapbackup.adapters.host import LOCAL, Host
+from vmsnapbackup.adapters.hostopen import open_host
 from vmsnapbackup.adapters.libvirterrors import message, open_connection, translated
-from vmsnapbackup.errors import (
-    HypervisorError,
-    NotFoundError,
-    RepairNeededError,
-    UnsupportedDiskError,
-    UsageError,
-)
+from vmsnapbackup.adapters.snapshot import OverlayFor, SnapshotResult, take_snapshot
+from vmsnapbackup.core.defaults import DEFAULT_URI
+from vmsnapbackup.errors import HypervisorError, NotFoundError
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -78,25 +70,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_URI = "qemu:///system"
-
-#: libvirt error codes meaning "no usable guest agent": 74 when no agent channel
-#: is configured, 86 when the channel exists but no agent answers, 97 when it
-#: answers out of sync.  Only these turn quiesce=None into a crash-consistent snapshot.
-_NO_AGENT_CODES = frozenset(
-    {
-        libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED,
-        libvirt.VIR_ERR_AGENT_UNRESPONSIVE,
-        libvirt.VIR_ERR_AGENT_UNSYNCED,
-    }
-)
-
-_SNAPSHOT_FLAGS = (
-    libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
-    | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
-    | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
-)
 
 _event_loop_lock = threading.Lock()
 _event_loop_started = False
@@ -129,23 +102,6 @@ def _ensure_event_loop() -> None:
         _event_loop_started = True
 
 
-@dataclass(frozen=True)
-class SnapshotResult:
-    """What an external snapshot left behind, per disk target.
-
-    ``frozen`` is read back from the live XML after the snapshot (never
-    assumed): it is the image to export, now opened read-only by QEMU.
-    """
-
-    quiesced: bool
-    overlays: dict[str, str]
-    frozen: dict[str, ImageRef]
-    seconds: float
-
-
-OverlayFor = Union[Callable[[Disk], str], Mapping[str, str]]
-
-
 class Hypervisor:
     """One libvirt connection with block-job events flowing.
 
@@ -153,10 +109,15 @@ class Hypervisor:
     Domains are passed around as :class:`Domain` from :meth:`find_domain`.
     """
 
-    def __init__(self, uri: str, conn: libvirt.virConnect) -> None:
+    def __init__(self, uri: str, conn: libvirt.virConnect, host: Host = LOCAL,
+                 close_host: Callable[[], None] | None = None) -> None:
         self.uri = uri
         self.conn = conn
-        self._jobs = BlockJobs()
+        #: where the domains' images, QEMU and our storage daemons are: this machine,
+        #: or the remote hypervisor of a ``qemu+ssh`` URI (every host touch goes here)
+        self.host = host
+        self._close_host = close_host
+        self._jobs = BlockJobs(host)
         self._callback_id: int | None = None
         self._watch_block_jobs()
 
@@ -220,11 +181,20 @@ class Hypervisor:
         except libvirt.libvirtError as err:
             log.debug("closing %s: %s", self.uri, message(err))
 
+    def close_host(self) -> None:
+        """End the host connection too (the ssh master of a remote hypervisor)."""
+        if self._close_host is not None:
+            close, self._close_host = self._close_host, None
+            close()
+
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        try:
+            self.close()
+        finally:
+            self.close_host()
 
     # -- domains ----------------------------------------------------------
 
@@ -303,80 +273,8 @@ class Hypervisor:
         overlay_for: OverlayFor,
         quiesce: bool | None = None,
     ) -> SnapshotResult:
-        """External disk-only snapshot of ``disks``; the other disks are left alone.
-
-        ``quiesce``: True demands a guest-agent freeze (failing without one),
-        None tries it and falls back to crash-consistent when there is no
-        usable agent, False does not ask.
-        """
-        name = self.domain_name(dom)
-        if not disks:
-            raise UsageError(f"no disk of domain '{name}' to snapshot")
-        if not self.is_active(dom):
-            raise HypervisorError(f"domain '{name}' is not running: read its images directly")
-        live = {d.target: d for d in self.disks(dom)}
-        overlays: dict[str, str] = {}
-        for disk in disks:
-            current = live.get(disk.target)
-            if current is None:
-                raise NotFoundError(f"disk '{disk.target}' not found in domain '{name}'")
-            reason = unsupported_reason(current)
-            if reason is not None:
-                raise UnsupportedDiskError(f"disk '{disk.target}' cannot be backed up: {reason}")
-            path = overlay_for(current) if callable(overlay_for) else overlay_for[disk.target]
-            if not os.path.isabs(path) or not is_our_overlay(path):
-                raise UsageError(
-                    f"overlay {path!r} must be an absolute path whose name carries "
-                    f"'{OVERLAY_MARKER}<id>.qcow2'"
-                )
-            if os.path.lexists(path):
-                raise RepairNeededError(
-                    f"overlay {path} already exists (left by an interrupted backup?): run repair"
-                )
-            overlays[disk.target] = path
-        if len(set(overlays.values())) != len(overlays):
-            raise UsageError(f"two disks of domain '{name}' would share one overlay file")
-
-        xml = snapshot_xml(overlays, list(live))
-        started = time.monotonic()
-        quiesced = quiesce is not False
-        flags = _SNAPSHOT_FLAGS | (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE if quiesced else 0)
-        what = f"snapshot of domain '{name}'"
-        try:
-            dom.virdomain.snapshotCreateXML(xml, flags)
-        except libvirt.libvirtError as err:
-            if quiesce is None and err.get_error_code() in _NO_AGENT_CODES:
-                log.warning(
-                    "domain '%s': no usable guest agent (%s); the snapshot is crash-consistent",
-                    name,
-                    message(err),
-                )
-                quiesced = False
-                with translated(what):
-                    dom.virdomain.snapshotCreateXML(xml, _SNAPSHOT_FLAGS)
-            else:
-                kind = "quiesced " if quiesced else ""
-                raise HypervisorError(f"{kind}{what}: {message(err)}") from err
-        seconds = time.monotonic() - started
-
-        frozen: dict[str, ImageRef] = {}
-        after = {d.target: d for d in self.disks(dom)}
-        for target, path in overlays.items():
-            now = after.get(target)
-            if now is None or not same_image(now.source, path) or not now.backing_chain:
-                raise HypervisorError(
-                    f"after the snapshot disk '{target}' of domain '{name}' does not run on "
-                    f"overlay {path} over a frozen image: run repair"
-                )
-            frozen[target] = now.backing_chain[0]
-        log.info(
-            "domain '%s': snapshot of %s in %.3f s (%s)",
-            name,
-            ", ".join(overlays),
-            seconds,
-            "quiesced" if quiesced else "crash-consistent",
-        )
-        return SnapshotResult(quiesced=quiesced, overlays=overlays, frozen=frozen, seconds=seconds)
+        """External disk-only snapshot of ``disks`` (see :func:`.snapshot.take_snapshot`)."""
+        return take_snapshot(dom, disks, overlay_for, quiesce, host=self.host)
 
     # -- commit -----------------------------------------------------------
 
@@ -389,7 +287,7 @@ class Hypervisor:
     # -- checkpoints (persistent dirty bitmaps): see :mod:`.checkpoints` ---------
 
     def qemu_run(self, dom: Domain) -> str | None:
-        return checkpoints.qemu_run(dom)
+        return checkpoints.qemu_run(dom, self.host)
 
     def checkpoint_names(self, dom: Domain) -> list[str]:
         return checkpoints.checkpoint_names(dom)
@@ -403,15 +301,26 @@ class Hypervisor:
 
 
 def connect(uri: str = DEFAULT_URI) -> Hypervisor:
-    """Open ``uri`` with block-job events flowing (see the module docstring)."""
+    """Open ``uri`` with block-job events flowing (see the module docstring).
+
+    The :class:`Hypervisor` carries the URI's host (:func:`.hostopen.open_host`):
+    this machine for a local URI, one ssh control connection for ``qemu+ssh``;
+    leaving its ``with`` block closes both connections.
+    """
     _ensure_event_loop()
-    conn = open_connection(uri)
+    host, close_host = open_host(uri)
     try:
-        conn.setKeepAlive(5, 3)
-    except libvirt.libvirtError as err:
-        log.debug("keepalive on %s: %s", uri, message(err))
-    try:
-        return Hypervisor(uri, conn)
+        conn = open_connection(uri)
+        try:
+            conn.setKeepAlive(5, 3)
+        except libvirt.libvirtError as err:
+            log.debug("keepalive on %s: %s", uri, message(err))
+        try:
+            return Hypervisor(uri, conn, host, close_host)
+        except BaseException:
+            conn.close()
+            raise
     except BaseException:
-        conn.close()
+        if close_host is not None:
+            close_host()
         raise

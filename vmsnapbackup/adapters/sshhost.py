@@ -110,6 +110,14 @@ class SshHost:
     def _argv(self, *extra: str) -> list[str]:
         return [*ssh_base_argv(self.target, self._control), *extra]
 
+    def _session_argv(self, *extra: str) -> list[str]:
+        """A command over the master -- and only over it.  Without the master ssh would
+        quietly dial a connection of its own; the impossible ProxyCommand (used only
+        then) makes it fail instead.  Why: what we started remotely (the storage
+        daemon, the in-flight holder) died with the master, so the hypervisor already
+        takes our operation for dead and may repair it; we must not go on behind it."""
+        return self._argv("-o", "ProxyCommand=false", *extra)
+
     def connect(self) -> SshHost:
         """Open the master connection; HypervisorError when it cannot be had in time."""
         errpath = os.path.join(self._dir, "master.err")
@@ -163,7 +171,7 @@ class SshHost:
     # -- processes --------------------------------------------------------------------
     def _exec(self, script: str, *, timeout: float | None, data: bytes | None = None,
               on_stdout: Callable[[bytes], None] | None = None) -> Completed:
-        argv = self._argv(self.target.destination, "--", "umask 077; " + script)
+        argv = self._session_argv(self.target.destination, "--", "umask 077; " + script)
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE if data is not None
                                     else subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -190,8 +198,10 @@ class SshHost:
             proc.wait()
             raise
         if proc.returncode == _SSH_FAILED:
-            raise HypervisorError(f"ssh to {self.name} failed: "
-                                  f"{' '.join(err_b.decode('utf-8', 'replace').split())}")
+            why = " ".join(err_b.decode("utf-8", "replace").split())
+            if self._master is not None and self._master.poll() is not None:
+                why = "the ssh connection was lost"
+            raise HypervisorError(f"ssh to {self.name} failed: {why or 'ssh exited'}")
         return Completed(tuple(argv), proc.returncode, out, err_b)
 
     def run(self, argv: Sequence[str], *, timeout: float | None,
@@ -216,7 +226,7 @@ class SshHost:
                   + "wait $p; rc=$?; "
                   + ("kill $w 2>/dev/null; " if tie_to_us else "") + "exit $rc")
         session = subprocess.Popen(
-            self._argv(self.target.destination, "--", "umask 077; " + script),
+            self._session_argv(self.target.destination, "--", "umask 077; " + script),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             start_new_session=True)
         assert session.stdout is not None

@@ -76,6 +76,13 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help="neither create a libvirt checkpoint nor use one, and delete ours from "
                    "the domain (for virtnbdbackup beside us): read every data block "
                    "(default: the domain's 'vmsnapbackup checkpoints on|off' setting, on)")
+    p.add_argument("--tls-dir", nargs="?", const="", metavar="DIR",
+                   help="remote hypervisor (qemu+ssh): read its disks over NBD with TLS and "
+                   "client certificates from DIR (QEMU's file names; default /etc/pki/qemu) "
+                   "instead of through the ssh connection")
+    p.add_argument("--nbd-ports", metavar="FIRST-LAST",
+                   help="with --tls-dir: the TCP ports the hypervisor may serve on "
+                   "(default 10809-10872)")
     add_json_option(p)
     p.set_defaults(run=run)
 
@@ -113,6 +120,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         raise UsageError("name at least one DOMAIN, or give --all (see 'vmsnapbackup "
                          "backup --help')")
     from ..core.retention import Policy
+    from ..workflows.backupdaemons import data_path_from
     from ..workflows.ratebudget import RateBudget, parse_rate, rate_budget
 
     counts = (args.keep_last, args.keep_daily, args.keep_weekly, args.keep_monthly)
@@ -122,7 +130,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
                    new_generation=args.new_generation, threshold=args.threshold,
                    block_size=args.block_size, base_format=args.base_format,
                    overlay_dir=args.overlay_dir, dirty_bitmaps=args.dirty_bitmaps,
-                   retention=retention)
+                   retention=retention, data_path=data_path_from(args.tls_dir, args.nbd_ports))
     budget = None if max_rate is None else RateBudget(max_rate)
     with rate_budget(budget):
         if args.every or len(args.domains) != 1 or len(ctx.uris) > 1:

@@ -26,7 +26,9 @@ from ..adapters.checkpoints import checkpoints_wanted
 from ..adapters.domain import Domain
 from ..adapters.domainjobs import busy_with
 from ..adapters.domainxml import Disk, overlay_path
+from ..adapters.hostinflight import inflight_on
 from ..adapters.hypervisor import Hypervisor, connect
+from ..adapters.sourceexport import DataPath
 from ..adapters.storagedaemon import StorageDaemon
 from ..adapters.storagepool import refresh_pool, resolve_pool
 from ..core import inflight
@@ -44,6 +46,7 @@ from ..errors import (
     UsageError,
 )
 from ..progress import ProgressCallback
+from .backupdaemons import backup_daemons
 from .backupseal import BackupSeal
 from .backupstart import announce_new_pool, apply_exclude, overlay_dirs, refuse_live_backup
 from .backupundo import BackupUndo
@@ -81,6 +84,7 @@ def backup(
     progress: ProgressCallback | None = None,
     dirty_bitmaps: bool | None = None,
     retention: Policy | None = None,
+    data_path: DataPath | None = None,
 ) -> BackupResult:
     """Back up ``domain`` (name, UUID or id) into ``pool`` (a path or a libvirt pool name).
 
@@ -142,6 +146,7 @@ def backup(
                              base_format=base_format, overlay_dirs=places,
                              progress=progress, dirty_bitmaps=dirty_bitmaps,
                              retention=retention)
+            run.data_path = data_path
             result = run.execute()
     refresh_pool(libvirt_pool, uri)
     result.skipped = [(s.disk.target, s.reason) for s in skipped]
@@ -184,6 +189,7 @@ class _BackupRun(BackupVolumes, BackupSeal, BackupUndo):
         self.bitmaps = BitmapPolicy(hv, self.journal, name, 0, pool_dir, dirty_bitmaps)
         self.qemu_run: str | None = None             # the QEMU run at the snapshot
         self.current = CurrentGeneration()
+        self.data_path: DataPath | None = None   # how a remote hypervisor's images reach us
 
     def execute(self) -> BackupResult:
         self.active = self.hv.is_active(self.dom)
@@ -195,7 +201,7 @@ class _BackupRun(BackupVolumes, BackupSeal, BackupUndo):
         # registered before anything is written to the pool: a backup kept away by a
         # live operation of this host (say, a backup into another pool: another pool
         # lock) must leave no journal behind
-        with inflight.inflight(record):
+        with inflight_on(self.hv.host, record):   # on the hypervisor, for its hook
             self.point = self.bitmaps.point = self.store.allocate_point()
             self.journal.write(JournalEntry(
                 operation="backup", pid=os.getpid(), host=socket.gethostname(),
@@ -234,10 +240,11 @@ class _BackupRun(BackupVolumes, BackupSeal, BackupUndo):
             bitmap = self._snapshot()
         else:
             self._read_shut_off()
-        with StorageDaemon(tag=f"{self.name}-{self.point}") as daemon:
-            self._export(daemon, bitmap)
+        with backup_daemons(self.hv.host, f"{self.name}-{self.point}",
+                            self.data_path) as (source, volumes):
+            self._export(source, bitmap)
             self._plan_generation()
-            self._check_tables(daemon)
+            self._check_tables(volumes)
         # every export is gone with the daemon: the frozen images are free to commit into
         self._difference()
         if self.active:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ..adapters.hypervisor import Hypervisor
 from ..adapters.nbdclient import NbdClient
+from ..adapters.sourceexport import open_source
 from ..adapters.storagedaemon import Export, StorageDaemon
 from ..core.checktable import read_check_table
 from ..core.journal import Journal
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 class BackupVolumes:
     """The per-disk volume work of :class:`~.backup._BackupRun` (a mixin: it reads its state)."""
 
+    hv: Hypervisor
     store: DomainStore
     journal: Journal
     name: str
@@ -74,11 +77,10 @@ class BackupVolumes:
     def _pass_disk(self, w: DiskWork, out: Export, progress: ProgressCallback) -> None:
         """One disk's pass; runs in a thread of its own when there are several disks."""
         assert w.source_export is not None and w.volume_partial is not None
-        assert w.source_export.socket_path is not None and out.socket_path is not None
+        assert out.socket_path is not None
         try:
             bitmap = w.source_export.bitmap if w.table1 is not None else None
-            with NbdClient.open_unix(w.source_export.socket_path, w.source_export.name,
-                                     dirty_bitmap=bitmap) as src, \
+            with open_source(w.source_export, self.hv.host, dirty_bitmap=bitmap) as src, \
                     NbdClient.open_unix(out.socket_path, out.name) as dst:
                 marked = data = dirty = None
                 if bitmap and src.can_dirty_status:

@@ -16,6 +16,7 @@ from pathlib import Path
 from ..adapters import offline
 from ..adapters.blockjobs import cancel_block_job
 from ..adapters.domain import Domain
+from ..adapters.hostinflight import inflight_on
 from ..adapters.hypervisor import Hypervisor
 from ..adapters.storagedaemon import stop_leftover_daemon
 from ..core import inflight
@@ -83,7 +84,7 @@ def execute(hv: Hypervisor, dom: Domain | None, store: DomainStore | None,
 
     if kind == STOP_DAEMON:
         assert action.path is not None
-        stopped = stop_leftover_daemon(action.pid, action.path)
+        stopped = stop_leftover_daemon(action.pid, action.path, host=hv.host)
         result = "stopped" if stopped else "was no longer running; runtime directory removed"
     elif kind == CANCEL_JOB:
         cancel_block_job(defined(), action.disk or "")
@@ -132,7 +133,7 @@ def carry_out(hv: Hypervisor, dom: Domain | None, store: DomainStore | None, poo
     done: list[RepairAction] = []
     # registering replaces a stale record, and fails if a live operation took the
     # domain since we looked (the host-wide guard; the pool lock is per pool)
-    with inflight.inflight(record):
+    with inflight_on(hv.host, record):   # on the hypervisor, where its hook reads it
         try:
             for action in actions:
                 done.append(execute(hv, dom, store, action))

@@ -20,8 +20,9 @@ from ..adapters import offline, processes
 from ..adapters.blockjobs import block_job
 from ..adapters.domain import Domain
 from ..adapters.domainxml import Disk, ImageRef, is_our_overlay
+from ..adapters.host import Host
+from ..adapters.hostinflight import is_live_on, read_on
 from ..adapters.hypervisor import Hypervisor
-from ..core import inflight
 from ..core.journal import Journal, JournalEntry
 from ..core.pool import DomainStore, Leftover
 from ..errors import (
@@ -148,15 +149,16 @@ def _pool_facts(store: DomainStore, entry: JournalEntry | None) -> PoolFacts:
         generation_checkpoints=frozenset(named))
 
 
-def _inflight_state(uuid: str) -> str | None:
-    """A description of a stale (or damaged) in-flight record; LockedError for a live one."""
+def _inflight_state(uuid: str, host: Host) -> str | None:
+    """A description of a stale (or damaged) in-flight record on the hypervisor;
+    LockedError for a live one."""
     try:
-        rec = inflight.read(uuid)
+        rec = read_on(host, uuid)
     except CorruptFileError as err:
         return f"damaged in-flight record ({err.reason})"
     if rec is None:
         return None
-    if inflight.is_live(rec):
+    if is_live_on(host, rec):
         if rec.pid == os.getpid():
             return None
         raise LockedError(f"domain {rec.name} ({uuid}) is busy: {rec.operation} by pid "
@@ -164,6 +166,14 @@ def _inflight_state(uuid: str) -> str | None:
                           "once it has ended")
     return (f"stale in-flight record: {rec.operation} by dead pid {rec.pid} since "
             f"{rec.since} (pool {rec.pool})")
+
+
+def _exists(host: Host, path: str) -> bool:
+    """Whether ``path`` exists on the hypervisor (a remote one: asked over ssh)."""
+    try:
+        return host.stat(path, follow=False) is not None
+    except OSError:
+        return True   # there, but unreadable to us: never taken for gone
 
 
 def gather(hv: Hypervisor, dom: Domain | None, store: DomainStore | None, name: str,
@@ -174,7 +184,7 @@ def gather(hv: Hypervisor, dom: Domain | None, store: DomainStore | None, name: 
     when the pool has no part for it (or no pool was found).  LockedError if a live
     operation holds the domain's in-flight record.
     """
-    stale = _inflight_state(uuid)
+    stale = _inflight_state(uuid, hv.host)
     entry: JournalEntry | None = None
     journal_error: str | None = None
     if store is not None:
@@ -202,7 +212,7 @@ def gather(hv: Hypervisor, dom: Domain | None, store: DomainStore | None, name: 
     backing: dict[str, ImageRef | None] = {}
     if dom is not None and not active:
         for d in disks:
-            if is_our_overlay(d.source) and os.path.lexists(d.source or ""):
+            if is_our_overlay(d.source) and _exists(hv.host, d.source or ""):
                 b = offline.overlay_backing(d.source or "")
                 backing[norm_path(d.source)] = b
                 if b is not None:
@@ -224,9 +234,10 @@ def gather(hv: Hypervisor, dom: Domain | None, store: DomainStore | None, name: 
     return DomainFacts(
         name=name, uuid=uuid, host=socket.gethostname(), defined=dom is not None,
         active=active, disks=disks, config=config, journal=entry, journal_error=journal_error,
-        existing=frozenset(norm_path(p) for p in paths if os.path.lexists(p)),
+        existing=frozenset(norm_path(p) for p in paths if _exists(hv.host, p)),
         users=users, backing=backing, jobs=jobs,
-        daemon_alive=bool(entry and entry.daemon and processes.is_alive(entry.daemon.pid)),
+        daemon_alive=bool(entry and entry.daemon
+                          and processes.is_alive(entry.daemon.pid, hv.host)),
         pool=_pool_facts(store, entry) if store is not None and journal_error is None else None,
         stale_inflight=stale, checkpoints=checkpoints)
 

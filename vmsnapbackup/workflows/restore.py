@@ -29,6 +29,7 @@ from typing import Any
 
 from ..adapters import storagepool
 from ..adapters.host import LOCAL
+from ..adapters.hostfor import ssh_target_for
 from ..adapters.newdomain import DOMAIN_NAME_RE
 from ..adapters.pinnedchain import check_header
 from ..core.defaults import DEFAULT_URI
@@ -156,6 +157,9 @@ def restore(
                          "(--pool-volume)")
     if define is not None and not DOMAIN_NAME_RE.fullmatch(define):
         raise UsageError(f"not a usable domain name: {define!r}")
+    if (define is not None or pool_volume is not None) and ssh_target_for(uri) is not None:
+        raise UsageError("restore --define/--pool-volume onto a remote hypervisor is not "
+                         "supported yet: restore --to DIR here, copy the images, define there")
     store = open_pool(pool, uri).find_domain(domain)
     # no prune removes what this restore reads, from the manifest to the last volume
     with reading(store):

@@ -1,0 +1,43 @@
+"""The remote data path's options: port ranges, --tls-dir, and what is refused remotely."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vmsnapbackup.adapters.nbdtls import DEFAULT_TLS_DIR
+from vmsnapbackup.adapters.sourceexport import DEFAULT_NBD_PORTS, DataPath, parse_port_range
+from vmsnapbackup.errors import UsageError
+from vmsnapbackup.workflows.backupdaemons import data_path_from
+from vmsnapbackup.workflows.restore import restore
+
+
+@pytest.mark.parametrize("text, expected", [("10809-10872", (10809, 10872)),
+                                            ("2000", (2000, 2000)), ("1-65535", (1, 65535))])
+def test_port_ranges(text: str, expected: tuple[int, int]) -> None:
+    assert parse_port_range(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "a-b", "10-5", "0-10", "1-65536", "10809-"])
+def test_bad_port_ranges_are_one_line_usage_errors(text: str) -> None:
+    with pytest.raises(UsageError, match="--nbd-ports"):
+        parse_port_range(text)
+
+
+def test_tls_dir_and_ports_from_the_cli(tmp_path: Path) -> None:
+    assert data_path_from(None, None) is None
+    assert data_path_from("", None) == DataPath(DEFAULT_TLS_DIR, DEFAULT_NBD_PORTS)
+    assert data_path_from(str(tmp_path), "4000-4001") == DataPath(str(tmp_path), (4000, 4001))
+    with pytest.raises(UsageError, match="--tls-dir"):
+        data_path_from(None, "4000-4001")
+
+
+@pytest.mark.parametrize("kw", [{"define": "copy", "to": "out"}, {"pool_volume": "default"}])
+def test_restore_define_onto_a_remote_hypervisor_is_refused(kw: dict[str, str],
+                                                            tmp_path: Path) -> None:
+    if "to" in kw:
+        kw = {**kw, "to": str(tmp_path / kw["to"])}
+    with pytest.raises(UsageError, match="remote hypervisor"):
+        restore("dom", tmp_path / "pool", uri="qemu+ssh://root@hv.example/system",
+                **kw)  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists()
