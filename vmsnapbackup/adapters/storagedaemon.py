@@ -21,6 +21,7 @@ import os
 import re
 import time
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -242,7 +243,9 @@ class StorageDaemon(DaemonProcess):
         return name
 
     def _add_export(self, path: str, fmt: str | None, writable: bool, name: str | None,
-                    direct: bool = False, bitmap: str | None = None) -> Export:
+                    direct: bool = False, bitmap: str | None = None,
+                    layout_node: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                    ) -> Export:
         if self._qmp is None or self._closed:
             raise errors.ExportError("storage daemon is not running")
         path = os.path.abspath(path)
@@ -270,8 +273,10 @@ class StorageDaemon(DaemonProcess):
             # the backing images QEMU opens below the format node (a point volume's
             # base) inherit its cache mode: without it the base, read once end to
             # end, went through the page cache and cost twice the time
-            self._add_node(path, {"driver": fmt, "node-name": node, "file": file_node,
-                                  **common}, direct, cache={"direct": True})
+            fmt_args = {"driver": fmt, "node-name": node, "file": file_node, **common}
+            # a volume layout's node over the format node (.volumeformat: compress filter)
+            self._add_node(path, layout_node(fmt_args) if layout_node else fmt_args, direct,
+                           cache={"direct": True})
             export_args: dict[str, Any] = {"type": "nbd", "id": export_id, "node-name": node,
                                            "name": name, "writable": writable}
             refused = None
@@ -410,6 +415,8 @@ class StorageDaemon(DaemonProcess):
         fmt: str = "qcow2",
         cluster_size: int = 65536,
         name: str | None = None,
+        options: Sequence[str] = (),
+        layout_node: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ) -> Export:
         """Create a new image (never overwriting) and export it writable.
 
@@ -418,14 +425,16 @@ class StorageDaemon(DaemonProcess):
         to the backing image's size. ``fmt="raw"`` creates a sparse raw file.
         The file is 0600 from its first instant (O_EXCL, then ``qemu-img create``
         into it) and removed again if the export fails. Data written through the
-        export reaches the disk (fdatasync) when the export is removed.
+        export reaches the disk (fdatasync) when the export is removed.  ``options``
+        (``qemu-img create -o``) and ``layout_node`` (the node exported over the
+        format node) come from :class:`.volumeformat.VolumeLayout`.
         """
         path = os.path.abspath(path)
         self._qemu_img.create(path, fmt, size=size, backing=backing, backing_fmt=backing_fmt,
                               cluster_size=cluster_size if fmt == "qcow2" else None,
-                              mode=0o600, in_pool=True)
+                              mode=0o600, in_pool=True, options=options)
         try:
-            return self._add_export(path, fmt, True, name)
+            return self._add_export(path, fmt, True, name, layout_node=layout_node)
         except BaseException:
             self.host.unlink(path)
             raise

@@ -46,6 +46,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--no-dirty-bitmaps", dest="dirty_bitmaps", action="store_false",
                    help="neither create a libvirt checkpoint for a new generation nor use one: "
                    "read every data block")
+    p.add_argument("--compress", choices=("zstd", "none"), default=None,
+                   help="write compressed qcow2 volumes (zstd), or plain ones (none); default: "
+                   "the pool's default, which a backup that creates the pool records")
     add_json_option(p)
     p.set_defaults(run=run)
 
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         new_generation=args.new_generation, threshold=args.threshold,
         block_size=args.block_size, base_format=args.base_format,
         overlay_dir=args.overlay_dir, progress=ctx.progress(),
-        dirty_bitmaps=args.dirty_bitmaps, retention=retention)
+        dirty_bitmaps=args.dirty_bitmaps, retention=retention, compression=args.compress)
     ctx.emit(result.to_dict(), _text(result))
     return 0
 

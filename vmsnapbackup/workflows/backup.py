@@ -27,6 +27,7 @@ from ..adapters.domainxml import Disk, overlay_path
 from ..adapters.hypervisor import Hypervisor, connect
 from ..adapters.storagedaemon import StorageDaemon
 from ..adapters.storagepool import refresh_pool, resolve_pool
+from ..adapters.volumeformat import VolumeLayout, resolve_compression
 from ..core import inflight
 from ..core.atomic import durable_rename
 from ..core.checktable import write_check_table
@@ -86,6 +87,7 @@ def backup(
     progress: ProgressCallback | None = None,
     dirty_bitmaps: bool = True,
     retention: Policy | None = None,
+    compression: str | None = None,
 ) -> BackupResult:
     """Back up ``domain`` (name, UUID or id) into ``pool`` (a path or a libvirt pool name).
 
@@ -102,6 +104,9 @@ def backup(
     pays (from the stored sizes, weighing the base by ``retention``, the policy
     the pool is pruned with; None weighs it as a point); a fraction is the older
     rule "the newest point changed more than this fraction of a disk's blocks".
+
+    ``compression`` ``"zstd"`` writes compressed volumes (FORMAT §15.1), ``"none"``
+    plain ones, None the pool's default (recorded when this backup creates the pool).
     """
     validate_block_size(block_size)
     if base_format not in BASE_FORMATS:
@@ -109,6 +114,7 @@ def backup(
                          f"not {base_format!r}")
     if threshold is not None and not 0.0 < threshold <= 1.0:
         raise UsageError(f"the new-generation threshold must be in (0, 1], not {threshold}")
+    VolumeLayout(resolve_compression(compression, None)).check(base_format)  # before any pool
     started_mono = time.monotonic()
     pool_dir, libvirt_pool = resolve_pool(os.fspath(pool), uri)
     with connect(uri) as hv, interruptible("backup"):
@@ -122,7 +128,11 @@ def backup(
             raise UnsupportedDiskError(f"domain {name} has no disk that can be backed up "
                                        f"({reasons})")
         # only now, with a domain worth backing up: a typo must not leave a new pool behind
-        store = Pool.open(pool_dir, create=True).domain(uuid, name, create=True)
+        new_default = compression if compression != "none" else None
+        the_pool = Pool.open(pool_dir, create=True, compression=new_default)
+        layout = VolumeLayout(resolve_compression(compression, the_pool.compression))
+        layout.check(base_format)
+        store = the_pool.domain(uuid, name, create=True)
         with store.lock("backup"):
             repair_before_backup(store, hv, dom, name, pool_dir)
             store.set_name(name)
@@ -131,7 +141,7 @@ def backup(
                              threshold=threshold, block_size=block_size,
                              base_format=base_format, overlay_dir=overlay_dir,
                              progress=progress, dirty_bitmaps=dirty_bitmaps,
-                             retention=retention)
+                             retention=retention, layout=layout)
             result = run.execute()
     refresh_pool(libvirt_pool, uri)
     result.skipped = [(s.disk.target, s.reason) for s in skipped]
@@ -147,8 +157,10 @@ class _BackupRun(BackupVolumes, BackupUndo):
                  new_generation: bool, threshold: float | None, block_size: int,
                  base_format: str, overlay_dir: str | None,
                  progress: ProgressCallback | None, dirty_bitmaps: bool = True,
-                 retention: Policy | None = None) -> None:
+                 retention: Policy | None = None,
+                 layout: VolumeLayout | None = None) -> None:
         self.hv, self.dom, self.store = hv, dom, store
+        self.layout = layout or VolumeLayout()
         self.name, self.uuid, self.pool_dir = name, uuid, pool_dir
         self.work = [DiskWork(d) for d in disks]
         self.quiesce, self.force_new = quiesce, new_generation
@@ -367,7 +379,8 @@ class _BackupRun(BackupVolumes, BackupUndo):
                                    changed=s.changed, zero=s.zero, unchanged=s.unchanged),
                 bytes_written=s.bytes_written,
                 seconds={"read": round(s.seconds, 3), "commit": round(w.commit_seconds, 3)},
-                dirty_bitmap=w.dirty_bitmap))
+                dirty_bitmap=w.dirty_bitmap, compression=self.layout.compression,
+                volume_bytes=w.volume_final.stat().st_size))
         if self.new_gen:
             self.store.write_generation(GenerationRecord(
                 generation=g, first_point=self.point, created=self.started,

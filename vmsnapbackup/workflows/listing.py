@@ -3,10 +3,12 @@ so listing never needs libvirt and never shows a half-written point."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..adapters.storagepool import resolve_pool
+from ..core.manifest import PointDisk
 from ..core.pool import DomainStore, Pool
 from ..errors import VmSnapBackupError
 from .generation import base_files_bytes
@@ -29,6 +31,12 @@ class PointSummary:
     damaged: str | None = None
     #: what the point's generation stores now: its base plus its points still in the pool
     generation_bytes: int = 0
+    #: "zstd" when the point's volumes are compressed (FORMAT §15.1), else None
+    compression: str | None = None
+    #: size of the point's volume files (None: a manifest from before §15.1)
+    volume_bytes: int | None = None
+    #: volume_bytes / stored_bytes: what compression (and qcow2 metadata) made of the data
+    ratio: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -54,9 +62,21 @@ def list_points(pool: str | os.PathLike[str], *, uri: str = "qemu:///system",
                 disks=[d.target for d in m.disks],
                 virtual_bytes=sum(d.virtual_size for d in m.disks),
                 stored_bytes=sum(d.bytes_written for d in m.disks),
-                generation_start=m.is_generation_start))
+                generation_start=m.is_generation_start,
+                **_volume_costs(m.disks)))
         _add_generation_costs(store, [p for p in out if p.uuid == store.uuid])
     return out
+
+
+def _volume_costs(disks: Sequence[PointDisk]) -> dict[str, Any]:
+    """``compression``, ``volume_bytes`` and ``ratio`` of a point, from its manifest."""
+    sizes = [d.volume_bytes for d in disks]
+    data = sum(d.bytes_written for d in disks)
+    if any(v is None for v in sizes):
+        return {"compression": disks[0].compression}
+    on_disk = sum(v for v in sizes if v is not None)
+    return {"compression": disks[0].compression, "volume_bytes": on_disk,
+            "ratio": round(on_disk / data, 3) if data else None}
 
 
 def _add_generation_costs(store: DomainStore, points: list[PointSummary]) -> None:
