@@ -92,3 +92,27 @@ def test_key_file_rules(tmp_path: Path) -> None:
     assert MATERIAL.decode() not in repr(kf)
     with pytest.raises(UsageError, match="regular file"):
         KeyFile(tmp_path)
+
+
+def test_compress_with_encrypt_is_refused_before_anything(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str],
+                                                          ) -> None:
+    """FORMAT §15.2: the combination leaks plaintext on QEMU 7.2; refused as bad usage,
+    before libvirt or the pool is touched (the domain need not even exist)."""
+    from vmsnapbackup.cli import main
+    from vmsnapbackup.errors import ExitCode
+
+    key = tmp_path / "pool.key"
+    key.write_bytes(MATERIAL)
+    key.chmod(0o600)
+    pool = tmp_path / "pool"
+    rc = main(["--pool", str(pool), "--connect", "test:///default", "backup", "no-such-domain",
+               "--compress", "zstd", "--encrypt", "--key-file", str(key)])
+    assert rc == ExitCode.USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "compression and encryption together are refused" in err[0]
+    assert not pool.exists()
+    rc = main(["--pool", str(pool), "--connect", "test:///default", "backup", "no-such-domain",
+               "--encrypt", "--key-file", str(key)])
+    assert rc == ExitCode.USAGE
+    assert "not available" in capsys.readouterr().err and not pool.exists()

@@ -49,6 +49,10 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--compress", choices=("zstd", "none"), default=None,
                    help="write compressed qcow2 volumes (zstd), or plain ones (none); default: "
                    "the pool's default, which a backup that creates the pool records")
+    p.add_argument("--encrypt", action="store_true",
+                   help="encrypted pool (docs/FORMAT.md §15.2): refused in this version, and "
+                   "always together with --compress")
+    p.add_argument("--key-file", metavar="FILE", help="the key of an encrypted pool")
     add_json_option(p)
     p.set_defaults(run=run)
 
@@ -86,7 +90,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         new_generation=args.new_generation, threshold=args.threshold,
         block_size=args.block_size, base_format=args.base_format,
         overlay_dir=args.overlay_dir, progress=ctx.progress(),
-        dirty_bitmaps=args.dirty_bitmaps, retention=retention, compression=args.compress)
+        dirty_bitmaps=args.dirty_bitmaps, retention=retention, compression=args.compress,
+        encrypt=args.encrypt)
     ctx.emit(result.to_dict(), _text(result))
     return 0
 

@@ -27,7 +27,7 @@ from ..adapters.domainxml import Disk, overlay_path
 from ..adapters.hypervisor import Hypervisor, connect
 from ..adapters.storagedaemon import StorageDaemon
 from ..adapters.storagepool import refresh_pool, resolve_pool
-from ..adapters.volumeformat import VolumeLayout, resolve_compression
+from ..adapters.volumeformat import VolumeLayout, refuse_encryption, resolve_compression
 from ..core import inflight
 from ..core.atomic import durable_rename
 from ..core.checktable import write_check_table
@@ -88,6 +88,7 @@ def backup(
     dirty_bitmaps: bool = True,
     retention: Policy | None = None,
     compression: str | None = None,
+    encrypt: bool = False,
 ) -> BackupResult:
     """Back up ``domain`` (name, UUID or id) into ``pool`` (a path or a libvirt pool name).
 
@@ -115,6 +116,8 @@ def backup(
     if threshold is not None and not 0.0 < threshold <= 1.0:
         raise UsageError(f"the new-generation threshold must be in (0, 1], not {threshold}")
     VolumeLayout(resolve_compression(compression, None)).check(base_format)  # before any pool
+    if encrypt:
+        refuse_encryption(resolve_compression(compression, None))
     started_mono = time.monotonic()
     pool_dir, libvirt_pool = resolve_pool(os.fspath(pool), uri)
     with connect(uri) as hv, interruptible("backup"):
