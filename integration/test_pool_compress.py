@@ -135,3 +135,46 @@ def test_compress_with_a_raw_base_is_refused_before_any_pool(running_domain, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "compress" in err[0]
     assert not pool.exists()
+
+
+def test_mount_boot_and_prune_of_a_compressed_pool(running_domain, make_domain,  # type: ignore[no-untyped-def]
+                                                   libvirt_conn, tmp_path: Path) -> None:
+    """The other readers open compressed volumes unchanged: a pool created with the
+    default ``zstd`` (so the plain ``backup()`` calls of test_access's two points
+    compress), served by mount, booted, pruned, and the kept point restored exactly."""
+    from test_access import Points, pool_state, qemu_io_read, read_all
+
+    from vmsnapbackup.workflows.access import boot_point, discard_boot, mount_point
+    from vmsnapbackup.workflows.prune import prune
+    from vmsnapbackup.workflows.restore import restore
+
+    pool = tmp_path / "pool"
+    Pool.create(pool, compression="zstd")
+    points = Points(running_domain, pool)
+    for n in (1, 2):
+        assert {d.compression for d in points.store.read_manifest(n).disks} == {"zstd"}
+        for target in ("vda", "vdb"):
+            with mount_point(points.dom.name, pool, n, target) as m:
+                assert read_all(m.uri) == points.expected[n][target], (n, target)
+
+    overlay_root = make_domain.scratch_dir("vsb-boot")
+    name = f"{points.dom.name}-boot"
+    before = pool_state(pool)
+    boot_point(points.dom.name, pool, 2, name, overlay_dir=overlay_root)
+    try:
+        dom = libvirt_conn.lookupByName(name)
+        assert qemu_io_read(dom, "virtio-disk0", 512 * 1024, 1 * MiB, 0x33).startswith(
+            "read 1048576/1048576")
+        assert qemu_io_read(dom, "virtio-disk1", 32 * MiB, 12 * 1024, 0x22).startswith(
+            "read 12288/12288")
+    finally:
+        assert discard_boot(name, overlay_dir=overlay_root).domain_removed
+    assert pool_state(pool) == before
+
+    report = prune(points.dom.name, pool, keep_last=1)
+    assert [p.number for p in report.removed] == [1]
+    assert [p.number for p in points.store.points()] == [2]
+    out = tmp_path / "restored"
+    result = restore(points.dom.name, pool, point=2, to=out, fmt="raw")
+    for d in result.disks:
+        assert _read_image(Path(d.path), "raw") == points.expected[2][d.target]
