@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -149,7 +150,8 @@ class QemuImg:
     def create(self, path: str, fmt: str, *, size: int | None = None,
                backing: str | None = None, backing_fmt: str | None = None,
                relative_backing: bool = True, cluster_size: int | None = None,
-               mode: int = 0o600, in_pool: bool = False) -> None:
+               mode: int = 0o600, in_pool: bool = False,
+               options: Sequence[str] = ()) -> None:
         """Create a new image (never overwriting), private (``mode``) from the start.
 
         ``backing`` is a path (stored relative to ``path`` when ``relative_backing``)
@@ -167,6 +169,8 @@ class QemuImg:
         args = ["create", "-q", "-f", fmt]
         if cluster_size is not None and fmt == "qcow2":
             args += ["-o", f"cluster_size={int(cluster_size)}"]
+        for option in options:   # e.g. compression_type=zstd (.volumeformat)
+            args += ["-o", option]
         if backing is not None:
             is_uri = "://" in backing
             if backing_fmt is None:

@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
@@ -197,7 +198,9 @@ class StorageDaemon(DaemonProcess):
 
     def _add_export(self, path: str, fmt: str | None, writable: bool, name: str | None,
                     direct: bool = False, bitmap: str | None = None,
-                    pinned: PinnedImage | None = None) -> Export:
+                    pinned: PinnedImage | None = None,
+                    layout_node: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                    ) -> Export:
         if self._qmp is None or self._closed:
             raise errors.ExportError("storage daemon is not running")
         path = os.path.abspath(path)
@@ -221,7 +224,9 @@ class StorageDaemon(DaemonProcess):
             # end, went through the page cache and cost twice the time
             fmt_args = nodes.format_node_args(fmt, node, file_node, writable=writable,
                                               pinned=pinned, host=self.host)
-            self._add_node(path, fmt_args, direct, cache={"direct": True})
+            # a volume layout's node over the format node (.volumeformat: compress filter)
+            self._add_node(path, layout_node(fmt_args) if layout_node else fmt_args, direct,
+                           cache={"direct": True})
             export_args: dict[str, Any] = {"type": "nbd", "id": export_id, "node-name": node,
                                            "name": name, "writable": writable}
             refused = None
@@ -359,6 +364,8 @@ class StorageDaemon(DaemonProcess):
         fmt: str = "qcow2",
         cluster_size: int = 65536,
         name: str | None = None,
+        options: Sequence[str] = (),
+        layout_node: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ) -> Export:
         """Create a new image (never overwriting) and export it writable.
 
@@ -367,14 +374,16 @@ class StorageDaemon(DaemonProcess):
         to the backing image's size. ``fmt="raw"`` creates a sparse raw file.
         The file is 0600 from its first instant (O_EXCL, then ``qemu-img create``
         into it) and removed again if the export fails. Data written through the
-        export reaches the disk (fdatasync) when the export is removed.
+        export reaches the disk (fdatasync) when the export is removed.  ``options``
+        (``qemu-img create -o``) and ``layout_node`` (the node exported over the
+        format node) come from :class:`.volumeformat.VolumeLayout`.
         """
         path = os.path.abspath(path)
         self._qemu_img.create(path, fmt, size=size, backing=backing, backing_fmt=backing_fmt,
                               cluster_size=cluster_size if fmt == "qcow2" else None,
-                              mode=0o600, in_pool=True)
+                              mode=0o600, in_pool=True, options=options)
         try:
-            return self._add_export(path, fmt, True, name)
+            return self._add_export(path, fmt, True, name, layout_node=layout_node)
         except BaseException:
             self.host.unlink(path)
             raise

@@ -83,6 +83,13 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--nbd-ports", metavar="FIRST-LAST",
                    help="with --tls-dir: the TCP ports the hypervisor may serve on "
                    "(default 10809-10872)")
+    p.add_argument("--compress", choices=("zstd", "none"), default=None,
+                   help="write compressed qcow2 volumes (zstd), or plain ones (none); default: "
+                   "the pool's default, which a backup that creates the pool records")
+    p.add_argument("--encrypt", action="store_true",
+                   help="encrypted pool (docs/FORMAT.md §15.2): refused in this version, and "
+                   "always together with --compress")
+    p.add_argument("--key-file", metavar="FILE", help="the key of an encrypted pool")
     add_json_option(p)
     p.set_defaults(run=run)
 
@@ -130,7 +137,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
                    new_generation=args.new_generation, threshold=args.threshold,
                    block_size=args.block_size, base_format=args.base_format,
                    overlay_dir=args.overlay_dir, dirty_bitmaps=args.dirty_bitmaps,
-                   retention=retention, data_path=data_path_from(args.tls_dir, args.nbd_ports))
+                   retention=retention, data_path=data_path_from(args.tls_dir, args.nbd_ports),
+                   compression=args.compress, encrypt=args.encrypt)
     budget = None if max_rate is None else RateBudget(max_rate)
     with rate_budget(budget):
         if args.every or len(args.domains) != 1 or len(ctx.uris) > 1:

@@ -38,7 +38,7 @@ def _text(points: List["PointSummary"]) -> str:
     if not points:
         return "no points"
     header = f"{'DOMAIN':<20} {'POINT':>5} {'GEN':>4} {'TAKEN (UTC)':<20} {'CONSISTENCY':<16} " \
-             f"{'DISKS':<10} {'STORED':>10} {'GEN COST':>10}"
+             f"{'DISKS':<10} {'STORED':>10} {'GEN COST':>10} {'ON DISK':>10} {'RATIO':>6}"
     rows = [header]
     for p in points:
         if p.damaged:
@@ -48,7 +48,7 @@ def _text(points: List["PointSummary"]) -> str:
         rows.append(f"{p.domain:<20} {p.point:>5} {p.generation:>4} "
                     f"{(p.taken or '')[:19].replace('T', ' '):<20} {p.consistency:<16} "
                     f"{','.join(p.disks):<10} {size_text(p.stored_bytes):>10} "
-                    f"{size_text(p.generation_bytes):>10}")
+                    f"{size_text(p.generation_bytes):>10} {_on_disk(p)}")
     return "\n".join(rows)
 
 
@@ -60,3 +60,12 @@ def _full_read_notes(points: List["PointSummary"]) -> List[str]:
             newest[p.uuid] = p   # oldest first: the last one wins
     return [f"note: {p.domain}: {', '.join(p.full_read)} raw (image or block device): every "
             "backup reads all of it (no dirty bitmap)" for p in newest.values() if p.full_read]
+
+
+def _on_disk(p: "PointSummary") -> str:
+    """The volume files' size and their ratio to the data stored (FORMAT §15.1):
+    below 1 for compressed volumes, about 1 for plain ones; blank when not recorded."""
+    if p.volume_bytes is None:
+        return f"{'-':>10} {'-':>6}"
+    ratio = f"{p.ratio:.2f}" if p.ratio is not None else "-"
+    return f"{size_text(p.volume_bytes):>10} {ratio:>6}"

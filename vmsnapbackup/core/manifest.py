@@ -50,6 +50,7 @@ from .names import (
     table_name,
 )
 from .pointmanifest import (
+    COMPRESSIONS,
     CONSISTENCIES,
     CONSISTENCY_CRASH,
     CONSISTENCY_OFFLINE,
@@ -71,6 +72,7 @@ __all__ = [
     "ALGORITHM",
     "CHECKPOINT_NAME",
     "CHECKPOINT_PREFIX",
+    "COMPRESSIONS",
     "CONSISTENCIES",
     "CONSISTENCY_CRASH",
     "CONSISTENCY_OFFLINE",
@@ -128,9 +130,15 @@ class PoolHeader:
     """``vmsnapbackup-pool.json``: its presence is what makes a directory a pool."""
 
     created: str
+    #: what backups into this pool compress with unless told otherwise (FORMAT §15.1)
+    compression: str | None = None
 
     def to_dict(self) -> JsonDict:
-        return {"format": POOL_FORMAT, "version": FORMAT_VERSION, "created": self.created}
+        d: JsonDict = {"format": POOL_FORMAT, "version": FORMAT_VERSION,
+                       "created": self.created}
+        if self.compression is not None:
+            d["compression"] = self.compression
+        return d
 
     def to_json(self) -> bytes:
         return record_bytes(_validated(self.to_dict(), PoolHeader))
@@ -138,7 +146,10 @@ class PoolHeader:
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any], path: PathArg) -> PoolHeader:
         check_header(obj, path, POOL_FORMAT, "pool")
-        return cls(created=Fields(obj, path).timestamp("created"))
+        f = Fields(obj, path)
+        compression = (f.choice("compression", COMPRESSIONS)
+                       if obj.get("compression") is not None else None)
+        return cls(created=f.timestamp("created"), compression=compression)
 
     @classmethod
     def from_json(cls, data: bytes | str, path: PathArg) -> PoolHeader:

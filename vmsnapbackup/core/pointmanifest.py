@@ -39,6 +39,7 @@ from .names import (
 )
 
 __all__ = [
+    "COMPRESSIONS",
     "CONSISTENCIES",
     "CONSISTENCY_CRASH",
     "CONSISTENCY_OFFLINE",
@@ -62,6 +63,9 @@ CONSISTENCY_QUIESCED = "quiesced"
 CONSISTENCY_CRASH = "crash-consistent"
 CONSISTENCY_OFFLINE = "offline"
 CONSISTENCIES = (CONSISTENCY_QUIESCED, CONSISTENCY_CRASH, CONSISTENCY_OFFLINE)
+
+#: How a volume may be compressed (FORMAT §15.1): qcow2 compression types we write.
+COMPRESSIONS = ("zstd",)
 
 #: The end of every version-2 manifest: the checksum member closes the object (§7.3).
 _TRAILER = re.compile(rb'"checksum": "([0-9a-f]{32})"\n\}\n\Z')
@@ -194,6 +198,10 @@ class PointDisk:
     seconds: Mapping[str, float] = field(default_factory=dict)
     #: the bitmap that let the pass skip unwritten blocks (None: every data block was read)
     dirty_bitmap: str | None = None
+    #: "zstd" when the volume holds compressed clusters (FORMAT §15.1; None: plain)
+    compression: str | None = None
+    #: the volume file's size when sealed: what the point costs in the pool (None: unknown)
+    volume_bytes: int | None = None
 
     @property
     def is_base(self) -> bool:
@@ -204,8 +212,9 @@ class PointDisk:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["blocks"] = self.blocks.to_dict()
         d["seconds"] = dict(self.seconds)
-        if self.dirty_bitmap is None:  # optional (FORMAT §12)
-            del d["dirty_bitmap"]
+        for optional in ("dirty_bitmap", "compression", "volume_bytes"):
+            if d[optional] is None:  # optional (FORMAT §12, §15.1)
+                del d[optional]
         return d
 
     @classmethod
@@ -231,6 +240,10 @@ class PointDisk:
             bytes_written=f.integer("bytes_written"),
             seconds=seconds,
             dirty_bitmap=f.checkpoint("dirty_bitmap"),
+            compression=(f.choice("compression", COMPRESSIONS)
+                         if f.obj.get("compression") is not None else None),
+            volume_bytes=(f.integer("volume_bytes")
+                          if f.obj.get("volume_bytes") is not None else None),
         )
         if (d.difference is None) != (d.difference_digest is None):
             f.fail("difference_digest", "difference and difference_digest must both be set "

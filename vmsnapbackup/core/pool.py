@@ -105,18 +105,25 @@ class Pool:
         return self.root / DOMAINS_DIR
 
     @classmethod
-    def create(cls, path: str | os.PathLike[str]) -> Pool:
+    def create(cls, path: str | os.PathLike[str], *, compression: str | None = None) -> Pool:
         """Create a pool (or open the one already there): ``open(path, create=True)``."""
-        return cls.open(path, create=True)
+        return cls.open(path, create=True, compression=compression)
+
+    @property
+    def compression(self) -> str | None:
+        """The pool's default compression (FORMAT §15.1), fixed when it was created."""
+        return self.header.compression
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], create: bool = False) -> Pool:
+    def open(cls, path: str | os.PathLike[str], create: bool = False, *,
+             compression: str | None = None) -> Pool:
         """Open the pool at ``path``, after the version gate.
 
         With ``create=True`` a missing path or an empty directory becomes a pool; a
         non-empty directory without a header is refused (UsageError), because writing
         a pool into, say, ``/var/lib/libvirt/images`` by a typo would mix backups with
-        live disks.  Without ``create``, no header is NotFoundError.
+        live disks.  Without ``create``, no header is NotFoundError.  ``compression``
+        is recorded as the default of a pool created here (an existing pool keeps its own).
         """
         root = Path(os.path.abspath(os.fspath(path)))
         header_path = root / POOL_HEADER
@@ -136,7 +143,7 @@ class Pool:
                 f"not a vmsnapbackup pool: {root} is a non-empty directory without "
                 f"{POOL_HEADER}; refusing to create a pool there")
         make_private_dir(root / DOMAINS_DIR)
-        header = PoolHeader(created=utc_now())
+        header = PoolHeader(created=utc_now(), compression=compression)
         try:
             # the header last: it is what makes the directory a pool
             atomic_write_bytes(header_path, header.to_json(), exclusive=True)

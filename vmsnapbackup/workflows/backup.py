@@ -31,6 +31,7 @@ from ..adapters.hypervisor import Hypervisor, connect
 from ..adapters.sourceexport import DataPath
 from ..adapters.storagedaemon import StorageDaemon
 from ..adapters.storagepool import refresh_pool, resolve_pool
+from ..adapters.volumeformat import VolumeLayout, refuse_encryption, resolve_compression
 from ..core import inflight
 from ..core.defaults import DEFAULT_URI
 from ..core.difftable import compare
@@ -85,6 +86,8 @@ def backup(
     dirty_bitmaps: bool | None = None,
     retention: Policy | None = None,
     data_path: DataPath | None = None,
+    compression: str | None = None,
+    encrypt: bool = False,
 ) -> BackupResult:
     """Back up ``domain`` (name, UUID or id) into ``pool`` (a path or a libvirt pool name).
 
@@ -107,6 +110,9 @@ def backup(
     pays (from the stored sizes, weighing the base by ``retention``, the policy
     the pool is pruned with; None weighs it as a point); a fraction is the older
     rule "the newest point changed more than this fraction of a disk's blocks".
+
+    ``compression`` ``"zstd"`` writes compressed volumes (FORMAT §15.1), ``"none"``
+    plain ones, None the pool's default (recorded when this backup creates the pool).
     """
     validate_block_size(block_size)
     if base_format not in BASE_FORMATS:
@@ -114,6 +120,9 @@ def backup(
                          f"not {base_format!r}")
     if threshold is not None and not 0.0 < threshold <= 1.0:
         raise UsageError(f"the new-generation threshold must be in (0, 1], not {threshold}")
+    VolumeLayout(resolve_compression(compression, None)).check(base_format)  # before any pool
+    if encrypt:
+        refuse_encryption(resolve_compression(compression, None))
     started_mono = time.monotonic()
     pool_dir, libvirt_pool = resolve_pool(os.fspath(pool), uri)
     with connect(uri) as hv, interruptible("backup"):
@@ -135,7 +144,11 @@ def backup(
             dirty_bitmaps = checkpoints_wanted(dom)
         # only now, with a domain worth backing up: a typo must not leave a new pool behind
         announce_new_pool(pool_dir)
-        store = Pool.open(pool_dir, create=True).domain(uuid, name, create=True)
+        new_default = compression if compression != "none" else None
+        the_pool = Pool.open(pool_dir, create=True, compression=new_default)
+        layout = VolumeLayout(resolve_compression(compression, the_pool.compression))
+        layout.check(base_format)
+        store = the_pool.domain(uuid, name, create=True)
         with store.lock("backup"):
             refuse_live_backup(uuid, name)   # again: it may have started meanwhile
             repair_before_backup(store, hv, dom, name, pool_dir)
@@ -145,7 +158,7 @@ def backup(
                              threshold=threshold, block_size=block_size,
                              base_format=base_format, overlay_dirs=places,
                              progress=progress, dirty_bitmaps=dirty_bitmaps,
-                             retention=retention)
+                             retention=retention, layout=layout)
             run.data_path = data_path
             result = run.execute()
     refresh_pool(libvirt_pool, uri)
@@ -162,8 +175,10 @@ class _BackupRun(BackupVolumes, BackupSeal, BackupUndo):
                  new_generation: bool, threshold: float | None, block_size: int,
                  base_format: str, overlay_dirs: dict[str, str | None],
                  progress: ProgressCallback | None, dirty_bitmaps: bool = True,
-                 retention: Policy | None = None) -> None:
+                 retention: Policy | None = None,
+                 layout: VolumeLayout | None = None) -> None:
         self.hv, self.dom, self.store = hv, dom, store
+        self.layout = layout or VolumeLayout()
         self.name, self.uuid, self.pool_dir = name, uuid, pool_dir
         self.work = [DiskWork(d) for d in disks]
         self.quiesce, self.force_new = quiesce, new_generation

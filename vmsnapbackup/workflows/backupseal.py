@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ..adapters.volumeformat import VolumeLayout
 from ..core.atomic import durable_rename
 from ..core.checktable import write_check_table
 from ..core.difftable import write_difference_table
@@ -57,6 +58,7 @@ class BackupSeal:
     qemu_run: str | None
     sealed: bool
     overlay_seconds: float
+    layout: VolumeLayout
 
     def _seal(self) -> None:
         """Step 6: volumes, then tables, then the manifest (FORMAT §10 steps 3 to 5)."""
@@ -108,7 +110,8 @@ class BackupSeal:
                                    changed=s.changed, zero=s.zero, unchanged=s.unchanged),
                 bytes_written=s.bytes_written,
                 seconds={"read": round(s.seconds, 3), "commit": round(w.commit_seconds, 3)},
-                dirty_bitmap=w.dirty_bitmap))
+                dirty_bitmap=w.dirty_bitmap, compression=self.layout.compression,
+                volume_bytes=w.volume_final.stat().st_size))
         if self.new_gen:
             self.store.write_generation(GenerationRecord(
                 generation=g, first_point=self.point, created=self.started,

@@ -16,6 +16,7 @@ from ..adapters.hypervisor import Hypervisor
 from ..adapters.nbdclient import NbdClient
 from ..adapters.sourceexport import open_source
 from ..adapters.storagedaemon import Export, StorageDaemon
+from ..adapters.volumeformat import VolumeLayout, cluster_size
 from ..core.checktable import read_check_table
 from ..core.journal import Journal
 from ..core.manifest import GenerationRecord
@@ -46,6 +47,7 @@ class BackupVolumes:
     block_size: int
     created: list[Path]
     bitmaps: BitmapPolicy
+    layout: VolumeLayout
 
     def _open_volume(self, daemon: StorageDaemon, w: DiskWork) -> Export:
         """The disk's volume created and exported (QMP: in the main thread); table 1 read."""
@@ -67,10 +69,11 @@ class BackupVolumes:
         partial = final.with_name(partial_name(final.name))
         self.journal.add_files([self.store.relpath(partial)])
         w.volume_partial, w.volume_final = partial, final
-        cluster = min(max(self.block_size, 65536), 2 * 1024 * 1024)
+        cluster = cluster_size(self.block_size, self.layout.compression, w.size)
         out = daemon.create_writable(
             str(partial), size=w.size, fmt=fmt, cluster_size=cluster, name=f"dst-{target}",
-            backing=backing, backing_fmt=backing_fmt)
+            backing=backing, backing_fmt=backing_fmt, options=self.layout.create_options(),
+            layout_node=self.layout.writer_node())
         self.created.append(partial)
         return out
 

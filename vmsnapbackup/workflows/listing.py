@@ -3,11 +3,13 @@ so listing never needs libvirt and never shows a half-written point."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..adapters.storagepool import resolve_pool
 from ..core.defaults import DEFAULT_URI
+from ..core.manifest import PointDisk
 from ..core.pool import DomainStore, Pool
 from ..errors import NotFoundError, VmSnapBackupError
 from .generation import base_files_bytes
@@ -32,6 +34,12 @@ class PointSummary:
     generation_bytes: int = 0
     #: disks every backup reads in full (raw images, block devices: no dirty bitmap)
     full_read: list[str] = field(default_factory=list)
+    #: "zstd" when the point's volumes are compressed (FORMAT §15.1), else None
+    compression: str | None = None
+    #: size of the point's volume files (None: a manifest from before §15.1)
+    volume_bytes: int | None = None
+    #: volume_bytes / stored_bytes: what compression (and qcow2 metadata) made of the data
+    ratio: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -57,9 +65,21 @@ def list_points(pool: str | os.PathLike[str], *, uri: str = DEFAULT_URI,
                 virtual_bytes=sum(d.virtual_size for d in m.disks),
                 stored_bytes=sum(d.bytes_written for d in m.disks),
                 generation_start=m.is_generation_start,
-                full_read=[d.target for d in m.disks if d.format != "qcow2"]))
+                full_read=[d.target for d in m.disks if d.format != "qcow2"],
+                **_volume_costs(m.disks)))
         _add_generation_costs(store, [p for p in out if p.uuid == store.uuid])
     return out
+
+
+def _volume_costs(disks: Sequence[PointDisk]) -> dict[str, Any]:
+    """``compression``, ``volume_bytes`` and ``ratio`` of a point, from its manifest."""
+    sizes = [d.volume_bytes for d in disks]
+    data = sum(d.bytes_written for d in disks)
+    if any(v is None for v in sizes):
+        return {"compression": disks[0].compression}
+    on_disk = sum(v for v in sizes if v is not None)
+    return {"compression": disks[0].compression, "volume_bytes": on_disk,
+            "ratio": round(on_disk / data, 3) if data else None}
 
 
 def _add_generation_costs(store: DomainStore, points: list[PointSummary]) -> None:
