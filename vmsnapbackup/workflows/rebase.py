@@ -28,7 +28,7 @@ from ..adapters.storagedaemon import StorageDaemon
 from ..core.atomic import durable_rename, fsync_dir
 from ..core.checktable import CheckTable, write_check_table
 from ..core.defaults import DEFAULT_URI
-from ..core.journal import JournalDisk, JournalEntry
+from ..core.journal import JournalDaemon, JournalDisk, JournalEntry
 from ..core.jsonfields import digest_hex
 from ..core.manifest import (
     BlockCounts,
@@ -198,10 +198,13 @@ class _RebaseRun:
         assert self.gen_dir is not None
         self.journal.update(generation=self.generation, new_generation=True,
                             files=[self.store.relpath(self.gen_dir)])
-        self.journal.update(step="read")
         disks = []
         with StorageDaemon(self.runtime_base, tag=f"rebase-{self.store.name}-{self.point}") \
                 as daemon:
+            # named in the journal so that repair stops it if this process dies
+            assert daemon.pid is not None and daemon.runtime_dir is not None
+            self.journal.update(step="read", daemon=JournalDaemon(
+                pid=daemon.pid, runtime_dir=daemon.runtime_dir))
             for d in self.source.disks:
                 disks.append(self._copy_disk(daemon, d))
         self._seal(disks)
