@@ -59,8 +59,9 @@ from ..core.blockruns import (
     intersect_runs,
     whole_block_runs,
 )
-from ..core.checktable import CheckTable, CheckTableBuilder
+from ..core.checktable import CheckTable
 from ..core.difftable import changed_indexes
+from ..core.tablebuilder import CheckTableBuilder
 from ..errors import IntegrityError, NotFoundError, UsageError
 from ..progress import ProgressCallback, ProgressEvent, emit
 

@@ -33,6 +33,7 @@ from ..core.checktable import CheckTable, hash_blocks, read_check_table
 from ..core.difftable import DifferenceTable, apply, changed_indexes, read_difference_table
 from ..core.manifest import PointDisk, PointManifest
 from ..core.pool import DomainStore, Pool
+from ..core.tablefile import VALUE_SIZE
 from ..errors import CorruptFileError, NotFoundError, UsageError
 from ..progress import ProgressCallback, ProgressEvent, emit
 from .diskpass import RawImageSource, run_disk_pass
@@ -268,10 +269,10 @@ def compare_tables(expected: CheckTable, actual: CheckTable) -> BlockMismatch:
 def compare_sampled(expected: CheckTable, indexes: np.ndarray,
                     values: np.ndarray) -> BlockMismatch:
     """Sampled blocks: ``values[k]`` is the value read for block ``indexes[k]``."""
-    if values.shape != (len(indexes), expected.values.shape[1]):
+    if values.shape != (len(indexes), VALUE_SIZE):
         raise UsageError(f"{values.shape} values for {len(indexes)} sampled blocks")
     idx = np.asarray(indexes, dtype=np.intp)
-    rows = expected.values[idx]
+    rows = expected.values_at(idx)
     differ = np.flatnonzero(np.any(rows != values, axis=1))
     return BlockMismatch(expected.block_size, expected.count, int(idx.size),
                          tuple(int(idx[k]) for k in differ))
@@ -368,7 +369,7 @@ def hash_sampled(daemon: StorageDaemon, path: Path, fmt: str, expected: CheckTab
         bad = _size_mismatch(expected, client.size)
         if bad is not None:
             return bad
-        values = np.empty((len(indexes), expected.values.shape[1]), dtype=np.uint8)
+        values = np.empty((len(indexes), VALUE_SIZE), dtype=np.uint8)
         total = sum(expected.block_length(int(i)) for i in indexes)
         done = 0
         pos = 0
