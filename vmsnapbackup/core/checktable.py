@@ -111,8 +111,9 @@ class CheckTable:
     def _put_chunk(self, lo: int, rel: np.ndarray) -> None:
         """Store relative values at ``lo``, leaving untouched pages untouched."""
         dst = self._rel[lo:lo + len(rel)]
-        if rel.any() or dst.any():
-            dst[:] = rel
+        if rel.any() or dst.any():   # only the rows that hold something: pages stay lazy
+            rows = np.any(rel, axis=1) | np.any(dst, axis=1)
+            dst[rows] = rel[rows]
 
     # -- construction ------------------------------------------------------
 
@@ -299,7 +300,7 @@ class CheckTable:
         for lo in range(start, stop, CHUNK_ENTRIES):
             chunk = self._rel[lo:min(lo + CHUNK_ENTRIES, stop)]
             if chunk.any():
-                chunk[:] = 0
+                chunk[np.any(chunk, axis=1)] = 0
         return span
 
     def take_from(self, other: CheckTable, span: range) -> None:
