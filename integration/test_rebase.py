@@ -124,3 +124,43 @@ def test_rebase_refusals(make_domain: DomainFactory, tmp_path: Path) -> None:
     assert bad.returncode == 5 and "Traceback" not in bad.stderr, bad
     assert sorted(p.number for p in store.points()) == [1, 2]
     assert store.generations() == [1] and not store.journal.exists()
+
+
+def test_rebase_of_a_4_gib_disk_costs_one_read_and_one_write(make_domain: DomainFactory,
+                                                             tmp_path: Path) -> None:
+    """Issue 19's cost goal: one read of the point and one write of the new base.  The
+    pass reads each data block of point 2 once and writes each non-zero one once (its
+    counts say so); its time is compared with ``qemu-img convert`` of the same point
+    (through its base, into a new qcow2) in the same run, and logged."""
+    import logging
+    import time
+
+    from vmsnapbackup.workflows.rebase import rebase
+
+    log = logging.getLogger("vsb.rebase")
+    size, data = 4 * 2**30, 2**30
+    dom = make_domain(disks=[DiskSpec("vda", "qcow2", size)], start=True)
+    for k in range(data // (64 * MiB)):     # 1 GiB of data in 64 MiB extents, spread
+        dom.write("vda", k * 4 * 64 * MiB, 64 * MiB, 1 + k)
+    pool = tmp_path / "pool"
+    backup(dom.name, pool)
+    dom.write("vda", 0, BLOCK, 0xEE)
+    backup(dom.name, pool)
+    store = Pool.open(pool).domain(dom.uuid)
+    volume = store.resolve(store.read_manifest(2).disk("vda").volume)
+
+    t0 = time.monotonic()
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(volume), str(tmp_path / "c.qcow2")],
+                   check=True)
+    convert_s = time.monotonic() - t0
+    (tmp_path / "c.qcow2").unlink()
+    t0 = time.monotonic()
+    r = rebase(dom.name, pool)
+    rebase_s = time.monotonic() - t0
+    (d,) = r.disks
+    blocks = data // BLOCK
+    assert d.stats.read == blocks and d.stats.holes == size // BLOCK - blocks, d.stats
+    assert d.stats.changed == blocks and d.stats.bytes_written == data, d.stats
+    log.info("rebase of a %d GiB disk holding %d GiB: %.2f s, qemu-img convert of the point "
+             "%.2f s: ratio %.2f", size >> 30, data >> 30, rebase_s, convert_s,
+             rebase_s / convert_s)
