@@ -16,12 +16,12 @@ from hypothesis import strategies as st
 
 from vmsnapbackup.core.checktable import (
     CheckTable,
-    CheckTableBuilder,
     hash_blocks,
     read_check_table,
     write_check_table,
     zero_value,
 )
+from vmsnapbackup.core.tablebuilder import CheckTableBuilder
 from vmsnapbackup.core.tablefile import file_checksum
 from vmsnapbackup.errors import (
     CorruptFileError,
@@ -407,7 +407,6 @@ def test_missing_file_is_corrupt(tmp_path) -> None:
 
 
 def test_take_from_copies_values_and_covers_blocks() -> None:
-    from vmsnapbackup.core.checktable import CheckTableBuilder
     bs = 4096
     size = 5 * bs + 100
     src = CheckTableBuilder(size, bs)

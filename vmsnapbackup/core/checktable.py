@@ -14,14 +14,16 @@ an all-zero block is known in advance (``zero_value``).
 """
 from __future__ import annotations
 
-import functools
 import logging
-from typing import NamedTuple, Union
+import mmap
+from collections.abc import Iterator
+from typing import Callable
 
 import numpy as np
 import xxhash
 
-from ..errors import CorruptFileError, IntegrityError, UsageError
+from ..errors import CorruptFileError, UsageError
+from .blockhash import Buffer, HashedBlocks, as_bytes_view, hash_blocks, zero_value
 from .tablefile import (
     DEFAULT_BLOCK_SIZE,
     VALUE_SIZE,
@@ -42,7 +44,6 @@ __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "Buffer",
     "CheckTable",
-    "CheckTableBuilder",
     "HashedBlocks",
     "hash_blocks",
     "read_check_table",
@@ -52,139 +53,154 @@ __all__ = [
 
 CHECK_TABLE_MAGIC = b"VSBTABLE"
 
-Buffer = Union[bytes, bytearray, memoryview]
-
-_xxh3_128_digest = xxhash.xxh3_128_digest
-
-
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _validate_disk_size(disk_size: object) -> int:
+def validate_disk_size(disk_size: object) -> int:
     if not _is_int(disk_size) or disk_size < 0:  # type: ignore[operator]
         raise UsageError(f"invalid disk size {disk_size!r}")
     return disk_size  # type: ignore[return-value]
 
 
-@functools.lru_cache(maxsize=64)
-def zero_value(length: int) -> bytes:
-    """The check value of ``length`` zero bytes.
-
-    Computed once per length (a table uses at most two: the block size and the
-    short last block), so holes reported by the export are never read.
-    """
-    if length < 0:
-        raise UsageError(f"negative block length {length}")
-    return _xxh3_128_digest(bytes(length))
-
-
-def _as_bytes_view(buffer: Buffer) -> memoryview:
-    """A flat byte view of any buffer, without copying (slices stay zero-copy)."""
-    view = memoryview(buffer)
-    if view.format != "B" or view.ndim != 1:
-        view = view.cast("B")
-    return view
-
-
-class HashedBlocks(NamedTuple):
-    """Values of consecutive blocks, and which of them are all zeros.
-
-    The zero flags are what a backup needs besides the values: a block that is
-    zeros is skipped in a base volume and written as zeros (not skipped) in a
-    point volume.  They come from comparing the value with ``zero_value``, not
-    from scanning the data again.
-    """
-
-    first: int  # index of the first block (0 for a plain buffer)
-    values: list[bytes]
-    zero: list[bool]
-
-
-def hash_blocks(buffer: Buffer, block_size: int, first: int = 0) -> HashedBlocks:
-    """Hash ``buffer`` block by block: blocks of ``block_size``, the last one may be short.
-
-    Hashes straight from slices of a memoryview: no block is copied.
-    """
-    validate_block_size(block_size)
-    view = _as_bytes_view(buffer)
-    size = len(view)
-    values = [_xxh3_128_digest(view[off:off + block_size]) for off in range(0, size, block_size)]
-    zero_full = zero_value(block_size)
-    zero = [value == zero_full for value in values]
-    tail = size % block_size
-    if tail:
-        zero[-1] = values[-1] == zero_value(tail)
-    return HashedBlocks(first, values, zero)
+#: Entries per chunk when a whole table is walked (1 MiB of values): bounds temporaries.
+CHUNK_ENTRIES = 1 << 16
 
 
 class CheckTable:
     """The check values of every block of one disk at one point.
 
-    ``values`` is an (count, 16) uint8 C-contiguous array that the table owns;
-    entry i is the XXH3-128 digest of bytes ``[i*bs, min((i+1)*bs, disk_size))``.
-    Not thread-safe: one builder fills one table.
+    Entry i is the XXH3-128 digest of bytes ``[i*bs, min((i+1)*bs, disk_size))``.
+    In memory each value is kept XORed with the value of an all-zero block
+    (``relative``): a hole is then 16 zero bytes, in an array allocated zeroed,
+    whose pages the kernel never materialises while nothing writes them.  So a
+    1 TiB disk holding 100 MiB costs memory for its data's entries, not for 16 Mi
+    of them (issue 19), while the file stays FORMAT §5's plain values.  Two tables
+    of one block size compare entry for entry on ``relative`` as on the values.
+    Whole-table work goes chunk by chunk (``CHUNK_ENTRIES``) and writes only
+    chunks that are not all zeros.  Not thread-safe: one builder fills one table.
     """
 
-    __slots__ = ("_flat", "_values", "block_size", "count", "disk_size")
+    __slots__ = ("_rel", "_zero", "block_size", "count", "disk_size")
 
     def __init__(self, disk_size: int, block_size: int, values: np.ndarray) -> None:
         validate_block_size(block_size)
-        _validate_disk_size(disk_size)
+        validate_disk_size(disk_size)
         count = block_count(disk_size, block_size)
         if values.dtype != np.uint8 or values.shape != (count, VALUE_SIZE):
             raise UsageError(
                 f"check table values must be a ({count}, {VALUE_SIZE}) uint8 array, "
                 f"got {values.shape} {values.dtype}")
-        if not values.flags.c_contiguous or not values.flags.writeable:
-            values = np.array(values, dtype=np.uint8, order="C")
+        self._setup(disk_size, block_size, count)
+        for lo in range(0, count, CHUNK_ENTRIES):
+            self._put_chunk(lo, values[lo:lo + CHUNK_ENTRIES] ^ self._zero)
+
+    def _setup(self, disk_size: int, block_size: int, count: int) -> None:
         self.block_size = block_size
         self.disk_size = disk_size
         self.count = count
-        self._values = values
-        self._flat = values.reshape(-1).data
+        self._zero = np.frombuffer(zero_value(block_size), dtype=np.uint8)
+        # anonymous memory: zero-filled, each page made only when written, and never a
+        # 2 MiB huge page (numpy's own large arrays ask for those, so one entry written
+        # would cost 2 MiB)
+        area = mmap.mmap(-1, max(count * VALUE_SIZE, 1),
+                         flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._rel = np.frombuffer(area, dtype=np.uint8,
+                                  count=count * VALUE_SIZE).reshape(count, VALUE_SIZE)
+
+    def _put_chunk(self, lo: int, rel: np.ndarray) -> None:
+        """Store relative values at ``lo``, leaving untouched pages untouched."""
+        dst = self._rel[lo:lo + len(rel)]
+        if rel.any() or dst.any():   # only the rows that hold something: pages stay lazy
+            rows = np.any(rel, axis=1) | np.any(dst, axis=1)
+            dst[rows] = rel[rows]
 
     # -- construction ------------------------------------------------------
 
     @classmethod
     def empty(cls, disk_size: int, block_size: int = DEFAULT_BLOCK_SIZE) -> CheckTable:
-        """The table of an all-zero disk: what a disk that is one hole hashes to.
-
-        A builder starts from this, so a hole needs no work at all when the
-        caller does not track coverage.
-        """
+        """The table of an all-zero disk: what a disk that is one hole hashes to."""
         validate_block_size(block_size)
-        _validate_disk_size(disk_size)
-        values = np.empty((block_count(disk_size, block_size), VALUE_SIZE), dtype=np.uint8)
-        table = cls(disk_size, block_size, values)
-        table.fill_zero(0, disk_size)
+        validate_disk_size(disk_size)
+        table = cls.__new__(cls)
+        table._setup(disk_size, block_size, block_count(disk_size, block_size))
+        tail = disk_size % block_size
+        if tail:   # fresh entries are the zero block's already, but for a short last block
+            table.set(table.count - 1, zero_value(tail))
         return table
 
     @classmethod
     def from_bytes(cls, disk_size: int, block_size: int, body: Buffer) -> CheckTable:
         """A table from its body (the concatenated values), copied."""
         validate_block_size(block_size)
-        _validate_disk_size(disk_size)
-        array = np.frombuffer(_as_bytes_view(body), dtype=np.uint8)
+        validate_disk_size(disk_size)
+        array = np.frombuffer(as_bytes_view(body), dtype=np.uint8)
         count = block_count(disk_size, block_size)
         if array.size != count * VALUE_SIZE:
             raise UsageError(f"body of {array.size} bytes does not hold {count} values")
-        return cls(disk_size, block_size, array.reshape(count, VALUE_SIZE).copy())
+        return cls(disk_size, block_size, array.reshape(count, VALUE_SIZE))
 
     def copy(self) -> CheckTable:
         """An independent table: rebuilding table N must never alter table 1."""
-        return CheckTable(self.disk_size, self.block_size, self._values.copy())
+        table = CheckTable.__new__(CheckTable)
+        table._setup(self.disk_size, self.block_size, self.count)
+        for lo in range(0, self.count, CHUNK_ENTRIES):
+            table._put_chunk(lo, self._rel[lo:lo + CHUNK_ENTRIES])
+        return table
 
     # -- access ------------------------------------------------------------
 
     @property
+    def relative(self) -> np.ndarray:
+        """The (count, 16) uint8 array of values XOR the zero block's value, not a
+        copy: holes are zeros; for vectorised comparison of same-block-size tables."""
+        return self._rel
+
+    @property
+    def zero_row(self) -> np.ndarray:
+        """The value of an all-zero block of the table's block size, as 16 uint8."""
+        return self._zero
+
+    @property
     def values(self) -> np.ndarray:
-        """The (count, 16) uint8 array itself (not a copy): for vectorised comparison."""
-        return self._values
+        """Every value, as a new (count, 16) array: a full copy (tests, small tables)."""
+        out: np.ndarray = self._rel ^ self._zero
+        return out
+
+    def values_at(self, indexes: np.ndarray) -> np.ndarray:
+        """The values of the blocks ``indexes``, as a new (len, 16) array."""
+        out: np.ndarray = self._rel[np.asarray(indexes, dtype=np.intp)] ^ self._zero
+        return out
+
+    def body_chunks(self) -> Iterator[memoryview]:
+        """The values as flat byte buffers, chunk by chunk (the file body, in order)."""
+        for lo in range(0, self.count, CHUNK_ENTRIES):
+            yield (self._rel[lo:lo + CHUNK_ENTRIES] ^ self._zero).reshape(-1).data
 
     def body(self) -> memoryview:
-        """The values as one flat byte buffer (what the file body and body digest cover)."""
-        return self._flat.toreadonly()
+        """The values as one flat byte buffer (a full copy: tests, small tables)."""
+        return self.values.reshape(-1).data.toreadonly()
+
+    def data_indexes(self) -> np.ndarray:
+        """Indexes (int64) of the blocks that are not all zeros, ascending."""
+        parts = [np.flatnonzero(np.any(self._rel[lo:lo + CHUNK_ENTRIES], axis=1)) + lo
+                 for lo in range(0, self.count, CHUNK_ENTRIES)
+                 if self._rel[lo:lo + CHUNK_ENTRIES].any()]
+        found = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        if self.count and self.block_length(self.count - 1) != self.block_size:
+            last = self.count - 1   # a short last block has its own zero value
+            found = found[found != last]
+            if not self.is_zero(last):
+                found = np.append(found, last)
+        return found.astype(np.int64)
+
+    def first_data_block(self, start: int, stop: int) -> int | None:
+        """The first block in ``[start, stop)`` (full-size blocks) that is not zeros."""
+        for lo in range(start, stop, CHUNK_ENTRIES):
+            chunk = self._rel[lo:min(lo + CHUNK_ENTRIES, stop)]
+            if chunk.any():
+                return lo + int(np.flatnonzero(np.any(chunk, axis=1))[0])
+        return None
 
     def _check_index(self, index: int) -> None:
         if not 0 <= index < self.count:
@@ -198,14 +214,14 @@ class CheckTable:
     def value(self, index: int) -> bytes:
         """Entry ``index`` as bytes (a copy, so it stays valid if the table changes)."""
         self._check_index(index)
-        return bytes(self._flat[index * VALUE_SIZE:(index + 1) * VALUE_SIZE])
+        return bytes((self._rel[index] ^ self._zero).data)
 
     def set(self, index: int, value: bytes) -> None:
         """Put one value in (e.g. a single re-read block); bulk work uses hash_into."""
         self._check_index(index)
         if len(value) != VALUE_SIZE:
             raise UsageError(f"a check value has {VALUE_SIZE} bytes, got {len(value)}")
-        self._flat[index * VALUE_SIZE:(index + 1) * VALUE_SIZE] = value
+        self._rel[index] = np.frombuffer(value, dtype=np.uint8) ^ self._zero
 
     def is_zero(self, index: int) -> bool:
         """Whether block ``index`` holds only zeros (judged by its value)."""
@@ -213,7 +229,10 @@ class CheckTable:
 
     def body_digest(self) -> bytes:
         """XXH3-128 of the values: what a manifest records to check a rebuilt table N."""
-        return _xxh3_128_digest(self._flat)
+        hasher = xxhash.xxh3_128()
+        for piece in self.body_chunks():
+            hasher.update(piece)
+        return hasher.digest()
 
     def __len__(self) -> int:
         return self.count
@@ -222,7 +241,9 @@ class CheckTable:
         if not isinstance(other, CheckTable):
             return NotImplemented
         return (self.block_size == other.block_size and self.disk_size == other.disk_size
-                and bool(np.array_equal(self._values, other._values)))
+                and all(np.array_equal(self._rel[lo:lo + CHUNK_ENTRIES],
+                                       other._rel[lo:lo + CHUNK_ENTRIES])
+                        for lo in range(0, self.count, CHUNK_ENTRIES)))
 
     __hash__ = None  # type: ignore[assignment]  # mutable
 
@@ -253,19 +274,20 @@ class CheckTable:
         """Hash the disk bytes ``buffer`` read at ``offset`` and store their values.
 
         The hot path of a backup: each block is hashed straight from a slice of
-        the caller's buffer (no copy), and the values land in the table with a
-        single copy.  Returns the values and zero flags so that the caller can
-        decide what to write without looking at the data again.
+        the caller's buffer (no copy).  Returns the values and zero flags so that
+        the caller can decide what to write without looking at the data again.
         """
-        view = _as_bytes_view(buffer)
+        view = as_bytes_view(buffer)
         span = self._block_span(offset, len(view), "buffer")
         hashed = hash_blocks(view, self.block_size, span.start)
         if hashed.values:
-            self._flat[span.start * VALUE_SIZE:span.stop * VALUE_SIZE] = b"".join(hashed.values)
+            got = np.frombuffer(b"".join(hashed.values), dtype=np.uint8)
+            self._put_chunk(span.start, got.reshape(-1, VALUE_SIZE) ^ self._zero)
         return hashed
 
     def fill_zero(self, offset: int, length: int) -> range:
-        """Record ``[offset, offset+length)`` as zeros (a hole): no data is read.
+        """Record ``[offset, offset+length)`` as zeros (a hole): no data is read, and
+        no memory is touched where the entries already are (zero relative values).
 
         Returns the block indexes set.
         """
@@ -273,73 +295,19 @@ class CheckTable:
         start, stop = span.start, span.stop
         tail = self.disk_size % self.block_size
         if tail and stop == self.count and start < stop:
-            self._values[stop - 1] = np.frombuffer(zero_value(tail), dtype=np.uint8)
+            self.set(stop - 1, zero_value(tail))
             stop -= 1
-        if start < stop:
-            self._values[start:stop] = np.frombuffer(zero_value(self.block_size), dtype=np.uint8)
+        for lo in range(start, stop, CHUNK_ENTRIES):
+            chunk = self._rel[lo:min(lo + CHUNK_ENTRIES, stop)]
+            if chunk.any():
+                chunk[np.any(chunk, axis=1)] = 0
         return span
 
-
-class CheckTableBuilder:
-    """Builds a check table from extents and refuses to finish with a gap.
-
-    A table whose untouched entries silently kept the zero value would make a
-    backup that skipped a region look complete; tracking which blocks were
-    hashed or marked a hole (one byte per block, 1/16 of the table) turns that
-    bug into an error at ``finish``.  Extents may overlap (the later wins).
-    """
-
-    def __init__(self, disk_size: int, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
-        validate_block_size(block_size)
-        _validate_disk_size(disk_size)
-        count = block_count(disk_size, block_size)
-        self.table = CheckTable(disk_size, block_size,
-                                np.zeros((count, VALUE_SIZE), dtype=np.uint8))
-        self._covered = np.zeros(count, dtype=np.bool_)
-
-    def hash_into(self, offset: int, buffer: Buffer) -> HashedBlocks:
-        """As :meth:`CheckTable.hash_into`, and mark the blocks covered."""
-        hashed = self.table.hash_into(offset, buffer)
-        self._covered[hashed.first:hashed.first + len(hashed.values)] = True
-        return hashed
-
-    def fill_zero(self, offset: int, length: int) -> range:
-        """As :meth:`CheckTable.fill_zero`, and mark the blocks covered."""
-        span = self.table.fill_zero(offset, length)
-        self._covered[span.start:span.stop] = True
-        return span
-
-    def take_from(self, other: CheckTable, offset: int, length: int) -> range:
-        """Copy ``other``'s values for ``[offset, offset+length)``: blocks known unchanged.
-
-        Used for the blocks a dirty bitmap says were not written since
-        ``other`` was built, so they need no read.  ``other`` must describe the
-        same disk with the same block size.
-        """
-        if (other.disk_size, other.block_size) != (self.table.disk_size, self.table.block_size):
-            raise UsageError(
-                f"cannot take values from a table of a {other.disk_size}-byte disk with "
-                f"{other.block_size}-byte blocks into one of {self.table.disk_size} bytes with "
-                f"{self.table.block_size}-byte blocks")
-        span = self.table._block_span(offset, length, "unchanged extent")
-        self.table._values[span.start:span.stop] = other._values[span.start:span.stop]
-        self._covered[span.start:span.stop] = True
-        return span
-
-    def first_missing(self) -> int | None:
-        """Index of the first block neither hashed nor marked a hole, or None."""
-        missing = np.flatnonzero(~self._covered)
-        return int(missing[0]) if missing.size else None
-
-    def finish(self) -> CheckTable:
-        """The table, once every block is covered; IntegrityError names the first gap."""
-        missing = self.first_missing()
-        if missing is not None:
-            left = int(np.count_nonzero(~self._covered))
-            raise IntegrityError(
-                f"check table incomplete: {left} block(s) never read nor reported as a "
-                f"hole, the first at offset {missing * self.table.block_size}")
-        return self.table
+    def take_from(self, other: CheckTable, span: range) -> None:
+        """Copy ``other``'s entries of ``span`` (same disk and block size), chunk-wise."""
+        for lo in range(span.start, span.stop, CHUNK_ENTRIES):
+            hi = min(lo + CHUNK_ENTRIES, span.stop)
+            self._put_chunk(lo, other._rel[lo:hi])
 
 
 # -- file I/O (FORMAT §5) ------------------------------------------------------
@@ -360,7 +328,7 @@ def write_check_table(dest: Destination, table: CheckTable) -> bytes:
     returned checksum is what a manifest records as ``table1_digest``.
     """
     header = pack_header(CHECK_TABLE_MAGIC, table.block_size, table.disk_size, table.count)
-    return write_table_file(dest, header, [table.body()], "check table")
+    return write_table_file(dest, header, table.body_chunks(), "check table")
 
 
 def read_check_table(source: Source, *, expected_checksum: bytes | None = None,
@@ -373,13 +341,26 @@ def read_check_table(source: Source, *, expected_checksum: bytes | None = None,
     ``expected_body_digest`` (the body digest, e.g. ``table_digest``) tie the
     file to the record that names it.
     """
-    header, body, _checksum, name = read_table_file(
+    built: list[CheckTable] = []
+    body_hash = xxhash.xxh3_128()
+
+    def sink_for(header: TableHeader) -> Callable[[int, memoryview], None]:
+        table = CheckTable.__new__(CheckTable)
+        table._setup(header.disk_size, header.block_size, header.count)
+        built.append(table)
+
+        def sink(pos: int, piece: memoryview) -> None:
+            body_hash.update(piece)
+            rows = np.frombuffer(piece, dtype=np.uint8).reshape(-1, VALUE_SIZE)
+            table._put_chunk(pos // VALUE_SIZE, rows ^ table.zero_row)
+        return sink
+
+    _header, _body, _checksum, name = read_table_file(
         source, magic=CHECK_TABLE_MAGIC, kind="check table", entry_size=VALUE_SIZE,
-        check_count=_check_count, expected_checksum=expected_checksum)
-    table = CheckTable(header.disk_size, header.block_size,
-                       body.reshape(header.count, VALUE_SIZE))
+        check_count=_check_count, expected_checksum=expected_checksum, body_sink=sink_for)
+    table = built[0]
     if expected_body_digest is not None:
-        digest = table.body_digest()
+        digest = body_hash.digest()
         if digest != expected_body_digest:
             raise CorruptFileError(name, f"check table: body digest {digest.hex()} differs "
                                          f"from the recorded {expected_body_digest.hex()}")

@@ -146,8 +146,9 @@ def _same_geometry(table1: CheckTable, other_bs: int, other_size: int, what: str
 
 
 def _u64_pairs(table: CheckTable) -> np.ndarray:
-    """The values as an (n, 2) uint64 view (no copy): two integer compares per entry."""
-    return table.values.view(np.uint64)
+    """The relative values (CheckTable.relative) as an (n, 2) uint64 view, no copy: two
+    integer compares per entry, and equal exactly where the values are."""
+    return table.relative.view(np.uint64)
 
 
 def _changed_positions(table1: CheckTable, table_n: CheckTable, start: int,
@@ -207,7 +208,7 @@ def compare(table1: CheckTable, table_n: CheckTable) -> DifferenceTable:
     new generation, decided by the workflow, so it is refused here (UsageError).
     """
     positions = _changed_positions(table1, table_n, 0, None)
-    values = np.take(_u64_pairs(table_n), positions, axis=0).view(np.uint8)
+    values = np.take(_u64_pairs(table_n), positions, axis=0).view(np.uint8) ^ table_n.zero_row
     return DifferenceTable(table1.disk_size, table1.block_size, table1.body_digest(),
                            _as_uint64(positions), values)
 
@@ -228,7 +229,8 @@ def apply(table1: CheckTable, diff: DifferenceTable) -> CheckTable:
     if diff.changed:
         positions = (diff.indexes.view(np.intp) if np.dtype(np.intp).itemsize == 8
                      else diff.indexes.astype(np.intp))  # indexes < count: no sign issue
-        np.put(_as_v16(rebuilt.values), positions, _as_v16(diff.values))
+        relative = np.ascontiguousarray(diff.values ^ rebuilt.zero_row)
+        np.put(_as_v16(rebuilt.relative), positions, _as_v16(relative))
     return rebuilt
 
 

@@ -152,6 +152,7 @@ def read_table_file(
     entry_size: int,
     check_count: Callable[[TableHeader], str | None],
     expected_checksum: bytes | None = None,
+    body_sink: Callable[[TableHeader], Callable[[int, memoryview], None]] | None = None,
 ) -> tuple[TableHeader, np.ndarray, bytes, str]:
     """Read and check a table file's frame; return (header, body bytes, checksum, name).
 
@@ -164,7 +165,11 @@ def read_table_file(
 
     The body comes back as a fresh, aligned uint8 array of ``count *
     entry_size`` bytes that the caller owns (so it can be viewed as uint64
-    columns without copying).
+    columns without copying).  With ``body_sink`` the body is not held: once the
+    header is checked, ``body_sink(header)`` gives a function that is handed the
+    body in pieces of whole entries, ``(byte offset, piece)``, before the
+    checksum is known, and the body comes back empty; the caller must drop what
+    it built if this raises.
     """
     with _open_source(source) as (fobj, name):
         start = fobj.tell()
@@ -208,16 +213,22 @@ def read_table_file(
             raise corrupt(f"file length {length} bytes, expected {expected_length} for "
                           f"{header.count} entries (truncated or extended)")
 
-        body = np.empty(body_size, dtype=np.uint8)
-        if _read_exact(fobj, body.data) != body_size:
-            raise corrupt("truncated while reading the entries")
+        hasher = xxhash.xxh3_128()
+        hasher.update(raw_header)
+        sink = body_sink(header) if body_sink is not None else None
+        body = np.empty(0 if sink else body_size, dtype=np.uint8)
+        buf = body if sink is None else np.empty(min(body_size, entry_size << 16), np.uint8)
+        for pos in range(0, body_size, max(len(buf), 1)):
+            piece = buf.data[:min(len(buf), body_size - pos)]
+            if _read_exact(fobj, piece) != len(piece):
+                raise corrupt("truncated while reading the entries")
+            hasher.update(piece)
+            if sink is not None:
+                sink(pos, piece)
         trailer = fobj.read(CHECKSUM_SIZE)
         if len(trailer) != CHECKSUM_SIZE:
             raise corrupt("truncated while reading the checksum")
 
-    hasher = xxhash.xxh3_128()
-    hasher.update(raw_header)
-    hasher.update(body.data)
     if hasher.digest() != trailer:
         raise corrupt("checksum mismatch (the file is damaged)")
     if expected_checksum is not None and trailer != expected_checksum:

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..core.checktable import CheckTable
 from ..core.difftable import changed_indexes
+from ..core.tablefile import VALUE_SIZE
 from ..errors import UsageError
 
 __all__ = ["NAMED_BLOCKS", "BlockMismatch", "compare_sampled", "compare_tables",
@@ -91,10 +92,10 @@ def compare_tables(expected: CheckTable, actual: CheckTable) -> BlockMismatch:
 def compare_sampled(expected: CheckTable, indexes: np.ndarray,
                     values: np.ndarray) -> BlockMismatch:
     """Sampled blocks: ``values[k]`` is the value read for block ``indexes[k]``."""
-    if values.shape != (len(indexes), expected.values.shape[1]):
+    if values.shape != (len(indexes), VALUE_SIZE):
         raise UsageError(f"{values.shape} values for {len(indexes)} sampled blocks")
     idx = np.asarray(indexes, dtype=np.intp)
-    rows = expected.values[idx]
+    rows = expected.values_at(idx)
     differ = np.flatnonzero(np.any(rows != values, axis=1))
     return BlockMismatch(expected.block_size, expected.count, int(idx.size),
                          tuple(int(idx[k]) for k in differ))

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..core.blockruns import Run, block_runs, complement_runs, intersect_runs
-from ..core.checktable import CheckTable, hash_blocks, zero_value
+from ..core.checktable import CheckTable, hash_blocks
 from ..core.difftable import changed_indexes
 from ..core.manifest import CHECKPOINT_PREFIX
 
@@ -97,15 +97,13 @@ def unchanged_blocks_disagree(source: NbdClient, table1: CheckTable, dirty: Sequ
         return f"the disk is {size} bytes, table 1 describes {table1.disk_size}"
     clean = list(complement_runs(dirty, size))
     data = list(source.data_ranges(bs)) if data is None else list(data)
-    zero_row = np.frombuffer(zero_value(bs), dtype=np.uint8)
-    values = table1.values
     # a hole where table 1 had data means a write the bitmap did not see (a discard)
     for offset, length in intersect_runs(clean, complement_runs(data, size)):
         first, stop = offset // bs, -(-(offset + length) // bs)
         full_stop = min(stop, size // bs)
-        bad = np.flatnonzero(np.any(values[first:full_stop] != zero_row, axis=1))
-        if bad.size:
-            return (f"block {first + int(bad[0])} reads as a hole but held data in table 1, "
+        bad = table1.first_data_block(first, full_stop)
+        if bad is not None:
+            return (f"block {bad} reads as a hole but held data in table 1, "
                     "and the bitmap calls it unwritten")
         if stop > full_stop and not table1.is_zero(stop - 1):
             return (f"block {stop - 1} reads as a hole but held data in table 1, "

@@ -54,8 +54,9 @@ from ..core.blockruns import (
     complement_runs,
     intersect_runs,
 )
-from ..core.checktable import CheckTable, CheckTableBuilder
+from ..core.checktable import CheckTable
 from ..core.difftable import changed_indexes
+from ..core.tablebuilder import CheckTableBuilder
 from ..errors import UsageError
 from ..progress import ProgressCallback, ProgressEvent, emit
 from .passio import BlockSource, BlockTarget, pieces

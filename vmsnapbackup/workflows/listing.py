@@ -9,6 +9,7 @@ from typing import Any
 
 from ..adapters.storagepool import resolve_pool
 from ..core.defaults import DEFAULT_URI
+from ..core.genpolicy import GenerationCosts, PointCost, predicted_next
 from ..core.manifest import PointDisk
 from ..core.pool import DomainStore, Pool
 from ..errors import NotFoundError, VmSnapBackupError
@@ -40,6 +41,11 @@ class PointSummary:
     volume_bytes: int | None = None
     #: volume_bytes / stored_bytes: what compression (and qcow2 metadata) made of the data
     ratio: float | None = None
+    #: stored bytes added per backup since the generation's previous point kept (issue 19)
+    growth_bytes: int = 0
+    #: on the newest point of a generation: what its next point would store, predicted as
+    #: the backup's generation policy does (core.genpolicy.predicted_next)
+    predicted_next_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -99,6 +105,31 @@ def _add_generation_costs(store: DomainStore, points: list[PointSummary]) -> Non
     for p in points:
         if p.generation is not None:
             p.generation_bytes = totals[p.generation]
+    _add_growth(store, points)
+
+
+def _add_growth(store: DomainStore, points: list[PointSummary]) -> None:
+    """Per point the growth since the generation's previous kept point (from its base
+    at 0 bytes), and on each generation's newest point the predicted next point."""
+    for gen in {p.generation for p in points if p.generation is not None}:
+        mine = sorted((p for p in points if p.generation == gen and p.damaged is None),
+                      key=lambda p: p.point)
+        start = next((p.point for p in mine if p.generation_start), None)
+        if start is None:
+            try:
+                start = store.read_generation(gen).first_point
+            except VmSnapBackupError:
+                continue
+        later = [p for p in mine if p.point > start]
+        prev_index, prev_bytes = 0, 0
+        for p in later:
+            index = p.point - start
+            p.growth_bytes = round((p.stored_bytes - prev_bytes) / (index - prev_index))
+            prev_index, prev_bytes = index, p.stored_bytes
+        if mine:
+            costs = [PointCost(p.point - start, p.stored_bytes) for p in later]
+            mine[-1].predicted_next_bytes = predicted_next(
+                GenerationCosts(base_bytes=0, points=costs))[1]
 
 
 def pending_repairs(pool: str | os.PathLike[str], *, uri: str = DEFAULT_URI,

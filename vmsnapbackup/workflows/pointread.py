@@ -35,6 +35,7 @@ from ..core.difftable import DifferenceTable, apply, read_difference_table
 from ..core.manifest import PointDisk, PointManifest
 from ..core.pool import DomainStore, Pool
 from ..core.readerslock import ReadersLock
+from ..core.tablefile import VALUE_SIZE
 from ..errors import CorruptFileError, NotFoundError, UsageError
 from ..progress import ProgressCallback, ProgressEvent, emit
 from .blockcompare import (
@@ -303,7 +304,7 @@ def hash_sampled(daemon: StorageDaemon, path: Path, fmt: str, expected: CheckTab
         bad = size_mismatch(expected, client.size)
         if bad is not None:
             return bad
-        values = np.empty((len(indexes), expected.values.shape[1]), dtype=np.uint8)
+        values = np.empty((len(indexes), VALUE_SIZE), dtype=np.uint8)
         total = sum(expected.block_length(int(i)) for i in indexes)
         done = 0
         pos = 0

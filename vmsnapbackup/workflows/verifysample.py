@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..core.checktable import CheckTable, zero_value
+from ..core.checktable import CheckTable
 from ..core.difftable import DifferenceTable
 
 __all__ = ["SampleTally", "draw", "fresh_seed", "stored_in_base", "stored_in_point"]
@@ -31,16 +31,7 @@ def fresh_seed() -> int:
 
 def stored_in_base(table1: CheckTable) -> np.ndarray:
     """Indexes of the blocks a base volume holds: those that are not zeros."""
-    values = table1.values
-    if table1.count == 0:
-        return np.zeros(0, dtype=np.int64)
-    zero = np.frombuffer(zero_value(table1.block_size), dtype=np.uint8)
-    data = np.any(values != zero, axis=1)
-    last = table1.count - 1
-    tail = table1.block_length(last)
-    if tail != table1.block_size:   # a short last block has its own zero value
-        data[last] = table1.value(last) != zero_value(tail)
-    return np.flatnonzero(data).astype(np.int64)
+    return table1.data_indexes()
 
 
 def stored_in_point(diff: DifferenceTable) -> np.ndarray:

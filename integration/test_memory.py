@@ -1,0 +1,84 @@
+"""Memory does not grow with empty space (issue 19): peak RSS of the CLI over a 1 TiB disk.
+
+A running domain whose qcow2 disk is 1 TiB with 100 MiB of data scattered over it.
+Each command runs as a user runs it (``python -m vmsnapbackup ...`` in a child
+process) and its peak resident set (RUSAGE_SELF at exit) is noted, with that of
+the processes it started (storage daemon, ``qemu-img``: logged only): backup of the base,
+backup of a point, verify of the pool, restore of the point, rebase.  The issue's
+bound: 200 MiB plus one check table (16 bytes per 64 KiB block: 256 MiB at 1 TiB).
+The figures are logged (``-o log_cli=true``) for docs/generations.md §8.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from domains import DiskSpec, DomainFactory
+
+pytestmark = pytest.mark.integration
+
+log = logging.getLogger("vsb.memory")
+
+MiB = 2**20
+TiB = 2**40
+BLOCK = 64 * 1024
+DATA = 100 * MiB
+EXTENT = MiB
+TABLE_MIB = (TiB // BLOCK) * 16 / MiB
+BOUND_MIB = 200 + TABLE_MIB
+
+
+#: Runs the CLI as ``python -m vmsnapbackup`` does, and at exit writes the peak RSS of
+#: this Python process itself (RUSAGE_SELF) and of the children it reaped (the storage
+#: daemon, qemu-img: QEMU's own memory) to the file named by argv[1].
+WRAPPER = """
+import atexit, resource, runpy, sys
+out = sys.argv.pop(1)
+def note():
+    with open(out, "w") as f:
+        f.write("%d %d" % (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                           resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+atexit.register(note)
+sys.argv[0] = "vmsnapbackup"
+runpy.run_module("vmsnapbackup", run_name="__main__", alter_sys=True)
+"""
+
+
+def peak_rss(pool: Path, *argv: str) -> tuple[float, float]:
+    """Run one CLI command; the peak RSS in MiB of its process and of its children."""
+    note = pool.parent / "rss.note"
+    proc = subprocess.run([sys.executable, "-c", WRAPPER, str(note), "--pool", str(pool),
+                           *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          timeout=900, check=False)
+    assert proc.returncode == 0, (argv, proc.stderr.decode(errors="replace"))
+    own, children = (int(x) / 1024.0 for x in note.read_text().split())
+    note.unlink()
+    return own, children
+
+
+def test_peak_memory_on_a_sparse_terabyte(make_domain: DomainFactory, tmp_path: Path) -> None:
+    dom = make_domain(disks=[DiskSpec("vda", "qcow2", TiB)], start=True)
+    rng = random.Random(1)
+    slots = sorted(rng.sample(range(TiB // EXTENT), DATA // EXTENT))
+    for k, slot in enumerate(slots):
+        dom.write("vda", slot * EXTENT, EXTENT, 1 + k % 255)
+    pool = tmp_path / "pool"
+    peaks: dict[str, tuple[float, float]] = {}
+    peaks["backup (base)"] = peak_rss(pool, "backup", dom.name)
+    for _ in range(5):
+        dom.write("vda", rng.choice(slots) * EXTENT, BLOCK, 0xEE)
+    peaks["backup (point)"] = peak_rss(pool, "backup", dom.name)
+    peaks["verify"] = peak_rss(pool, "verify", dom.name)
+    peaks["restore"] = peak_rss(pool, "restore", dom.name, "--to", str(tmp_path / "out"))
+    (tmp_path / "out" / "vda.raw").unlink()
+    peaks["rebase"] = peak_rss(pool, "rebase", dom.name)
+    for what, (own, kids) in peaks.items():
+        log.info("1 TiB disk, %d MiB data: %-15s peak RSS %6.1f MiB (bound %.0f); its "
+                 "children (storage daemon, qemu-img) %6.1f MiB", DATA // MiB, what, own,
+                 BOUND_MIB, kids)
+    over = {w: round(m, 1) for w, (m, _k) in peaks.items() if m > BOUND_MIB}
+    assert not over, f"over {BOUND_MIB:.0f} MiB: {over} (all: {peaks})"
