@@ -29,15 +29,20 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         description="Remove the points of DOMAIN that no --keep rule keeps. The newest point "
         "is always kept; damaged points and points in use (mount, boot) are kept and "
         "reported. Rules as restic's 'forget': --keep-daily N keeps the newest point of "
-        "each of the last N days that have points; weekly by ISO week; monthly by month.")
+        "each of the last N days that have points; hourly by clock hour, weekly by ISO week, "
+        "monthly by month, yearly by year, all in the host's local time.")
     p.add_argument("domain", metavar="DOMAIN", help="domain name or UUID (as in the pool)")
     p.add_argument("--keep-last", type=_count, metavar="N", help="keep the N newest points")
+    p.add_argument("--keep-hourly", type=_count, metavar="N",
+                   help="keep the newest point of each of the last N clock hours with points")
     p.add_argument("--keep-daily", type=_count, metavar="N",
                    help="keep the newest point of each of the last N days with points")
     p.add_argument("--keep-weekly", type=_count, metavar="N",
                    help="keep the newest point of each of the last N ISO weeks with points")
     p.add_argument("--keep-monthly", type=_count, metavar="N",
                    help="keep the newest point of each of the last N months with points")
+    p.add_argument("--keep-yearly", type=_count, metavar="N",
+                   help="keep the newest point of each of the last N years with points")
     p.add_argument("--dry-run", action="store_true",
                    help="only show what would be removed")
     add_json_option(p)
@@ -49,7 +54,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
 
     report = prune(args.domain, ctx.pool, uri=ctx.uri, keep_last=args.keep_last,
                    keep_daily=args.keep_daily, keep_weekly=args.keep_weekly,
-                   keep_monthly=args.keep_monthly, dry_run=args.dry_run)
+                   keep_monthly=args.keep_monthly, dry_run=args.dry_run,
+                   keep_hourly=args.keep_hourly, keep_yearly=args.keep_yearly)
     ctx.emit(report.to_dict(), _text(report))
     return 0
 

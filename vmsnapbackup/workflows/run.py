@@ -113,22 +113,26 @@ def _backup(job: Job, domain: str, dry_run: bool) -> Step:
                                   "new_generation": job.new_generation == "always"})
 
     def go() -> dict[str, Any]:
+        # threshold None: the generation policy decides, weighing the base by the
+        # retention this job prunes with (as `backup --keep-...` without --threshold)
         r = backup(domain, job.pool, uri=job.uri, disks=job.disks, quiesce=job.quiesce,
-                   new_generation=job.new_generation == "always", threshold=job.threshold)
+                   new_generation=job.new_generation == "always", threshold=job.threshold,
+                   retention=job.retention)
         return {"point": r.point, "generation": r.generation, "consistency": r.consistency,
                 "bytes_written": sum(d.bytes_written for d in r.disks),
-                "skipped": [t for t, _ in r.skipped]}
+                "new_generation": r.new_generation, "skipped": [t for t, _ in r.skipped]}
     return _step("backup", domain, go)
 
 
 def _prune(job: Job, domain: str, dry_run: bool) -> Step | None:
-    if job.retention.empty:
+    retention = job.retention
+    if retention is None:
         return None
 
     def go() -> dict[str, Any]:
         try:
             r = prune(domain, job.pool, uri=job.uri, dry_run=dry_run,
-                      **job.retention.to_dict())
+                      **retention.to_dict())
         except NotFoundError:
             if dry_run:  # not in the pool yet: nothing to prune
                 return {"removed": [], "kept": []}
