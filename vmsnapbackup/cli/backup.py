@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from ..core.defaults import DEFAULT_BLOCK_SIZE
 from .common import Context, add_json_option, size_text
+from .run import add_standalone_metrics_options
 
 if TYPE_CHECKING:
     from ..workflows.backup import BackupResult
@@ -46,6 +47,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--no-dirty-bitmaps", dest="dirty_bitmaps", action="store_false",
                    help="neither create a libvirt checkpoint for a new generation nor use one: "
                    "read every data block")
+    add_standalone_metrics_options(p)
     add_json_option(p)
     p.set_defaults(run=run)
 
@@ -74,16 +76,20 @@ def _count(text: str) -> int:
 def run(args: argparse.Namespace, ctx: Context) -> int:
     from ..core.retention import Policy
     from ..workflows.backup import backup
+    from ..workflows.metricsfile import recorded
 
     counts = (args.keep_last, args.keep_daily, args.keep_weekly, args.keep_monthly)
     retention = None if all(c is None for c in counts) else Policy(*counts)
 
-    result = backup(
-        args.domain, ctx.pool, uri=ctx.uri, disks=args.disks, quiesce=args.quiesce,
-        new_generation=args.new_generation, threshold=args.threshold,
-        block_size=args.block_size, base_format=args.base_format,
-        overlay_dir=args.overlay_dir, progress=ctx.progress(),
-        dirty_bitmaps=args.dirty_bitmaps, retention=retention)
+    with recorded("backup", args.domain, ctx.pool, ctx.uri, metrics=args.metrics,
+                  config=args.config) as record:
+        result = backup(
+            args.domain, ctx.pool, uri=ctx.uri, disks=args.disks, quiesce=args.quiesce,
+            new_generation=args.new_generation, threshold=args.threshold,
+            block_size=args.block_size, base_format=args.base_format,
+            overlay_dir=args.overlay_dir, progress=ctx.progress(),
+            dirty_bitmaps=args.dirty_bitmaps, retention=retention)
+        record.backup(result)
     ctx.emit(result.to_dict(), _text(result))
     return 0
 

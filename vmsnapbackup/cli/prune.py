@@ -6,6 +6,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from .common import Context, add_json_option, size_text
+from .run import add_standalone_metrics_options
 
 if TYPE_CHECKING:
     from ..workflows.prune import PruneReport
@@ -45,17 +46,28 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help="keep the newest point of each of the last N years with points")
     p.add_argument("--dry-run", action="store_true",
                    help="only show what would be removed")
+    add_standalone_metrics_options(p)
     add_json_option(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
+    from ..workflows.metricsfile import recorded
     from ..workflows.prune import prune
 
-    report = prune(args.domain, ctx.pool, uri=ctx.uri, keep_last=args.keep_last,
-                   keep_daily=args.keep_daily, keep_weekly=args.keep_weekly,
-                   keep_monthly=args.keep_monthly, dry_run=args.dry_run,
-                   keep_hourly=args.keep_hourly, keep_yearly=args.keep_yearly)
+    def go() -> "PruneReport":
+        return prune(args.domain, ctx.pool, uri=ctx.uri, keep_last=args.keep_last,
+                     keep_daily=args.keep_daily, keep_weekly=args.keep_weekly,
+                     keep_monthly=args.keep_monthly, dry_run=args.dry_run,
+                     keep_hourly=args.keep_hourly, keep_yearly=args.keep_yearly)
+
+    if args.dry_run:  # changes nothing, so nothing to publish
+        report = go()
+    else:
+        with recorded("prune", args.domain, ctx.pool, ctx.uri, metrics=args.metrics,
+                      config=args.config) as record:
+            report = go()
+            record.prune(report)
     ctx.emit(report.to_dict(), _text(report))
     return 0
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import tomllib
@@ -47,6 +48,8 @@ __all__ = [
     "parse_config",
     "parse_duration",
     "select_domains",
+    "Settings",
+    "parse_settings",
 ]
 
 #: Checks that need the host: each returns None when fine, else why not.
@@ -214,6 +217,29 @@ def parse_config(text: str, path: str, *, check_calendar: CalendarCheck | None =
     if c.problems:
         raise ConfigError(c.problems)
     return Config(path=path, jobs=jobs, state_dir=state_dir, metrics=metrics)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The file's top-level keys a standalone command needs (where to record, what to
+    publish), without its jobs."""
+
+    state_dir: str = DEFAULT_STATE_DIR
+    metrics: str | None = None
+
+
+def parse_settings(text: str, path: str) -> Settings:
+    """``state-dir`` and ``metrics`` only; ConfigError if they (or the TOML) are wrong."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    c = _Checker(path, text)
+    state_dir = c.typed(doc, (), "state-dir", (str,), "a directory path") or DEFAULT_STATE_DIR
+    metrics = c.typed(doc, (), "metrics", (str,), "a file path")
+    if c.problems:
+        raise ConfigError(c.problems)
+    return Settings(state_dir, metrics)
 
 
 def _job(c: _Checker, name: str, spec: Any, pools: Mapping[str, str],

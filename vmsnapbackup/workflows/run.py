@@ -20,7 +20,7 @@ from ..adapters.inventory import list_domains
 from ..core.jobconfig import Config, Job, select_domains
 from ..errors import NotFoundError, UsageError, VmSnapBackupError
 from .backup import backup
-from .jobstate import load_state, save_state
+from .jobstate import load_state, record_step, save_state
 from .listing import list_points
 from .prune import prune
 from .verify import verify
@@ -209,22 +209,9 @@ def _record(job: Job, result: JobRun, state: dict[str, Any]) -> None:
     for d in result.domains:
         rec = state["domains"].setdefault(d.domain, {})
         for phase, step in (("backup", d.backup), ("prune", d.prune), ("verify", d.verify)):
-            if step is None:
-                continue
-            p = rec.setdefault(phase, {})
-            p.update(at=now, ok=step.ok, seconds=step.seconds, error=step.error)
-            p.setdefault("failures_total", 0)
-            if not step.ok:
-                p["failures_total"] += 1
-                continue
-            p["last_success"] = now
-            if phase == "backup":
-                p["bytes_written"] = step.detail.get("bytes_written", 0)
-                p["point"] = step.detail.get("point")
-            elif phase == "prune":
-                p["removed"] = len(step.detail.get("removed", []))
-            elif phase == "verify" and step.detail.get("sample_percent") is None:
-                p["last_full"] = now
+            if step is not None:
+                record_step(rec, phase, ok=step.ok, seconds=step.seconds, error=step.error,
+                            detail=step.detail, now=now)
         try:
             points = [p for p in list_points(job.pool, uri=job.uri, domain=d.domain)
                       if p.damaged is None]
