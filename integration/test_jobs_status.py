@@ -94,4 +94,4 @@ def test_a_pool_libvirt_does_not_know_refuses_the_file(make_domain: DomainFactor
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "jobs.watch.pool" in err[0] and "vsb-no-such-pool" in err[0], err
     assert not state.exists()                      # nothing ran, nothing recorded
-    assert dom.current_source("vda") == str(dom.disks["vda"])
+    assert Path(dom.current_source("vda")) == Path(dom.disks["vda"])
