@@ -11,6 +11,7 @@ from vmsnapbackup.cli import main
 from vmsnapbackup.core.jobconfig import (
     ConfigError,
     DomainEntry,
+    Job,
     parse_config,
     parse_duration,
     select_domains,
@@ -68,7 +69,8 @@ def test_good_file_parses(tmp_path: Path) -> None:
     (('rpo = "26h"', 'rpo = "soon"'), ":12: jobs.nightly.rpo: not a duration"),
 ])
 def test_each_mistake_is_one_line_with_line_and_key(
-        tmp_path: Path, change: tuple[str, str], expect: str, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, change: tuple[str, str], expect: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, GOOD.replace(*change))
     with pytest.raises(ConfigError) as err:
         load_config(str(path))
@@ -113,10 +115,30 @@ def test_several_mistakes_all_reported() -> None:
     assert "pool is required" in text and "schedule is required" in text
 
 
-def test_unsupported_retention_is_refused_not_ignored() -> None:
-    with pytest.raises(ConfigError, match="keep-hourly: not supported"):
-        parse_config('[pools.p]\npath="/x"\n[jobs.a]\ndomains="all"\npool="p"\n'
-                     'schedule="daily"\n[jobs.a.retention]\nkeep-hourly = 4\n', "f.toml")
+JOB = 'domains="all"\npool="p"\nschedule="daily"\n'
+
+
+def job_of(text: str) -> "Job":
+    return parse_config('[pools.p]\npath="/x"\n[jobs.a]\n' + text, "f.toml").jobs["a"]
+
+
+def test_every_retention_rule_reaches_the_prune_policy() -> None:
+    job = job_of(JOB + '[jobs.a.retention]\nkeep-hourly = 24\nkeep-yearly = 5\n')
+    assert job.retention is not None
+    assert job.retention.counts() == {"keep_last": None, "keep_hourly": 24, "keep_daily": None,
+                                      "keep_weekly": None, "keep_monthly": None,
+                                      "keep_yearly": 5}
+    assert job_of(JOB).retention is None          # no table: no prune
+
+
+def test_empty_retention_table_is_a_mistake_not_no_prune() -> None:
+    with pytest.raises(ConfigError, match=r"f\.toml:7: jobs\.a\.retention: give at least one"):
+        job_of(JOB + '[jobs.a.retention]\n')
+
+
+def test_threshold_is_an_optional_override() -> None:
+    assert job_of(JOB).threshold is None          # the generation policy decides
+    assert job_of(JOB + "threshold = 0.3\n").threshold == 0.3
 
 
 def test_durations() -> None:

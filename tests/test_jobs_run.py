@@ -38,10 +38,11 @@ def host(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
 
     def backup(domain: str, pool: str, **kw: Any) -> Any:
         calls["backup"].append(domain)
+        calls.setdefault("backup_kw", []).append(kw)
         if domain == "bad":
             raise LockedError("domain bad is locked by pid 1")
         return SimpleNamespace(point=3, generation=1, consistency="crash", disks=[],
-                               skipped=[])
+                               skipped=[], new_generation=False)
 
     def prune(domain: str, pool: str, **kw: Any) -> Any:
         calls["prune"].append((domain, kw))
@@ -73,6 +74,9 @@ def test_one_failing_domain_does_not_stop_the_others(host: dict[str, Any]) -> No
     assert by["bad"].prune is None and by["bad"].verify is None   # no prune without a new point
     assert [d for d, _ in host["prune"]] == ["a", "c"]
     assert host["prune"][0][1]["keep_last"] == 2
+    # no threshold in the job: the generation policy decides, weighing the job's retention
+    assert all(kw["threshold"] is None and kw["retention"].keep_last == 2
+               for kw in host["backup_kw"])
     assert host["verify"] == [("a", None), ("c", None)]           # first verify is full
     run_mod.run_jobs(host["config"], ["j"])
     assert host["verify"][2:] == [("a", 10.0), ("c", 10.0)]       # then sampled

@@ -276,7 +276,7 @@ def test_cli_prune_json_and_text(pool: Pool, store: DomainStore,
     doc = json.loads(out)
     assert doc["dry_run"] is True and [p["number"] for p in doc["removed"]] == [1]
     assert doc["policy"] == {"keep_last": 2, "keep_daily": None, "keep_weekly": None,
-                             "keep_monthly": None}
+                             "keep_monthly": None, "keep_hourly": None, "keep_yearly": None}
     rc = main(["--pool", str(pool.root), "prune", "web1", "--keep-last", "2"])
     text = capsys.readouterr().out
     assert rc == 0 and "removed 1 point(s)" in text and "newest, last" in text

@@ -331,6 +331,7 @@ class PowerLossFS(pyfuse3.Operations):
         if flags & os.O_TRUNC:
             self._record()
         try:
+            # no O_DIRECT on the backing file: its reads into unaligned buffers fail
             fd = os.open(self.path(inode), flags & ~(os.O_APPEND | os.O_CREAT | os.O_DIRECT))
         except OSError as err:
             raise _fail(err.errno or errno.EIO) from None

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 from ..core.defaults import DEFAULT_BLOCK_SIZE
 from ..errors import UsageError
 from .common import Context, add_json_option, size_text
+from .run import add_standalone_metrics_options
 
 if TYPE_CHECKING:
     from ..workflows.backup import BackupResult
@@ -90,6 +91,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help="encrypted pool (docs/FORMAT.md §15.2): refused in this version, and "
                    "always together with --compress")
     p.add_argument("--key-file", metavar="FILE", help="the key of an encrypted pool")
+    add_standalone_metrics_options(p)
     add_json_option(p)
     p.set_defaults(run=run)
 
@@ -143,13 +145,18 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     with rate_budget(budget):
         if args.every or len(args.domains) != 1 or len(ctx.uris) > 1:
             return _run_many(args, ctx, options, max_rate)
-        return _run_one(args.domains[0], ctx, options)
+        return _run_one(args.domains[0], ctx, options, args)
 
 
-def _run_one(domain: str, ctx: Context, options: Dict[str, Any]) -> int:
+def _run_one(domain: str, ctx: Context, options: Dict[str, Any],
+             args: argparse.Namespace) -> int:
     from ..workflows.backup import backup
+    from ..workflows.metricsfile import recorded
 
-    result = backup(domain, ctx.pool, uri=ctx.uri, progress=ctx.progress(), **options)
+    with recorded("backup", domain, ctx.pool, ctx.uri, metrics=args.metrics,
+                  config=args.config) as record:
+        result = backup(domain, ctx.pool, uri=ctx.uri, progress=ctx.progress(), **options)
+        record.backup(result)
     ctx.emit(result.to_dict(), _text(result))
     return 0
 

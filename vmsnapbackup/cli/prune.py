@@ -6,6 +6,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from .common import Context, add_json_option, size_text
+from .run import add_standalone_metrics_options
 
 if TYPE_CHECKING:
     from ..workflows.prune import PruneReport
@@ -30,21 +31,27 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         description="Remove the points of DOMAIN that no --keep rule keeps. The newest point "
         "is always kept; damaged points and points in use (mount, boot) are kept and "
         "reported. Rules as restic's 'forget': --keep-daily N keeps the newest point of "
-        "each of the last N days that have points; weekly by ISO week; monthly by month.")
+        "each of the last N days that have points; hourly by clock hour, weekly by ISO week, "
+        "monthly by month, yearly by year, all in the host's local time.")
     p.add_argument("domain", metavar="DOMAIN", nargs="?",
                    help="domain name or UUID (as in the pool)")
     p.add_argument("--all", action="store_true", dest="all_domains",
                    help="prune every domain in the pool (one summary; the exit code says "
                    "if any failed)")
     p.add_argument("--keep-last", type=_count, metavar="N", help="keep the N newest points")
+    p.add_argument("--keep-hourly", type=_count, metavar="N",
+                   help="keep the newest point of each of the last N clock hours with points")
     p.add_argument("--keep-daily", type=_count, metavar="N",
                    help="keep the newest point of each of the last N days with points")
     p.add_argument("--keep-weekly", type=_count, metavar="N",
                    help="keep the newest point of each of the last N ISO weeks with points")
     p.add_argument("--keep-monthly", type=_count, metavar="N",
                    help="keep the newest point of each of the last N months with points")
+    p.add_argument("--keep-yearly", type=_count, metavar="N",
+                   help="keep the newest point of each of the last N years with points")
     p.add_argument("--dry-run", action="store_true",
                    help="only show what would be removed")
+    add_standalone_metrics_options(p)
     add_json_option(p)
     p.set_defaults(run=run)
 
@@ -53,20 +60,28 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     import functools
 
     from ..errors import UsageError
+    from ..workflows.metricsfile import recorded
     from ..workflows.prune import prune
 
     if args.all_domains == (args.domain is not None):
         raise UsageError("prune: give a DOMAIN or --all, not both")
     one = functools.partial(prune, uri=ctx.uri, keep_last=args.keep_last,
                             keep_daily=args.keep_daily, keep_weekly=args.keep_weekly,
-                            keep_monthly=args.keep_monthly, dry_run=args.dry_run)
+                            keep_monthly=args.keep_monthly, dry_run=args.dry_run,
+                            keep_hourly=args.keep_hourly, keep_yearly=args.keep_yearly)
     if args.all_domains:
         from ..workflows.pruneall import prune_all
 
         every = prune_all(ctx.pool, one, uri=ctx.uri)
         ctx.emit(every.to_dict(), _all_text(every))
         return every.exit_code
-    report = one(args.domain, ctx.pool)
+    if args.dry_run:  # changes nothing, so nothing to publish
+        report = one(args.domain, ctx.pool)
+    else:
+        with recorded("prune", args.domain, ctx.pool, ctx.uri, metrics=args.metrics,
+                      config=args.config) as record:
+            report = one(args.domain, ctx.pool)
+            record.prune(report)
     ctx.emit(report.to_dict(), _text(report))
     return 0
 

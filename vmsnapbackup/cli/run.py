@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from typing import TYPE_CHECKING
 
-from ..core.jobconfig import DEFAULT_CONFIG
-from ..errors import VmSnapBackupError
+from ..core.jobmodel import DEFAULT_CONFIG
 from .common import Context, add_json_option, size_text
 
 if TYPE_CHECKING:
@@ -14,12 +12,24 @@ if TYPE_CHECKING:
 
 ORDER = 70
 
-log = logging.getLogger(__name__)
-
 
 def add_config_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=DEFAULT_CONFIG, metavar="FILE",
                    help=f"job configuration file (default {DEFAULT_CONFIG})")
+
+
+def add_metrics_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics", metavar="FILE",
+                   help="write Prometheus text-format metrics here (default: the config's "
+                   "metrics key, else node_exporter's textfile directory when it exists)")
+
+
+def add_standalone_metrics_options(p: argparse.ArgumentParser) -> None:
+    """``--metrics`` and ``--config`` for backup, prune and verify (outside a job)."""
+    add_metrics_option(p)
+    p.add_argument("--config", default=DEFAULT_CONFIG, metavar="FILE",
+                   help="configuration file whose state-dir and metrics keys apply to the "
+                   f"metrics (default {DEFAULT_CONFIG}; its jobs are not read)")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -33,9 +43,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_config_option(p)
     p.add_argument("--dry-run", action="store_true",
                    help="say what would be backed up, pruned and verified; change nothing")
-    p.add_argument("--metrics", metavar="FILE",
-                   help="write Prometheus text-format metrics here (default: the config's "
-                   "metrics key, else node_exporter's textfile directory when it exists)")
+    add_metrics_option(p)
     add_json_option(p)
     p.set_defaults(run=run)
 
@@ -43,7 +51,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def run(args: argparse.Namespace, ctx: Context) -> int:
     # imported here: the parser of every command must not pay for the job runner
     from ..adapters.jobfiles import load_config
-    from ..workflows.jobstate import all_states, default_metrics_path, write_metrics
+    from ..workflows.jobstate import default_metrics_path
+    from ..workflows.metricsfile import MetricsTarget, publish_metrics
     from ..workflows.run import run_jobs
 
     config = load_config(args.config)
@@ -52,13 +61,9 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     ok = all(r.ok for r in results)
     metrics_error: str | None = None
     if metrics and not args.dry_run:
-        try:
-            write_metrics(metrics, all_states(config.state_dir))
-        except (VmSnapBackupError, OSError) as exc:
-            # the backups are done; a monitoring file we cannot write must not hide them
-            metrics_error = f"cannot write metrics {metrics}: {exc}"
-            log.error("%s", metrics_error)
-            ok = False
+        # the backups are done; a monitoring file we cannot write must not hide them
+        metrics_error = publish_metrics(MetricsTarget(metrics, config.state_dir))
+        ok = ok and metrics_error is None
     ctx.emit({"ok": ok, "jobs": [r.to_dict() for r in results], "metrics": metrics,
               "metrics_error": metrics_error},
              _text(results) + (f"\n{metrics_error}" if metrics_error else ""))

@@ -8,6 +8,7 @@ import argparse
 
 from ..errors import ExitCode, UsageError
 from .common import Context, add_json_option
+from .run import add_standalone_metrics_options
 
 ORDER = 35
 
@@ -27,6 +28,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--seed", type=int, metavar="N",
                    help="draw the --sample from this seed (the report names the seed of "
                    "each run, to repeat a sample)")
+    add_standalone_metrics_options(p)
     add_json_option(p)
     p.set_defaults(run=run)
 
@@ -34,10 +36,14 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 def run(args: argparse.Namespace, ctx: Context) -> int:
     if args.point is not None and args.domain is None:
         raise UsageError("--point needs a DOMAIN (point numbers are per domain)")
+    from ..workflows.metricsfile import recorded
     from ..workflows.verify import format_report, verify
 
-    report = verify(ctx.pool, domain=args.domain, point=args.point, sample=args.sample,
-                    seed=args.seed, uri=ctx.uri, progress=ctx.progress())
+    with recorded("verify", args.domain, ctx.pool, ctx.uri, metrics=args.metrics,
+                  config=args.config) as record:
+        report = verify(ctx.pool, domain=args.domain, point=args.point, sample=args.sample,
+                        seed=args.seed, uri=ctx.uri, progress=ctx.progress())
+        record.verify(report)
     # damage is shown even with --quiet: it is the warning the user runs verify for
     ctx.emit(report.to_dict(), format_report(report),
              data=not report.ok or bool(report.incompatible))

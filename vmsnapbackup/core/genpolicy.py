@@ -137,7 +137,8 @@ def base_weight(retention: Policy | None, interval_days: float = 1.0) -> float:
         return 1.0
     d = interval_days
     spans = {"keep_last": d, "keep_daily": max(d, 1.0), "keep_weekly": max(d, 7.0),
-             "keep_monthly": max(d, DAYS_PER_MONTH)}
+             "keep_monthly": max(d, DAYS_PER_MONTH), "keep_hourly": max(d, 1 / 24),
+             "keep_yearly": max(d, 365.25)}
     counts = {k: v for k, v in retention.counts().items() if v}
     kept = sum(counts.values())
     if kept == 0:

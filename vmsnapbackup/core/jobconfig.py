@@ -1,10 +1,11 @@
-"""The job configuration file (``/etc/vmsnapbackup/vmsnapbackup.toml``): model and validation.
+"""The job configuration file (``/etc/vmsnapbackup/vmsnapbackup.toml``): parsing and validation.
 
 A scheduled backup runs with nobody watching, so a mistake in its
 configuration must be found when the file is read, not at 02:00 half-way
 through the job list.  Everything is checked up front and every mistake is
 reported as one line naming the file, the line where it can be found and the
 key (``vmsnapbackup.toml:12: jobs.nightly.retention.keep-dayly: unknown key``).
+What a valid file becomes is :mod:`.jobmodel` (re-exported here).
 
 This module is pure: the checks that need the host (does the pool exist, does
 systemd accept the calendar expression) are passed in as callables by
@@ -12,15 +13,29 @@ systemd accept the calendar expression) are passed in as callables by
 """
 from __future__ import annotations
 
-import fnmatch
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import tomllib
 
-from ..errors import UsageError
+from .defaults import DEFAULT_URI
+from .jobmodel import (
+    DEFAULT_CONFIG,
+    DEFAULT_RANDOMIZED_DELAY,
+    DEFAULT_STATE_DIR,
+    NEW_GENERATION,
+    QUIESCE,
+    Config,
+    ConfigError,
+    DomainEntry,
+    Job,
+    VerifyPolicy,
+    parse_duration,
+    select_domains,
+)
+from .retention import RULES, Policy
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -29,27 +44,19 @@ __all__ = [
     "ConfigError",
     "DomainEntry",
     "Job",
-    "Retention",
     "VerifyPolicy",
     "parse_config",
     "parse_duration",
     "select_domains",
+    "Settings",
+    "parse_settings",
 ]
-
-DEFAULT_CONFIG = "/etc/vmsnapbackup/vmsnapbackup.toml"
-DEFAULT_STATE_DIR = "/var/lib/vmsnapbackup/state"
-DEFAULT_URI = "qemu:///system"
 
 #: Checks that need the host: each returns None when fine, else why not.
 CalendarCheck = Callable[[str], Optional[str]]
 PoolCheck = Callable[[str, str], Optional[str]]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_DURATION = re.compile(r"^\s*(\d+)\s*(s|sec|m|min|h|d|w)?\s*$")
-_UNIT_SECONDS = {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400,
-                 "w": 604800}
-QUIESCE = {"auto": None, "require": True, "never": False}
-NEW_GENERATION = ("auto", "always")
 
 _TOP_KEYS = {"state-dir", "metrics", "pools", "hosts", "jobs"}
 _POOL_KEYS = {"path", "libvirt-pool"}
@@ -57,134 +64,8 @@ _HOST_KEYS = {"uri"}
 _JOB_KEYS = {"domains", "running-only", "exclude", "disks", "pool", "host", "schedule",
              "randomized-delay", "cron", "rpo", "quiesce", "new-generation", "threshold",
              "parallelism", "retention", "verify"}
-_RETENTION_KEYS = ("keep-last", "keep-hourly", "keep-daily", "keep-weekly", "keep-monthly",
-                   "keep-yearly")
-#: What ``prune`` can apply today; the others are refused with a clear line, not ignored.
-SUPPORTED_RETENTION = ("keep-last", "keep-daily", "keep-weekly", "keep-monthly")
+_RETENTION_KEYS = tuple(f"keep-{r}" for r in RULES)
 _VERIFY_KEYS = {"sample-percent", "full-every-days"}
-
-
-class ConfigError(UsageError):
-    """The configuration file is wrong; ``problems`` holds one line per mistake."""
-
-    def __init__(self, problems: Sequence[str]) -> None:
-        self.problems = list(problems)
-        more = f" (and {len(self.problems) - 1} more: {'; '.join(self.problems[1:])})" \
-            if len(self.problems) > 1 else ""
-        super().__init__(f"{self.problems[0]}{more}")
-
-
-@dataclass(frozen=True)
-class Retention:
-    keep_last: int | None = None
-    keep_daily: int | None = None
-    keep_weekly: int | None = None
-    keep_monthly: int | None = None
-
-    @property
-    def empty(self) -> bool:
-        return all(v is None for v in self.__dict__.values())
-
-    def to_dict(self) -> dict[str, int | None]:
-        return dict(self.__dict__)
-
-
-@dataclass(frozen=True)
-class VerifyPolicy:
-    """Verify a sample of blocks after each run, all of them every ``full_every_days``."""
-
-    sample_percent: float | None = None
-    full_every_days: int | None = None
-
-    def sample_for(self, last_full: float | None, now: float) -> float | None:
-        """The sample percent for this run: None means read every block."""
-        if self.sample_percent is None:
-            return None
-        if self.full_every_days is not None and (
-                last_full is None or now - last_full >= self.full_every_days * 86400):
-            return None
-        return self.sample_percent
-
-
-@dataclass(frozen=True)
-class Job:
-    name: str
-    pool: str                      # a path or a libvirt storage pool name
-    uri: str
-    domains: tuple[str, ...]       # names or globs; ("*",) for all
-    schedule: str
-    running_only: bool = False
-    exclude: tuple[str, ...] = ()
-    disks: tuple[str, ...] | None = None
-    randomized_delay: int = 600
-    cron: str | None = None
-    rpo: int | None = None      # seconds
-    quiesce: bool | None = None
-    new_generation: str = "auto"
-    threshold: float = 0.5
-    parallelism: int = 1
-    retention: Retention = field(default_factory=Retention)
-    verify: VerifyPolicy | None = None
-
-
-@dataclass(frozen=True)
-class Config:
-    path: str
-    jobs: dict[str, Job]
-    state_dir: str = DEFAULT_STATE_DIR
-    metrics: str | None = None
-
-
-@dataclass(frozen=True)
-class DomainEntry:
-    """A domain as the host lists it: enough to select by name and state."""
-
-    name: str
-    running: bool
-
-
-def parse_duration(value: Any) -> int:
-    """Seconds from ``3600``, ``"90min"``, ``"26h"``, ``"2d"``; ValueError otherwise."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return value
-    if not isinstance(value, str):
-        raise ValueError("a duration is a number of seconds or a string like '26h'")
-    total = 0
-    parts = value.split()
-    if not parts:
-        raise ValueError("empty duration")
-    for part in re.findall(r"\d+\s*[a-z]*", value):
-        m = _DURATION.match(part)
-        if m is None:
-            raise ValueError(f"not a duration: {value!r} (use s, min, h, d, w)")
-        total += int(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-    if re.sub(r"\d+\s*(s|sec|min|m|h|d|w)?", "", value).strip():
-        raise ValueError(f"not a duration: {value!r} (use s, min, h, d, w)")
-    return total
-
-
-def select_domains(job: Job, inventory: Sequence[DomainEntry]) -> tuple[list[str], list[str]]:
-    """``(selected names, missing names)`` for a job against the host's domains.
-
-    A plain name that matches no domain is *missing* (a failure of the job: the
-    operator asked for it); a glob that matches nothing is not.
-    """
-    selected: list[str] = []
-    missing: list[str] = []
-    for pattern in job.domains:
-        is_glob = any(c in pattern for c in "*?[")
-        hits = [d for d in inventory if fnmatch.fnmatchcase(d.name, pattern)]
-        if not hits and not is_glob:
-            missing.append(pattern)
-        for d in hits:
-            if d.name in selected or any(fnmatch.fnmatchcase(d.name, x) for x in job.exclude):
-                continue
-            if job.running_only and not d.running:
-                continue
-            selected.append(d.name)
-    return selected, missing
 
 
 class _Checker:
@@ -317,7 +198,7 @@ def parse_config(text: str, path: str, *, check_calendar: CalendarCheck | None =
         c.unknown(spec, ("hosts", name), _HOST_KEYS)
         uri = c.typed(spec, ("hosts", name), "uri", (str,), "a libvirt URI")
         if uri is None or "://" not in uri:
-            c.add(("hosts", name), "uri", "a libvirt URI like qemu:///system is required")
+            c.add(("hosts", name), "uri", f"a libvirt URI like {DEFAULT_URI} is required")
             continue
         hosts[name] = uri
     jobs: dict[str, Job] = {}
@@ -336,6 +217,29 @@ def parse_config(text: str, path: str, *, check_calendar: CalendarCheck | None =
     if c.problems:
         raise ConfigError(c.problems)
     return Config(path=path, jobs=jobs, state_dir=state_dir, metrics=metrics)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The file's top-level keys a standalone command needs (where to record, what to
+    publish), without its jobs."""
+
+    state_dir: str = DEFAULT_STATE_DIR
+    metrics: str | None = None
+
+
+def parse_settings(text: str, path: str) -> Settings:
+    """``state-dir`` and ``metrics`` only; ConfigError if they (or the TOML) are wrong."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    c = _Checker(path, text)
+    state_dir = c.typed(doc, (), "state-dir", (str,), "a directory path") or DEFAULT_STATE_DIR
+    metrics = c.typed(doc, (), "metrics", (str,), "a file path")
+    if c.problems:
+        raise ConfigError(c.problems)
+    return Settings(state_dir, metrics)
 
 
 def _job(c: _Checker, name: str, spec: Any, pools: Mapping[str, str],
@@ -394,31 +298,33 @@ def _job(c: _Checker, name: str, spec: Any, pools: Mapping[str, str],
     rpo = c.duration(spec, t, "rpo")
     if rpo == 0:
         c.add(t, "rpo", "must be more than 0")
-    retention = _retention(c, t, c.table(spec, t, "retention"))
+    retention = _retention(c, t, spec)
     verify = _verify(c, t, spec)
     if len(c.problems) > before or domains is None or pool is None or schedule is None:
         return None
     return Job(
         name=name, pool=pool, uri=uri, domains=domains, schedule=schedule,
         running_only=bool(running_only), exclude=exclude, disks=disks,
-        randomized_delay=600 if delay is None else delay, cron=cron, rpo=rpo,
-        quiesce=QUIESCE[quiesce_word], new_generation=new_gen,
-        threshold=0.5 if threshold is None else float(threshold),
+        randomized_delay=DEFAULT_RANDOMIZED_DELAY if delay is None else delay, cron=cron,
+        rpo=rpo, quiesce=QUIESCE[quiesce_word], new_generation=new_gen,
+        threshold=None if threshold is None else float(threshold),
         parallelism=parallelism or 1, retention=retention, verify=verify)
 
 
-def _retention(c: _Checker, job_table: tuple[str, ...], doc: dict[str, Any]) -> Retention:
+def _retention(c: _Checker, job_table: tuple[str, ...], spec: dict[str, Any]
+               ) -> Policy | None:
+    """The job's prune policy; None when it has no retention table (no prune)."""
+    if "retention" not in spec:
+        return None
     t = (*job_table, "retention")
+    doc = c.table(spec, job_table, "retention")
     c.unknown(doc, t, set(_RETENTION_KEYS))
-    values: dict[str, int | None] = {}
-    for key in _RETENTION_KEYS:
-        value = c.count(doc, t, key, 0)
-        if value is not None and key not in SUPPORTED_RETENTION:
-            c.add(t, key, f"not supported by prune in this version (use "
-                  f"{', '.join(SUPPORTED_RETENTION)})")
-        elif key in SUPPORTED_RETENTION:
-            values[key.replace("-", "_")] = value
-    return Retention(**values)
+    counts = {key.replace("-", "_"): c.count(doc, t, key, 0) for key in _RETENTION_KEYS}
+    if all(v is None for v in counts.values()):
+        c.add(t, None, f"give at least one of {', '.join(_RETENTION_KEYS)} (or leave the "
+              "table out: no prune)")
+        return None
+    return Policy(**counts)
 
 
 def _verify(c: _Checker, job_table: tuple[str, ...], spec: dict[str, Any]

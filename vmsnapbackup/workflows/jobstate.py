@@ -4,12 +4,16 @@
 the metrics must describe every job even though each timer runs one: so each
 run records its outcome in ``STATE_DIR/jobs/JOB.json`` (one file per job, so
 two jobs running at once never write the same file), written atomically
-(temp, fsync, rename, fsync dir).  The format is in docs/JOBS.md.
+(temp, fsync, rename, fsync dir).  A standalone ``backup``, ``prune`` or
+``verify`` records its outcome the same way in ``STATE_DIR/commands/DOMAIN.json``
+(one file per domain: a command works on one domain, under its lock), with no
+job; its series carry no ``job`` label.  The format is in docs/JOBS.md.
 """
 from __future__ import annotations
 
 import json
 import os
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +25,14 @@ __all__ = [
     "DEFAULT_TEXTFILE_DIRS",
     "STATE_FORMAT",
     "all_states",
+    "command_state_path",
     "default_metrics_path",
     "load_state",
+    "load_state_file",
     "metrics_text",
+    "record_step",
     "save_state",
+    "save_state_file",
     "write_metrics",
 ]
 
@@ -37,9 +45,18 @@ def _path(state_dir: str, job: str) -> Path:
     return Path(state_dir) / "jobs" / f"{job}.json"
 
 
+def command_state_path(state_dir: str, domain: str) -> Path:
+    """The record of standalone commands on ``domain`` (its name quoted: any name is safe)."""
+    return Path(state_dir) / "commands" / f"{urllib.parse.quote(domain, safe='')}.json"
+
+
 def load_state(state_dir: str, job: str) -> dict[str, Any]:
     """The job's record, or an empty one before its first run."""
-    path = _path(state_dir, job)
+    return load_state_file(_path(state_dir, job), job)
+
+
+def load_state_file(path: Path, job: str | None) -> dict[str, Any]:
+    """A record (a job's, or standalone commands' when ``job`` is None), or an empty one."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -54,16 +71,43 @@ def load_state(state_dir: str, job: str) -> dict[str, Any]:
 
 
 def save_state(state_dir: str, job: str, doc: dict[str, Any]) -> None:
-    path = _path(state_dir, job)
+    save_state_file(_path(state_dir, job), doc)
+
+
+def save_state_file(path: Path, doc: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     atomic_write_json(path, doc, 0o600)
 
 
 def all_states(state_dir: str) -> list[dict[str, Any]]:
-    directory = Path(state_dir) / "jobs"
-    if not directory.is_dir():
-        return []
-    return [load_state(state_dir, p.stem) for p in sorted(directory.glob("*.json"))]
+    """Every job's record, then every standalone command record."""
+    out = []
+    jobs = Path(state_dir) / "jobs"
+    if jobs.is_dir():
+        out += [load_state(state_dir, p.stem) for p in sorted(jobs.glob("*.json"))]
+    commands = Path(state_dir) / "commands"
+    if commands.is_dir():
+        out += [load_state_file(p, None) for p in sorted(commands.glob("*.json"))]
+    return out
+
+
+def record_step(rec: dict[str, Any], phase: str, *, ok: bool, seconds: float,
+                error: str | None, detail: dict[str, Any], now: float) -> None:
+    """Fold one backup, prune or verify of a domain into its record ``rec``."""
+    p = rec.setdefault(phase, {})
+    p.update(at=now, ok=ok, seconds=seconds, error=error)
+    p.setdefault("failures_total", 0)
+    if not ok:
+        p["failures_total"] += 1
+        return
+    p["last_success"] = now
+    if phase == "backup":
+        p["bytes_written"] = detail.get("bytes_written", 0)
+        p["point"] = detail.get("point")
+    elif phase == "prune":
+        p["removed"] = len(detail.get("removed", []))
+    elif phase == "verify" and detail.get("sample_percent") is None:
+        p["last_full"] = now
 
 
 def default_metrics_path() -> str | None:
@@ -119,16 +163,17 @@ def metrics_text(states: list[dict[str, Any]]) -> str:
     for name, help_, _ in _RUN_SERIES:
         families[name] = MetricFamily(name, help_)
     for doc in states:
-        job = str(doc.get("job"))
+        job = doc.get("job")
+        job_label = {} if job is None else {"job": str(job)}   # standalone: no job
         run = doc.get("run") or {}
         for name, _, key in _RUN_SERIES:
-            if isinstance(run.get(key), (int, float)):
-                families[name].add({"job": job}, float(run[key]))
+            if job is not None and isinstance(run.get(key), (int, float)):
+                families[name].add(job_label, float(run[key]))
         for domain, rec in sorted((doc.get("domains") or {}).items()):
             for name, _, phase, key, _ in _DOMAIN_SERIES:
                 value = (rec.get(phase) or {}).get(key)
                 if isinstance(value, (bool, int, float)):
-                    families[name].add({"job": job, "domain": domain}, float(value))
+                    families[name].add({**job_label, "domain": domain}, float(value))
     return render(list(families.values()))
 
 

@@ -128,6 +128,8 @@ def prune(
     keep_weekly: int | None = None,
     keep_monthly: int | None = None,
     dry_run: bool = False,
+    keep_hourly: int | None = None,
+    keep_yearly: int | None = None,
 ) -> PruneReport:
     """Apply a retention policy to ``domain``'s points in ``pool``.
 
@@ -135,7 +137,8 @@ def prune(
     in libvirt any more); ``pool`` a directory, a libvirt storage pool name or an
     open :class:`Pool`.  At least one ``keep_*`` is required (UsageError).
     """
-    policy = Policy(keep_last, keep_daily, keep_weekly, keep_monthly)  # validates first
+    policy = Policy(keep_last, keep_daily, keep_weekly, keep_monthly,  # validates first
+                    keep_hourly, keep_yearly)
     libvirt_pool: str | None = None
     if isinstance(pool, Pool):
         the_pool = pool

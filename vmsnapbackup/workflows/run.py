@@ -20,7 +20,7 @@ from ..core.jobconfig import Config, Job, select_domains
 from ..errors import BackupInterruptedError, NotFoundError, UsageError, VmSnapBackupError
 from .backup import backup
 from .batch import run_isolated
-from .jobstate import load_state, save_state
+from .jobstate import load_state, record_step, save_state
 from .listing import list_points
 from .prune import prune
 from .verify import verify
@@ -113,22 +113,26 @@ def _backup(job: Job, domain: str, dry_run: bool) -> Step:
                                   "new_generation": job.new_generation == "always"})
 
     def go() -> dict[str, Any]:
+        # threshold None: the generation policy decides, weighing the base by the
+        # retention this job prunes with (as `backup --keep-...` without --threshold)
         r = backup(domain, job.pool, uri=job.uri, disks=job.disks, quiesce=job.quiesce,
-                   new_generation=job.new_generation == "always", threshold=job.threshold)
+                   new_generation=job.new_generation == "always", threshold=job.threshold,
+                   retention=job.retention)
         return {"point": r.point, "generation": r.generation, "consistency": r.consistency,
                 "bytes_written": sum(d.bytes_written for d in r.disks),
-                "skipped": [t for t, _ in r.skipped]}
+                "new_generation": r.new_generation, "skipped": [t for t, _ in r.skipped]}
     return _step("backup", domain, go)
 
 
 def _prune(job: Job, domain: str, dry_run: bool) -> Step | None:
-    if job.retention.empty:
+    retention = job.retention
+    if retention is None:
         return None
 
     def go() -> dict[str, Any]:
         try:
             r = prune(domain, job.pool, uri=job.uri, dry_run=dry_run,
-                      **job.retention.to_dict())
+                      **retention.to_dict())
         except NotFoundError:
             if dry_run:  # not in the pool yet: nothing to prune
                 return {"removed": [], "kept": []}
@@ -207,22 +211,9 @@ def _record(job: Job, result: JobRun, state: dict[str, Any]) -> None:
     for d in result.domains:
         rec = state["domains"].setdefault(d.domain, {})
         for phase, step in (("backup", d.backup), ("prune", d.prune), ("verify", d.verify)):
-            if step is None:
-                continue
-            p = rec.setdefault(phase, {})
-            p.update(at=now, ok=step.ok, seconds=step.seconds, error=step.error)
-            p.setdefault("failures_total", 0)
-            if not step.ok:
-                p["failures_total"] += 1
-                continue
-            p["last_success"] = now
-            if phase == "backup":
-                p["bytes_written"] = step.detail.get("bytes_written", 0)
-                p["point"] = step.detail.get("point")
-            elif phase == "prune":
-                p["removed"] = len(step.detail.get("removed", []))
-            elif phase == "verify" and step.detail.get("sample_percent") is None:
-                p["last_full"] = now
+            if step is not None:
+                record_step(rec, phase, ok=step.ok, seconds=step.seconds, error=step.error,
+                            detail=step.detail, now=now)
         try:
             points = [p for p in list_points(job.pool, uri=job.uri, domain=d.domain)
                       if p.damaged is None]
