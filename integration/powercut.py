@@ -16,6 +16,7 @@ verify)?  Every answer is one cell of the table the tests print.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -202,19 +203,38 @@ def daemon_dirs(tag: str = "") -> set[Path]:
 def sweep_daemon_dirs(before: set[Path], tag: str = "") -> list[Path]:
     """Remove the daemon dirs made since ``before`` that no repair removed, stopping
     their daemon if it still runs; returns them (a cut before the journal named the
-    daemon leaves its dir for nobody to find).  ``tag`` limits it to one domain's,
-    so a run beside other tests never stops their daemons."""
-    left = sorted(daemon_dirs(tag) - before)
-    for d in left:
+    daemon leaves its dir for nobody to find).
+
+    Never another process's live work, so tests and the soak may run side by side: a
+    daemon whose parent still lives is in use (a daemon dies with its parent, see
+    adapters/localhost.py), and a dir without a pid file yet is only taken with ``tag``
+    (the caller's domain name)."""
+    left = []
+    for d in sorted(daemon_dirs(tag) - before):
         try:
             pid = int((d / "qsd.pid").read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if b"qemu-storage-daemon" in cmdline:
-                os.kill(pid, 9)
         except (OSError, ValueError):
-            pass
+            if not tag:
+                continue
+            pid = None
+        if pid is not None and _owned_by_a_live_process(pid):
+            continue
+        if pid is not None:
+            with contextlib.suppress(OSError):
+                if b"qemu-storage-daemon" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, 9)
         shutil.rmtree(d, ignore_errors=True)
+        left.append(d)
     return left
+
+
+def _owned_by_a_live_process(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False   # the daemon is gone
+    ppid = int(stat.rsplit(")", 1)[1].split()[1])
+    return ppid > 1 and Path(f"/proc/{ppid}").exists()
 
 
 def summary(outcomes: Sequence[Outcome]) -> dict[str, int]:
