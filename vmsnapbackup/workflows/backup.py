@@ -138,7 +138,6 @@ def backup(
             raise UnsupportedDiskError(f"domain {name} has no disk that can be backed up "
                                        f"({reasons})")
         # all that can refuse before the pool is made or a point number is burnt
-        refuse_live_backup(uuid, name)
         places = overlay_dirs(name, uuid, selected, overlay_dir, hv.is_active(dom))
         if dirty_bitmaps is None:
             dirty_bitmaps = checkpoints_wanted(dom)
@@ -150,7 +149,8 @@ def backup(
         layout.check(base_format)
         store = the_pool.domain(uuid, name, create=True)
         with store.lock("backup"):
-            refuse_live_backup(uuid, name)   # again: it may have started meanwhile
+            # a live backup into another pool is not a leftover to repair
+            refuse_live_backup(uuid, name)
             repair_before_backup(store, hv, dom, name, pool_dir)
             store.set_name(name)
             run = _BackupRun(hv, dom, store, name, uuid, selected, pool_dir,
