@@ -2,10 +2,11 @@
 
 A running domain whose qcow2 disk is 1 TiB with 100 MiB of data scattered over it.
 Each command runs as a user runs it (``python -m vmsnapbackup ...`` in a child
-process) and its peak resident set (RUSAGE_SELF at exit) is noted, with that of
+process) and its peak resident set (``VmHWM`` at exit) is noted, with that of
 the processes it started (storage daemon, ``qemu-img``: logged only): backup of the base,
 backup of a point, verify of the pool, restore of the point, rebase.  The issue's
-bound: 200 MiB plus one check table (16 bytes per 64 KiB block: 256 MiB at 1 TiB).
+bound is 200 MiB plus one check table (16 bytes per 64 KiB block: 256 MiB at 1 TiB); the
+test holds every command to 200 MiB.
 The figures are logged (``-o log_cli=true``) for docs/generations.md §8.
 """
 from __future__ import annotations
@@ -29,19 +30,25 @@ BLOCK = 64 * 1024
 DATA = 100 * MiB
 EXTENT = MiB
 TABLE_MIB = (TiB // BLOCK) * 16 / MiB
-BOUND_MIB = 200 + TABLE_MIB
+#: the issue allows 200 MiB plus one table (456 MiB at 1 TiB); held to 200: not even one
+#: table's worth of memory for empty space
+BOUND_MIB = 200.0
+ISSUE_BOUND_MIB = 200 + TABLE_MIB
 
 
 #: Runs the CLI as ``python -m vmsnapbackup`` does, and at exit writes the peak RSS of
-#: this Python process itself (RUSAGE_SELF) and of the children it reaped (the storage
+#: this Python process itself (VmHWM) and of the children it reaped (the storage
 #: daemon, qemu-img: QEMU's own memory) to the file named by argv[1].
 WRAPPER = """
 import atexit, resource, runpy, sys
 out = sys.argv.pop(1)
 def note():
+    # VmHWM: the peak of this process's own memory since its exec (ru_maxrss would also
+    # count the parent's resident set that fork copied, which exec keeps as a floor)
+    with open("/proc/self/status") as f:
+        hwm = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
     with open(out, "w") as f:
-        f.write("%d %d" % (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                           resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+        f.write("%d %d" % (hwm, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
 atexit.register(note)
 sys.argv[0] = "vmsnapbackup"
 runpy.run_module("vmsnapbackup", run_name="__main__", alter_sys=True)
