@@ -36,6 +36,8 @@ from benchlib import (  # noqa: E402
     run,
 )
 
+from vmsnapbackup.core.defaults import DEFAULT_URI  # noqa: E402
+
 DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN = "<!-- remote-benchmark:begin -->"
 END = "<!-- remote-benchmark:end -->"
@@ -70,7 +72,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from test_mount_tls import make_certs
 
     size = int(args.size_gib * GiB) // 65536 * 65536
-    conn = libvirt.open("qemu:///system")
+    conn = libvirt.open(DEFAULT_URI)
     factory = DomainFactory(conn)
     work = Path(tempfile.mkdtemp(prefix="vsb-remote-bench-"))
     dom = None
@@ -114,7 +116,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     finally:
         if dom is not None:
-            remove_domain_robustly("qemu:///system", dom)
+            remove_domain_robustly(DEFAULT_URI, dom)
         conn.close()
         remove_tree(work)
 
