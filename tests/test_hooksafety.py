@@ -281,7 +281,7 @@ def test_a_domain_named_like_an_option_stays_a_name() -> None:
 def test_a_pool_named_like_an_option_stays_a_pool() -> None:
     argv = logic.backup_argv(HookConfig(command=("vmsnapbackup",)), "-v", "--help")
     args = build_parser().parse_args(argv[1:])
-    assert (args.pool, args.domain) == ("-v", "--help")
+    assert (args.pool, args.domains) == ("-v", ["--help"])
 
 
 # ---------------------------------------------------------------- the time budget
