@@ -14,6 +14,7 @@ import glob
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ import pytest
 from domains import DiskModel, DiskSpec, TestDomain
 
 from vmsnapbackup.cli import main
+from vmsnapbackup.core.defaults import DEFAULT_URI
 from vmsnapbackup.errors import ExitCode
 from vmsnapbackup.progress import ProgressEvent
 from vmsnapbackup.workflows.backupmany import (
@@ -36,7 +38,7 @@ from vmsnapbackup.workflows.ratebudget import RateBudget, rate_budget
 pytestmark = pytest.mark.integration
 
 MiB = 2**20
-URI = "qemu:///system"
+URI = DEFAULT_URI
 
 
 def _foreign_excludes(conn, ours: set[str]) -> list[str]:  # type: ignore[no-untyped-def]
@@ -223,3 +225,66 @@ def test_a_domain_killed_mid_read_fails_alone_and_one_repair_puts_it_back(
     assert not glob.glob(str(victim.workdir / f"*{OVERLAY_MARKER}*"))
     victim.start()                # and it boots from its own image again
     assert victim.is_active()
+
+
+def test_several_connections_in_one_run(make_domain, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Two ``-c``: each name is looked up on every connection and backed up through the
+    one that has it.  The second connection is libvirt's own test driver, whose domain
+    "test" has a disk of no known format: it fails there, alone."""
+    td = _written(make_domain, 16 * MiB, 2 * MiB, "vsb-many-uri")
+    pool = str(tmp_path / "pool")
+    rc = main(["-c", URI, "-c", "test:///default", "--pool", pool, "backup", td.name, "test",
+               "--json"])
+    doc = _json(capsys)
+    assert rc == ExitCode.DOMAINS_FAILED, doc
+    by_name = {d["domain"]: d for d in doc["domains"]}
+    assert by_name[td.name]["ok"] and by_name[td.name]["uri"] == URI
+    assert by_name["test"]["uri"] == "test:///default" and not by_name["test"]["ok"]
+    assert by_name["test"]["exit_code"] == ExitCode.UNSUPPORTED_DISK
+    assert doc["failed"] == ["test"]
+    # a name neither connection has is that name's failure, reported with the rest
+    rc = main(["-c", URI, "-c", "test:///default", "--pool", pool, "backup", td.name,
+               "no-such-domain", "--json"])
+    doc = _json(capsys)
+    assert rc == ExitCode.DOMAINS_FAILED
+    assert doc["failed"] == ["no-such-domain"]
+    assert [d["point"] for d in doc["domains"] if d["ok"]] == [2]
+
+
+def test_a_signal_undoes_the_running_domain_and_starts_no_other(
+        make_domain, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """SIGTERM to a run: the domain being read unwinds through its own undo (back on its
+    image, nothing to repair), the domains not started are reported so, exit 8."""
+    from faults import until
+
+    from vmsnapbackup.adapters.domainxml import OVERLAY_MARKER
+
+    doms = [_written(make_domain, 32 * MiB, 12 * MiB, "vsb-many-term") for _ in range(3)]
+    first = doms[0]
+    pool = str(tmp_path / "pool")
+    child = subprocess.Popen(
+        [sys.executable, "-m", "vmsnapbackup", "--pool", pool, "backup",
+         *(d.name for d in doms), "--parallel", "1", "--max-rate", "2M", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def first_on_overlay() -> None:
+            assert glob.glob(str(first.workdir / f"*{OVERLAY_MARKER}*"))
+        until(first_on_overlay, deadline=60)
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=300)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == ExitCode.INTERRUPTED, err
+    doc = json.loads(out)
+    assert doc["interrupted"] and not doc["ok"]
+    states = [(d["domain"], d["started"], d["ok"]) for d in doc["domains"]]
+    assert states == [(first.name, True, False), (doms[1].name, False, False),
+                      (doms[2].name, False, False)], (states, err)
+    assert "BackupInterruptedError" in doc["domains"][0]["error"]
+    for d in doms:
+        assert d.is_active() and d.current_source("vda") == d.disks["vda"]
+        assert not glob.glob(str(d.workdir / f"*{OVERLAY_MARKER}*"))
+        assert not os.path.exists(f"/run/vmsnapbackup/inflight/{d.uuid}.json")

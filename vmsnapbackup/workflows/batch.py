@@ -109,34 +109,52 @@ def run_isolated(items: Sequence[T], work: Callable[[T], R], *, parallel: int,
                 outcomes[index].started = True
             return index
 
+    count = min(parallel, len(items))
+    running = [count]                 # workers not yet ended
+    ended = threading.Condition()
+
     def worker() -> None:
-        while (index := next_index()) is not None:
-            outcome = outcomes[index]
-            started = time.monotonic()
-            try:
-                outcome.value = work(items[index])
-            except Exception as exc:  # isolation: this item's outcome, nobody else's
-                outcome.error = exc
-                if not isinstance(exc, VmSnapBackupError):
-                    log.error("%s: item %d failed unexpectedly", what, index, exc_info=exc)
-            finally:
-                outcome.seconds = time.monotonic() - started
+        try:
+            while (index := next_index()) is not None:
+                outcome = outcomes[index]
+                started = time.monotonic()
+                try:
+                    outcome.value = work(items[index])
+                except Exception as exc:  # isolation: this item's outcome, nobody else's
+                    outcome.error = exc
+                    if not isinstance(exc, VmSnapBackupError):
+                        log.error("%s: item %d failed unexpectedly", what, index, exc_info=exc)
+                finally:
+                    outcome.seconds = time.monotonic() - started
+        finally:
+            with ended:
+                running[0] -= 1
+                ended.notify_all()
+
+    def wait_all() -> None:
+        # Not Thread.join: a join cut short by a signal handler's exception leaves
+        # the thread marked as ended (Python 3.11), so a second join would not wait.
+        with ended:
+            while running[0]:
+                ended.wait()
 
     threads = [threading.Thread(target=worker, name=f"{name}-{n}", daemon=True)
-               for n in range(min(parallel, len(items)))]
+               for n in range(count)]
     interrupted = False
     with interruptible(what):
         try:
             for thread in threads:
                 thread.start()
-            for thread in threads:
-                thread.join()
+            wait_all()
         except (BackupInterruptedError, KeyboardInterrupt) as exc:
             interrupted = True
             stop.set()
             log.warning("%s: %s; no further domain starts, waiting for the started ones "
                         "to finish or undo their work", what, exc or "interrupted")
-            for thread in threads:
-                if thread.ident is not None:  # started
-                    thread.join()
+            with ended:   # workers never started will not end: count them out
+                running[0] -= sum(1 for t in threads if t.ident is None)
+            wait_all()
+    for thread in threads:
+        if thread.ident is not None:
+            thread.join()
     return Batch(outcomes, interrupted or stop.is_set())
