@@ -425,7 +425,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             log("full backup (not measured) ...")
             child("backup", dom.name, str(pool), "--new-generation")
         last = None
-        for key in ("incremental", "bitmap"):
+        # the bitmap line first: a backup with --no-dirty-bitmaps deletes our checkpoints
+        # (so that other libvirt backup tools can run beside us), and with them the bitmap
+        for key in ("bitmap", "incremental"):
             if key in wanted:
                 results[key] = measure_incremental(dom, image, size, pool, args.reps, cold,
                                                    rng, args.change, bitmaps=key == "bitmap")
