@@ -4,7 +4,7 @@ domain may run, which is longer than the ``vmsnapbackup boot`` command.
 So unlike a backup's daemon it is not tied to us and needs no monitor: its whole
 configuration (one read-only file and format node plus a read-only NBD export
 per disk) is on its command line, and it is started through the same launcher
-(:func:`~.daemonprocess.launch_daemon`) in a session of its own.  Not with
+(:func:`~.daemonlaunch.launch_daemon`) in a session of its own.  Not with
 QEMU's ``--daemonize``: that sets umask 027, and the NBD socket would be
 group-readable for a moment.  Ready means the pid file exists: QEMU writes it
 after creating the exports and the NBD server and before accepting connections
@@ -26,7 +26,7 @@ import tenacity
 
 from ..errors import ExportError, HypervisorError
 from . import processes
-from .daemonprocess import launch_daemon, qemu_opt
+from .daemonlaunch import launch_daemon, qemu_opt
 from .exportnodes import format_node_args
 from .host import LOCAL, Host, HostProcess
 from .pinnedchain import PinnedImage

@@ -35,17 +35,23 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import signal
-import socket
+import time
 from typing import Any
 
 import tenacity
 from qemu.qmp import ExecuteError, QMPError
-from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from .. import errors
 from . import processes
+from .daemonlaunch import (
+    MALLOC_TUNABLES,
+    daemon_environment,
+    launch_daemon,
+    qemu_opt,
+    sanitize_tag,
+)
+from .daemonqmp import DaemonQMP, NoGreetingError, image_lock_message, translate_refusal
 from .host import LOCAL, Host, HostProcess
 
 __all__ = [
@@ -53,6 +59,7 @@ __all__ = [
     "RUNTIME_DIR_PREFIX",
     "DaemonProcess",
     "daemon_environment",
+    "image_lock_message",
     "launch_daemon",
     "qemu_opt",
 ]
@@ -68,62 +75,6 @@ LOG_FILE = "qsd.log"
 #: The only names a runtime directory may hold; anything else means "not ours".
 RUNTIME_FILES = frozenset({QMP_SOCKET, NBD_SOCKET, PID_FILE, LOG_FILE})
 SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
-# QEMU's file-posix wording for an image-lock conflict: `Failed to get "write"
-# lock` (someone else does not share what we need) and `Failed to get shared
-# "write" lock` (someone else holds what we refuse to share).
-_LOCK_ERROR_RE = re.compile(r'Failed to get (shared )?"[a-z ]+" lock')
-
-#: QEMU allocates a bounce buffer for every NBD request and frees it after the
-#: reply; glibc serves each one of 128 KiB or more with a fresh mmap, i.e. page
-#: faults and zeroing for every byte moved, twice.  Keeping such blocks in the
-#: heap made a disk pass 30 % faster (docs/benchmarks.md).
-MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=4194304:glibc.malloc.trim_threshold=67108864"
-
-
-def daemon_environment() -> dict[str, str]:
-    """What the daemon's environment adds to ours: the malloc tunables above."""
-    current = os.environ.get("GLIBC_TUNABLES")
-    return {"GLIBC_TUNABLES": f"{current}:{MALLOC_TUNABLES}" if current else MALLOC_TUNABLES}
-
-
-def qemu_opt(value: str) -> str:
-    """Escape a value for QEMU's ``key=value,...`` option syntax."""
-    return value.replace(",", ",,")
-
-
-def sanitize_tag(tag: str) -> str:
-    clean = re.sub(r"[^A-Za-z0-9_.-]", "_", tag)[:32]
-    return clean or "vmsnapbackup"
-
-
-def image_lock_message(path: str, qemu_message: str) -> str | None:
-    """Our sentence for QEMU's image-lock refusal, None for any other message."""
-    if _LOCK_ERROR_RE.search(qemu_message):
-        return (
-            f"{path} is in use by a running QEMU (image lock): another QEMU process "
-            f"(a running domain, qemu-nbd, qemu-img, ...) holds it; QEMU said: {qemu_message}"
-        )
-    return None
-
-
-def launch_daemon(host: Host, args: list[str], *, log_path: str, tie_to_us: bool,
-                  binary: str = "qemu-storage-daemon") -> HostProcess:
-    """Start ``binary ARGS`` on ``host``: the one place a qemu-storage-daemon is started.
-
-    Its environment carries :data:`MALLOC_TUNABLES`; like every child of a host it
-    runs with umask 077 in a new session (the terminal's Ctrl-C is ours to
-    handle), stdout and stderr into ``log_path`` (0600).  ``tie_to_us``: it dies
-    with us (a backup's, restore's, verify's or mount's daemon); without, it
-    outlives us (a boot's, which serves as long as the boot domain runs).
-    """
-    argv = [binary, *args]
-    log.debug("starting %s", " ".join(argv))
-    try:
-        return host.start(argv, log_path=log_path, env=daemon_environment(),
-                          tie_to_us=tie_to_us)
-    except errors.HypervisorError as err:
-        raise errors.ExportError(str(err)) from err
-
 
 def _default_runtime_base() -> str:
     """The host runtime directory of FORMAT §11, shared with the in-flight records."""
@@ -151,7 +102,7 @@ class DaemonProcess:
         self._handle_signals = handle_signals
         self._runtime_dir: str | None = None
         self._proc: HostProcess | None = None
-        self._qmp: QEMUMonitorProtocol | None = None
+        self._qmp: DaemonQMP | None = None
         self._signals = contextlib.ExitStack()
         self._started = False
         self._closed = False
@@ -189,8 +140,7 @@ class DaemonProcess:
             if self._handle_signals:
                 self._signals.enter_context(
                     processes.stop_signals(self._on_signal, only_if_default=True))
-            self._spawn()
-            self._connect()
+            self._spawn_and_connect()
             self._on_started()
         except BaseException:
             self._close(raise_deferred=False)
@@ -227,17 +177,11 @@ class DaemonProcess:
                 f"({longest} > {SUN_PATH_MAX} bytes); choose a shorter runtime base")
 
     def _spawn(self) -> None:
-        argv = [self._binary,
-                "--chardev", (f"socket,path={qemu_opt(self.qmp_socket)},server=on,wait=off,"
-                "id=vsbqmp"),
-                "--monitor", "chardev=vsbqmp",
-                "--pidfile", self._path(PID_FILE)]
-        log.debug("[%s] starting %s", self.tag, " ".join(argv))
-        try:
-            self._proc = self.host.start(argv, log_path=self._path(LOG_FILE),
-                                         env=daemon_environment(), tie_to_us=True)
-        except errors.HypervisorError as err:
-            raise errors.ExportError(str(err)) from err
+        self._proc = launch_daemon(
+            self.host,
+            ["--chardev", f"socket,path={qemu_opt(self.qmp_socket)},server=on,wait=off,id=vsbqmp",
+             "--monitor", "chardev=vsbqmp", "--pidfile", self._path(PID_FILE)],
+            log_path=self._path(LOG_FILE), tie_to_us=True, binary=self._binary)
 
     def _tail(self) -> str:
         if self._runtime_dir is None:
@@ -253,48 +197,77 @@ class DaemonProcess:
         tail = self._tail()
         return errors.ExportError(msg + (f"; its output ends with: {tail}" if tail else ""))
 
-    def _probe_greeting(self, path: str) -> None:
-        """One attempt: does the QMP socket answer with a greeting line?  On a plain
-        socket with a timeout: the QMP client's connect has none."""
-        assert self._proc is not None
-        if self._proc.poll() is not None:
-            raise self._daemon_gone_error("storage daemon failed to start")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(min(2.0, self._start_timeout))
-            sock.connect(path)
-            data = b""
-            while b"\n" not in data:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    raise ConnectionResetError("QMP socket closed before the greeting")
-                data += chunk
-            if b'"QMP"' not in data:
-                raise errors.ExportError(f"{self.qmp_socket} does not speak QMP")
+    def _spawn_and_connect(self) -> None:
+        """Start the daemon and connect QMP.  A daemon that takes the connection but
+        never greets (see :mod:`.daemonqmp`) is replaced by a fresh one, once."""
+        for attempt in (1, 2):
+            self._spawn()
+            try:
+                self._connect()
+                return
+            except NoGreetingError as err:
+                tail = self._tail()
+                if attempt == 2:
+                    raise errors.ExportError(
+                        f"{err} (pid {self.pid}), twice" + (f"; output: {tail}" if tail else "")
+                    ) from err
+                log.warning("[%s] %s (pid %s); starting a new storage daemon",
+                            self.tag, err, self.pid)
+                self._discard_daemon()
 
-    def _connect(self) -> None:
-        path = self.host.reach_socket(self.qmp_socket)
+    def _discard_daemon(self) -> None:
+        """Kill a daemon that never answered and clear its socket and pid file."""
+        assert self._proc is not None
+        self._proc.kill()
+        self._proc.wait(None)
+        self._proc = None
+        for name in (QMP_SOCKET, PID_FILE):
+            self.host.unlink(self._path(name))
+
+    def _wait_for_socket(self, deadline: float) -> None:
+        """Wait until the daemon has bound its QMP socket (checked on its host, so
+        this holds for a forwarded socket too) or has died."""
+        assert self._proc is not None
+        proc = self._proc
+
+        class _NotYet(Exception):
+            pass
+
+        def bound() -> None:
+            if proc.poll() is not None:
+                raise self._daemon_gone_error("storage daemon failed to start")
+            info = self.host.stat(self.qmp_socket, follow=False)
+            if info is None or not info.is_socket:
+                raise _NotYet
+
         try:
             tenacity.Retrying(
-                retry=tenacity.retry_if_exception_type(OSError),
-                stop=tenacity.stop_after_delay(self._start_timeout),
+                retry=tenacity.retry_if_exception_type(_NotYet),
+                stop=tenacity.stop_before_delay(max(deadline - time.monotonic(), 0.0)),
                 wait=tenacity.wait_exponential(multiplier=0.005, max=0.2),
                 reraise=True,
-            )(self._probe_greeting, path)
-        except OSError as err:
-            assert self._proc is not None
-            if self._proc.poll() is not None:
-                raise self._daemon_gone_error("storage daemon failed to start") from err
+            )(bound)
+        except _NotYet:
             tail = self._tail()
             raise errors.ExportError(
-                f"storage daemon (pid {self.pid}) did not answer on {self.qmp_socket} "
-                f"within {self._start_timeout:g} s ({err})" + (f"; output: {tail}" if tail else "")
-            ) from err
-        qmp = QEMUMonitorProtocol(path, nickname=f"qsd-{self.tag}")
+                f"storage daemon (pid {self.pid}) did not answer: no socket {self.qmp_socket} "
+                f"within {self._start_timeout:g} s" + (f"; output: {tail}" if tail else "")
+            ) from None
+
+    def _connect(self) -> None:
+        deadline = time.monotonic() + self._start_timeout
+        self._wait_for_socket(deadline)
+        qmp = DaemonQMP(f"qsd-{self.tag}")
         try:
-            qmp.connect()
-        except (QMPError, OSError) as err:
-            raise errors.ExportError(f"QMP connect to {self.qmp_socket} failed: {err}") from err
-        qmp.settimeout(self._command_timeout)
+            qmp.connect(self.host.reach_socket(self.qmp_socket), deadline)
+        except BaseException as err:
+            qmp.close(0.0)
+            assert self._proc is not None
+            if isinstance(err, errors.ExportError) and not isinstance(err, NoGreetingError) \
+                    and self._proc.poll() is not None:
+                raise self._daemon_gone_error("storage daemon failed to start") from err
+            raise
+        qmp.timeout = self._command_timeout
         self._qmp = qmp
 
     def _close(self, raise_deferred: bool) -> None:
@@ -319,13 +292,13 @@ class DaemonProcess:
         if self._qmp is not None:
             alive = self._proc is not None and self._proc.poll() is None
             # a hung daemon must not hold up an interrupted backup for long
-            self._qmp.settimeout(self._stop_timeout)
+            self._qmp.timeout = self._stop_timeout
             self._before_quit(alive)
             if alive:
                 with contextlib.suppress(Exception):
                     self._qmp.cmd("quit")
             with contextlib.suppress(Exception):
-                self._qmp.close()
+                self._qmp.close(self._stop_timeout)
             self._qmp = None
         if self._proc is not None:
             rc = self._proc.wait(self._stop_timeout)
@@ -370,17 +343,12 @@ class DaemonProcess:
         if self._qmp is None:
             raise errors.ExportError("storage daemon is not running")
         try:
-            result = self._qmp.cmd(command, **arguments)
+            result = self._qmp.cmd(command, arguments or None)
         except errors.BackupInterruptedError:
             self._pending_signal = None
             raise
         except ExecuteError as err:
-            qemu_message = str(err)
-            locked = image_lock_message(_image, qemu_message) if _image else None
-            if locked:
-                raise errors.ExportError(locked) from err
-            what = f" for {_image}" if _image else ""
-            raise errors.ExportError(f"QEMU refused {command}{what}: {qemu_message}") from err
+            raise translate_refusal(command, err, _image) from err
         except asyncio.TimeoutError as err:
             raise errors.ExportError(
                 f"storage daemon gave no reply to {command} within {self._command_timeout:g} s"
@@ -400,9 +368,6 @@ class DaemonProcess:
         """The next QMP event within ``wait`` seconds, None when none came."""
         assert self._qmp is not None
         try:
-            event: dict[str, Any] | None = self._qmp.pull_event(wait=wait)
-        except asyncio.TimeoutError:
-            return None
+            return self._qmp.pull_event(wait)
         except (QMPError, OSError, EOFError) as err:
             raise errors.ExportError(f"lost the storage daemon while waiting: {err}") from err
-        return event
