@@ -200,8 +200,12 @@ def test_a_domain_killed_mid_read_fails_alone_and_one_repair_puts_it_back(
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         def victim_on_overlay() -> None:
+            if child.poll() is not None:   # finished or failed before we saw the overlay
+                out, err = child.communicate()
+                pytest.fail(f"backup exited {child.returncode} before the victim's overlay "
+                            f"was seen: {err.strip()[-2000:]} {out.strip()[-2000:]}")
             assert glob.glob(str(victim.workdir / f"*{OVERLAY_MARKER}*"))
-        until(victim_on_overlay, deadline=60)
+        until(victim_on_overlay, deadline=120)
         victim.dom.destroy()          # the guest's QEMU dies mid-backup
         out, err = child.communicate(timeout=300)
     finally:
