@@ -12,14 +12,13 @@ from __future__ import annotations
 import os
 import stat
 import sys
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from vmsnapbackup import errors
 from vmsnapbackup.adapters.daemonprocess import DaemonProcess
+from vmsnapbackup.adapters.processes import is_alive
 
 _FAKE = r'''
 import json, os, socket, sys, time
@@ -56,22 +55,6 @@ while True:                              # QMP messages need no newline: decode 
 '''
 
 
-@pytest.fixture
-def run_base() -> Iterator[str]:
-    base = tempfile.mkdtemp(prefix="vsbq-")
-    try:
-        yield base
-    finally:
-        leftovers = os.listdir(base)
-        for name in leftovers:
-            path = os.path.join(base, name)
-            for f in os.listdir(path):
-                os.unlink(os.path.join(path, f))
-            os.rmdir(path)
-        os.rmdir(base)
-        assert leftovers == [], f"runtime dirs left behind: {leftovers}"
-
-
 def _fake(tmp_path: Path, silent_starts: int) -> tuple[str, Path]:
     """A fake daemon binary silent for its first ``silent_starts`` starts."""
     count = tmp_path / "starts"
@@ -80,14 +63,6 @@ def _fake(tmp_path: Path, silent_starts: int) -> tuple[str, Path]:
                       f"sys.argv[1:1] = [{str(count)!r}, {str(silent_starts)!r}]\n{_FAKE}")
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     return str(script), count
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_a_silent_daemon_is_replaced_once_and_the_new_one_is_used(
@@ -102,7 +77,7 @@ def test_a_silent_daemon_is_replaced_once_and_the_new_one_is_used(
     finally:
         d.close()
     assert count.read_text() == "2"
-    assert pid is not None and not _alive(pid)
+    assert pid is not None and not is_alive(pid)
 
 
 def test_a_daemon_silent_twice_fails_with_one_clear_error_and_leaves_nothing(
@@ -113,7 +88,7 @@ def test_a_daemon_silent_twice_fails_with_one_clear_error_and_leaves_nothing(
     with pytest.raises(errors.ExportError, match="no QMP greeting.*twice"):
         d.start()
     assert count.read_text() == "2"
-    assert d.pid is not None and not _alive(d.pid)
+    assert d.pid is not None and not is_alive(d.pid)
     assert d.runtime_dir is not None and not os.path.exists(d.runtime_dir)
 
 

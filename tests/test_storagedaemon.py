@@ -9,14 +9,13 @@ from __future__ import annotations
 import os
 import stat
 import sys
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from vmsnapbackup import errors
 from vmsnapbackup.adapters import daemonprocess
+from vmsnapbackup.adapters.processes import is_alive
 from vmsnapbackup.adapters.storagedaemon import (
     RUNTIME_DIR_PREFIX,
     StorageDaemon,
@@ -25,35 +24,11 @@ from vmsnapbackup.adapters.storagedaemon import (
 )
 
 
-@pytest.fixture
-def run_base() -> Iterator[str]:
-    base = tempfile.mkdtemp(prefix="vsbu-")
-    try:
-        yield base
-    finally:
-        leftovers = os.listdir(base)
-        for name in leftovers:
-            path = os.path.join(base, name)
-            for f in os.listdir(path):
-                os.unlink(os.path.join(path, f))
-            os.rmdir(path)
-        os.rmdir(base)
-        assert leftovers == [], f"runtime dirs left behind: {leftovers}"
-
-
 def fake_binary(tmp_path: Path, body: str) -> str:
     path = tmp_path / "fake-qsd"
     path.write_text(f"#!{sys.executable}\nimport sys, time\n{body}\n")
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
     return str(path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_daemon_that_dies_at_start_reports_its_stderr(tmp_path: Path, run_base: str) -> None:
@@ -67,7 +42,7 @@ def test_daemon_that_dies_at_start_reports_its_stderr(tmp_path: Path, run_base: 
     assert "failed to start" in msg
     assert "exited with status 1" in msg
     assert "bogus option" in msg
-    assert d.pid is not None and not _alive(d.pid)
+    assert d.pid is not None and not is_alive(d.pid)
     assert d.runtime_dir is not None and not os.path.exists(d.runtime_dir)
 
 
@@ -76,10 +51,9 @@ def test_daemon_that_never_answers_is_killed_after_the_deadline(
 ) -> None:
     binary = fake_binary(tmp_path, "time.sleep(600)")
     d = StorageDaemon(run_base, tag="mute", binary=binary, start_timeout=0.5, stop_timeout=0.5)
-    with pytest.raises(errors.ExportError, match="did not answer"):
-        with d:
-            pass  # pragma: no cover - never reached
-    assert d.pid is not None and not _alive(d.pid)
+    with pytest.raises(errors.ExportError, match="did not answer"), d:
+        pass  # pragma: no cover - never reached
+    assert d.pid is not None and not is_alive(d.pid)
     assert d.runtime_dir is not None and not os.path.exists(d.runtime_dir)
 
 
