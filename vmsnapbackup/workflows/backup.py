@@ -49,7 +49,13 @@ from ..errors import (
 from ..progress import ProgressCallback
 from .backupdaemons import backup_daemons
 from .backupseal import BackupSeal
-from .backupstart import announce_new_pool, apply_exclude, overlay_dirs, refuse_live_backup
+from .backupstart import (
+    announce_new_pool,
+    apply_exclude,
+    overlay_dirs,
+    refuse_live_backup,
+    release_overlay_dirs,
+)
 from .backupundo import BackupUndo
 from .backupvolumes import BackupVolumes
 from .backupwork import BackupResult, DiskResult, DiskWork
@@ -160,7 +166,10 @@ def backup(
                              progress=progress, dirty_bitmaps=dirty_bitmaps,
                              retention=retention, layout=layout)
             run.data_path = data_path
-            result = run.execute()
+            try:
+                result = run.execute()
+            finally:
+                release_overlay_dirs(places)
     refresh_pool(libvirt_pool, uri)
     result.skipped = [(s.disk.target, s.reason) for s in skipped]
     result.seconds["total"] = round(time.monotonic() - started_mono, 3)

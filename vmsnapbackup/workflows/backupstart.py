@@ -89,6 +89,24 @@ def overlay_dirs(name: str, uuid: str, disks: Sequence[Disk], overlay_dir: str |
     return out
 
 
+def release_overlay_dirs(places: dict[str, str | None]) -> None:
+    """Remove the default per-domain overlay directories of :func:`overlay_dirs`
+    once they are empty again, so that no directory outlives its domain.
+
+    Called with the domain's backup lock held, after the backup (done or
+    undone): an overlay still in it (a backup that could not undo itself)
+    keeps it, as ``repair`` needs to find the overlay there.
+    """
+    root = Path(BLOCK_OVERLAY_ROOT)
+    for place in {p for p in places.values() if p is not None}:
+        if Path(place).parent != root:
+            continue            # the user's --overlay-dir is theirs
+        try:
+            LOCAL.rmdir(place)
+        except OSError as err:
+            log.debug("keeping %s: %s", place, err.strerror)
+
+
 def announce_new_pool(pool_dir: Path) -> None:
     """A backup creates a missing pool (``list`` only reports it): say so."""
     if not pool_dir.exists():
