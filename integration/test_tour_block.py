@@ -5,7 +5,6 @@ no point number, and the result and ``list`` say the raw block disk is read whol
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import subprocess
 from collections.abc import Iterator
