@@ -13,7 +13,7 @@ power goes; the tree the disk kept under each power-loss variant is judged:
 * the next restore (``--force``) succeeds and writes whole images.
 
 Hidden temp files (``.NAME.restore-…``) a cut leaves are reported in the table
-("tmp"): they are never mistaken for an image, and ``--force`` does not need them.
+("tmp"): they are never mistaken for an image, and the next restore removes them.
 """
 from __future__ import annotations
 
@@ -88,6 +88,9 @@ def judge_images(o: Outcome, dom: TestDomain, pool: Path, want: dict[str, bytes]
     for target, data in want.items():
         if (images / f"{dom.name}-{target}.raw").read_bytes() != data:
             o.problems.append(f"next restore: {target} is not whole")
+    left = [p.name for p in images.iterdir() if p.name.startswith(".")]
+    if left:     # the killed restore's temp images: the next restore removes them
+        o.problems.append(f"next restore left {left}")
 
 
 def test_power_cut_during_restore_into_a_pool_volume(domain: TestDomain, area: Path,  # noqa: F811

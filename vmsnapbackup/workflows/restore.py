@@ -48,6 +48,7 @@ from .pointread import (
     select_point,
 )
 from .restoreimage import DiskPlan, RestoredDisk, restore_disk
+from .restoresweep import sweep_stale_temps
 from .restoretarget import (
     RESTORE_FORMATS,
     UNVERIFIED_SUFFIX,
@@ -205,6 +206,7 @@ def restore(
                 except OSError as err:
                     raise StorageError(f"cannot create {directory}: {err.strerror}") from err
 
+            sweep_stale_temps(directory)   # what a killed restore left there
             restored = []
             # a signal unwinds through restore_disk, which removes its temp file
             with interruptible("restore"), \
