@@ -85,7 +85,7 @@ def test_a_daemon_silent_twice_fails_with_one_clear_error_and_leaves_nothing(
     binary, count = _fake(tmp_path, silent_starts=2)
     d = DaemonProcess(run_base, tag="silent2", binary=binary, start_timeout=1.0,
                       stop_timeout=1, handle_signals=False)
-    with pytest.raises(errors.ExportError, match="no QMP greeting.*twice"):
+    with pytest.raises(errors.ExportError, match=r"no QMP greeting.*twice"):
         d.start()
     assert count.read_text() == "2"
     assert d.pid is not None and not is_alive(d.pid)
@@ -102,3 +102,45 @@ def test_a_daemon_that_greets_at_once_is_started_once(tmp_path: Path, run_base: 
     finally:
         d.close()
     assert count.read_text() == "1"
+
+
+def test_a_new_daemon_sweeps_the_directories_killed_commands_left(
+        tmp_path: Path, run_base: str) -> None:
+    import subprocess
+
+    def leftover(name: str, pid: int | None, extra: str | None = None) -> Path:
+        path = Path(run_base) / f"qsd-{name}"
+        path.mkdir()
+        (path / "qsd.log").write_text("log")
+        if pid is not None:
+            (path / "qsd.pid").write_text(f"{pid}\n")
+        if extra:
+            (path / extra).write_text("not ours")
+        return path
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = leftover("orphan", dead.pid)
+    reused = leftover("reused", os.getpid())          # a live pid that is not its daemon
+    starting = leftover("starting", None)              # no pid file yet: may be starting
+    foreign = leftover("foreign", dead.pid, extra="precious.txt")
+    serving = Path(run_base) / "qsd-serving"
+    serving.mkdir()
+    daemon = subprocess.Popen(["qemu-storage-daemon", "-c", "import time; time.sleep(60)",
+                               f"{serving}/qmp.sock"], executable=sys.executable)
+    (serving / "qsd.pid").write_text(f"{daemon.pid}\n")
+    try:
+        binary, _ = _fake(tmp_path, silent_starts=0)
+        d = DaemonProcess(run_base, tag="sweeper", binary=binary, start_timeout=5,
+                          stop_timeout=2, handle_signals=False)
+        d.start()
+        d.close()
+        assert not orphan.exists() and not reused.exists()
+        assert starting.is_dir() and foreign.is_dir() and serving.is_dir()
+    finally:
+        daemon.kill()
+        daemon.wait()
+        for path in (starting, foreign, serving):
+            for f in path.iterdir():
+                f.unlink()
+            path.rmdir()

@@ -1,4 +1,4 @@
-"""What a dead backup's storage daemon leaves behind, and how ``repair`` removes it.
+"""What a dead command's storage daemon leaves behind, and how it is removed.
 
 A backup killed without its ``close()`` (SIGKILL, a crash, a power cut) leaves
 its runtime directory, and -- only if it died between fork and the death signal,
@@ -6,6 +6,10 @@ or the daemon is still tearing down -- the daemon itself.  The journal recorded
 both; these functions trust neither blindly: a directory is only removed when
 its name and its contents are ours, a pid only signalled when its command line
 names that directory (pid reuse).
+
+Restore, verify and mount keep no journal: what their killed runs leave is
+found by :func:`sweep_orphan_runtime_dirs`, which every new daemon runs over
+its siblings.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from . import processes
 from .daemonprocess import PID_FILE, RUNTIME_DIR_PREFIX, RUNTIME_FILES
 from .host import LOCAL, Host
 
-__all__ = ["remove_runtime_dir", "stop_leftover_daemon"]
+__all__ = ["remove_runtime_dir", "stop_leftover_daemon", "sweep_orphan_runtime_dirs"]
 
 log = logging.getLogger(__name__)
 
@@ -89,3 +93,42 @@ def stop_leftover_daemon(pid: int | None, runtime_dir: str, *, timeout: float = 
     except OSError as err:
         raise errors.ExportError(f"cannot remove {runtime_dir}: {err.strerror}") from err
     return stopped
+
+
+def _owner_alive(runtime_dir: str, host: Host) -> bool | None:
+    """Whether the daemon named by the directory's pid file still serves it;
+    None when there is no readable pid file (a daemon starting just now)."""
+    try:
+        pid = int((host.read_file(os.path.join(runtime_dir, PID_FILE), limit=64) or b"").strip())
+    except (OSError, ValueError):
+        return None
+    needle = os.path.join(os.path.normpath(runtime_dir), "")
+    return processes.is_alive(pid, host) and processes.started_with(pid, needle, host)
+
+
+def sweep_orphan_runtime_dirs(base: str, host: Host = LOCAL) -> list[str]:
+    """Remove the runtime directories under ``base`` whose daemon is gone.
+
+    Only a directory whose pid file names a process that is no longer its
+    daemon is an orphan: one without a pid file may belong to a daemon being
+    started right now, and one holding files we did not make is not ours.
+    """
+    removed: list[str] = []
+    try:
+        names = host.listdir(base)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(RUNTIME_DIR_PREFIX):
+            continue
+        path = os.path.join(base, name)
+        if _owner_alive(path, host) is not False:
+            continue
+        try:
+            remove_runtime_dir(path, host)
+        except (OSError, errors.VmSnapBackupError) as err:
+            log.debug("keeping %s: %s", path, err)
+            continue
+        log.info("removed %s, left by a storage daemon that is gone", path)
+        removed.append(path)
+    return removed

@@ -170,6 +170,9 @@ class DaemonProcess:
             raise errors.ExportError(
                 f"cannot create a runtime directory under {base}: {err.strerror}") from err
         self._runtime_dir = path
+        from .daemonleftover import sweep_orphan_runtime_dirs
+
+        sweep_orphan_runtime_dirs(base, self.host)   # what killed commands left here
         longest = max(len(os.fsencode(self._path(n))) for n in (QMP_SOCKET, NBD_SOCKET))
         if longest > SUN_PATH_MAX:
             raise errors.UsageError(
