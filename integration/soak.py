@@ -37,8 +37,8 @@ sys.path[:0] = [str(HERE)]
 sys.path.append(str(HERE.parent / "tests"))
 
 import libvirt
-import tenacity
 from domains import DomainFactory, TestDomain
+from faults import LIBVIRTD_PID_FILE, revive_connection, wait_gone, wait_libvirtd
 from guestos import durable, judge_image, make_guest
 from powercut import (
     CLI,
@@ -133,17 +133,17 @@ class Soak:
             self.fail(f"sampled verify: {rep.counts()}")
 
     def do_libvirtd(self) -> None:
-        pid = int(Path("/run/libvirtd.pid").read_text().strip())
+        """libvirtd SIGKILLed, then started again as it was (argv, environment)."""
+        pid = int(LIBVIRTD_PID_FILE.read_text().split()[0])
+        argv = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+        env = dict(line.decode().split("=", 1) for line in
+                   Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in line)
         os.kill(pid, signal.SIGKILL)
-        subprocess.run(["libvirtd", "-d"], check=True)
-
-        @tenacity.retry(stop=tenacity.stop_after_delay(60), wait=tenacity.wait_fixed(0.2),
-                        reraise=True)
-        def answers() -> None:
-            libvirt.open(URI).close()
-        answers()
-        self.dom.conn = libvirt.open(URI)
-        self.dom.dom = self.dom.conn.lookupByUUIDString(self.dom.uuid)
+        wait_gone(pid, deadline=60.0)     # until then it holds its pid file
+        subprocess.run(argv, env=env, check=True, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_libvirtd()
+        revive_connection(self.dom.conn, [self.dom])   # the factory's connection too
         self.counts["libvirtd_restarts"] += 1
 
     def finish(self) -> None:
