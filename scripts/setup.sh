@@ -70,6 +70,19 @@ vsb_libvirtd_answers() {
     virsh -c "$VSB_LIBVIRT_URI" version >/dev/null 2>&1
 }
 
+# Start a daemon with no descriptor beyond 0-2: one inherited from our caller (the
+# integration lock that `flock LOCK cmd` hands down) would live on in the daemon,
+# and with it the lock, forever.
+vsb_detached() {
+    (
+        for fd in /proc/self/fd/*; do
+            fd=${fd##*/}
+            if [ "$fd" -gt 2 ]; then eval "exec $fd>&-" 2>/dev/null || true; fi
+        done
+        exec "$@"
+    )
+}
+
 vsb_start_daemons() {
     if [ -d /run/systemd/system ]; then
         vsb_log "daemons: systemd is running; starting virtlogd and libvirtd through it"
@@ -79,13 +92,13 @@ vsb_start_daemons() {
             vsb_log "daemons: virtlogd already running"
         else
             vsb_log "daemons: starting virtlogd"
-            virtlogd -d
+            vsb_detached virtlogd -d
         fi
         if pgrep -x libvirtd >/dev/null; then
             vsb_log "daemons: libvirtd already running"
         else
             vsb_log "daemons: starting libvirtd"
-            libvirtd -d
+            vsb_detached libvirtd -d
         fi
     fi
     local deadline=$((SECONDS + VSB_LIBVIRTD_DEADLINE))
