@@ -125,7 +125,7 @@ def backup(
     if threshold is not None and not 0.0 < threshold <= 1.0:
         raise UsageError(f"the new-generation threshold must be in (0, 1], not {threshold}")
     VolumeLayout(resolve_compression(compression, None)).check(base_format)  # before any pool
-    check_encryption(encrypt, resolve_compression(compression, None), key_file)
+    check_encryption(encrypt, resolve_compression(compression, None), key_file, base_format)
     started_mono = time.monotonic()
     pool_dir, libvirt_pool = resolve_pool(os.fspath(pool), uri)
     with connect(uri) as hv, interruptible("backup"):

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from ..adapters.keyfile import KeyFile, unlock_pool
-from ..adapters.volumeformat import VolumeLayout, refuse_encryption, resolve_compression
+from ..adapters.volumeformat import VolumeLayout, resolve_compression
 from ..core.manifest import PoolEncryption
 from ..core.names import POOL_HEADER
 from ..core.pool import Pool
@@ -24,11 +24,12 @@ from ..errors import UsageError
 __all__ = ["check_encryption", "open_backup_pool"]
 
 
-def check_encryption(encrypt: bool, compression: str | None, key_file: str | None) -> None:
-    """The arguments alone: ``--encrypt`` needs a key file and no compression."""
+def check_encryption(encrypt: bool, compression: str | None, key_file: str | None,
+                     base_format: str) -> None:
+    """The arguments alone: ``--encrypt`` needs a key file, qcow2 and no compression."""
     if not encrypt:
         return
-    refuse_encryption(compression)
+    VolumeLayout(compression, key_file=key_file or "").check(base_format)
     if key_file is None:
         raise UsageError("--encrypt needs the pool's key: --key-file FILE "
                          "(make one with `openssl rand -base64 48 > FILE; chmod 600 FILE`)")
