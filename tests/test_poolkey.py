@@ -10,8 +10,12 @@ import numpy as np
 import pytest
 
 from vmsnapbackup.adapters.keyfile import KeyFile, unlock_pool
-from vmsnapbackup.adapters.pinnedchain import KEY_SECRET_ID, PinnedImage, blockdev_tree, \
-    secret_objects
+from vmsnapbackup.adapters.pinnedchain import (
+    KEY_SECRET_ID,
+    PinnedImage,
+    blockdev_tree,
+    secret_objects,
+)
 from vmsnapbackup.adapters.volumeformat import LUKS_OPTIONS, VolumeLayout
 from vmsnapbackup.core.checktable import CheckTable, read_check_table
 from vmsnapbackup.core.difftable import compare
@@ -59,7 +63,7 @@ def _table(seed: int) -> CheckTable:
 
 
 def test_header_records_salt_and_key_id_as_version_3(tmp_path: Path) -> None:
-    pool, key = _encrypted_pool(tmp_path)
+    pool, _key_path = _encrypted_pool(tmp_path)
     raw = json.loads(pool.header_path.read_bytes())
     assert raw["version"] == 3
     assert raw["encryption"]["records"] == "aes-256-gcm" and len(raw["encryption"]["salt"]) == 64
