@@ -175,3 +175,11 @@ def test_luks_volume_options_and_secret_by_file() -> None:
     tree = blockdev_tree(image)
     assert tree["encrypt"]["key-secret"] == tree["backing"]["encrypt"]["key-secret"]
     assert secret_objects(PinnedImage("/p/x.qcow2", "qcow2")) == []
+
+
+def test_rebase_is_refused_in_an_encrypted_pool(tmp_path: Path) -> None:
+    from vmsnapbackup.workflows.rebase import rebase
+
+    pool, _key_path = _encrypted_pool(tmp_path)
+    with pytest.raises(UsageError, match="rebase in an encrypted pool is not available"):
+        rebase("web1", pool.root)

@@ -86,12 +86,14 @@ SAMPLE_READ_SIZE = 4 << 20
 # --- pool, point and disk selection ------------------------------------------------------
 
 def open_pool(pool: PoolLike, uri: str = DEFAULT_URI,
-              key_file: str | os.PathLike[str] | None = None) -> Pool:
+              key_file: str | os.PathLike[str] | None = None, *,
+              plain_only: str | None = None) -> Pool:
     """A :class:`Pool` from a pool, a path, or (a string without a slash) the name of a
     libvirt storage pool, as ``--pool`` takes it.  Never created here: a reader must
     not turn a typo into an empty pool.  An encrypted pool is unlocked with
     ``key_file`` (FORMAT §15.2): without it, or with a wrong key, this refuses before
-    anything is read."""
+    anything is read.  ``plain_only`` names an operation not built for encrypted
+    pools yet, refused (USAGE) in one."""
     if isinstance(pool, Pool):
         the_pool = pool
     elif isinstance(pool, str):
@@ -99,6 +101,9 @@ def open_pool(pool: PoolLike, uri: str = DEFAULT_URI,
         the_pool = Pool.open(path)
     else:
         the_pool = Pool.open(pool)
+    if plain_only is not None and the_pool.encryption is not None:
+        raise UsageError(f"{plain_only} in an encrypted pool is not available in this "
+                         "version (docs/FORMAT.md §15.2)")
     if key_file is not None or the_pool.key is None:
         unlock_pool(the_pool, key_file)
     return the_pool
