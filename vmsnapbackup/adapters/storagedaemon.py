@@ -2,10 +2,12 @@
 
 The process (runtime directory, start, QMP, signals, stop, repair's leftover
 clean-up) is :mod:`~vmsnapbackup.adapters.daemonprocess`, the block nodes
-themselves :mod:`~vmsnapbackup.adapters.exportnodes`; this module is what runs
+themselves :mod:`~vmsnapbackup.adapters.exportnodes`, creating a volume to fill
+:mod:`~vmsnapbackup.adapters.writablevolume`; this module is what runs
 inside the daemon: one NBD server, and block nodes plus an NBD export per image --
 the frozen image read-only, the point volume being filled writable, a point
-volume read back (chain pinned) for a restore, a verify or a mount.
+volume read back (chain pinned) for a restore, a verify or a mount -- and, for an
+encrypted pool, the pool's key as a ``secret`` object QEMU reads from the key file.
 
 Nodes are added by QMP rather than on the command line so that O_DIRECT can
 fall back where the filesystem refuses it.  Removing an export waits for QEMU's
