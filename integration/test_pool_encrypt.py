@@ -74,12 +74,9 @@ def _qemu_img_info(volume: Path) -> Any:
 
 def test_encrypted_pool_end_to_end(running_domain, tmp_path: Path,  # type: ignore[no-untyped-def]
                                    capsys: pytest.CaptureFixture[str]) -> None:
-    from test_access import read_all
-
     from vmsnapbackup.cli import main
     from vmsnapbackup.core.checktable import hash_blocks
     from vmsnapbackup.core.poolkey import read_check
-    from vmsnapbackup.workflows.access import mount_point
     from vmsnapbackup.workflows.backup import backup
     from vmsnapbackup.workflows.pointread import open_pool
     from vmsnapbackup.workflows.restore import restore
@@ -147,10 +144,6 @@ def test_encrypted_pool_end_to_end(running_domain, tmp_path: Path,  # type: igno
                 assert got == disks[d.target], f"point {n} {d.target} ({fmt})"
             shutil.rmtree(out)
     assert verify(pool, domain=dom.name, key_file=str(key)).ok
-    # mount serves the plain disk of a point, chain and key given to the daemon
-    for target in ("vda", "vdb"):
-        with mount_point(dom.name, pool, 2, target, key_file=str(key)) as m:
-            assert read_all(m.uri) == expected[2][target], target
 
     # stock qemu-img opens a point with the key (FORMAT §15.3)
     vda3 = store.read_manifest(3).disk("vda")
@@ -174,9 +167,6 @@ def test_encrypted_pool_end_to_end(running_domain, tmp_path: Path,  # type: igno
          ExitCode.INTEGRITY),
         (["verify", dom.name, "--key-file", str(wrong)], ExitCode.INTEGRITY),
         (["verify", dom.name], ExitCode.USAGE),
-        (["mount", dom.name, "--point", "2", "--disk", "vda"], ExitCode.USAGE),
-        (["mount", dom.name, "--point", "2", "--disk", "vda", "--key-file", str(wrong)],
-         ExitCode.INTEGRITY),
         (["backup", dom.name, "--key-file", str(wrong)], ExitCode.INTEGRITY),
         (["backup", dom.name], ExitCode.USAGE),
         (["boot", dom.name, "--point", "1", "--name", "x-enc", "--key-file", str(key)],
