@@ -106,8 +106,8 @@ def test_truncated_and_flipped_journal(tmp_path: Path) -> None:
 
 def test_newer_journal_is_incompatible(tmp_path: Path) -> None:
     p = tmp_path / "journal.json"
-    p.write_text(json.dumps(dict(SPEC, version=3)))
-    with pytest.raises(IncompatibleFormatError, match="journal format version 3 is newer"):
+    p.write_text(json.dumps(dict(SPEC, version=4)))
+    with pytest.raises(IncompatibleFormatError, match="journal format version 4 is newer"):
         Journal(p).read()
 
 

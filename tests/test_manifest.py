@@ -206,10 +206,10 @@ def test_other_record_kind_is_foreign() -> None:
 
 def test_newer_version_is_incompatible() -> None:
     obj = spec_manifest()
-    obj["version"] = 3
+    obj["version"] = 4
     obj["newfield"] = {"whatever": 1}
-    with pytest.raises(IncompatibleFormatError, match=r"version 3 is newer than this "
-                       r"vmsnapbackup \(2\); upgrade"):
+    with pytest.raises(IncompatibleFormatError, match=r"version 4 is newer than this "
+                       r"vmsnapbackup \(3\); upgrade"):
         mf.from_json(resealed(obj), PATH)
 
 
@@ -367,7 +367,7 @@ def test_record_corruption(cls: Any, obj: Dict[str, Any], kind: str) -> None:
     newer = dict(obj, version=7)
     with pytest.raises(IncompatibleFormatError) as ie:
         cls.from_json(json.dumps(newer), path)
-    assert f"{kind} format version 7 is newer than this vmsnapbackup (2); upgrade" in str(ie.value)
+    assert f"{kind} format version 7 is newer than this vmsnapbackup (3); upgrade" in str(ie.value)
 
 
 @pytest.mark.parametrize("change", [

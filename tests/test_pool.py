@@ -112,7 +112,7 @@ def test_create_in_empty_dir_or_fresh_filesystem_root(tmp_path: Path, present: L
     (b'{"format": "vmsnapbackup-poop", "version": 1, "created": "2026-01-01T00:00:00Z"}',
      CorruptFileError),
     (b'{"format": "vmsnapbackup-pool", "version": 1}', CorruptFileError),
-    (b'{"format": "vmsnapbackup-pool", "version": 3, "created": "2026-01-01T00:00:00Z"}',
+    (b'{"format": "vmsnapbackup-pool", "version": 4, "created": "2026-01-01T00:00:00Z"}',
      IncompatibleFormatError),
     (b"<html/>", CorruptFileError),
 ])
@@ -123,7 +123,7 @@ def test_damaged_header(tmp_path: Path, content: bytes, error: type) -> None:
         Pool.open(p.root)
     assert str(p.header_path) in str(ei.value)
     if error is IncompatibleFormatError:
-        assert "pool format version 3 is newer than this vmsnapbackup (2); upgrade" in str(ei.value)
+        assert "pool format version 4 is newer than this vmsnapbackup (3); upgrade" in str(ei.value)
     with pytest.raises(error):  # create=True must not paper over a damaged header
         Pool.open(p.root, create=True)
 
@@ -260,7 +260,7 @@ def test_manifest_of_another_point_or_domain_is_damaged(store: DomainStore) -> N
 def test_newer_manifest_is_listed_incompatible(store: DomainStore) -> None:
     backup(store)
     store.manifest_path(5).write_text(json.dumps({"format": "vmsnapbackup-point",
-                                                  "version": 3}))
+                                                  "version": 4}))
     info = store.list_points()[-1]
     assert info.number == 5 and info.incompatible and not info.ok
 
@@ -297,7 +297,7 @@ def test_generation_record(store: DomainStore) -> None:
         with pytest.raises(CorruptFileError) as ei:
             store.read_generation(1)
         assert ei.value.path == str(path)
-    path.write_bytes(rec.to_json().replace(b"\"version\": 2", b'"version": 3'))
+    path.write_bytes(rec.to_json().replace(b"\"version\": 2", b'"version": 4'))
     with pytest.raises(IncompatibleFormatError):
         store.read_generation(1)
     path.write_bytes(mf.GenerationRecord(2, 1, mf.utc_now(), 65536, rec.disks).to_json())

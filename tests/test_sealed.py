@@ -113,6 +113,10 @@ def test_compress_with_encrypt_is_refused_before_anything(tmp_path: Path,
     assert len(err) == 1 and "compression and encryption together are refused" in err[0]
     assert not pool.exists()
     rc = main(["--pool", str(pool), "--connect", "test:///default", "backup", "no-such-domain",
-               "--encrypt", "--key-file", str(key)])
+               "--encrypt"])
     assert rc == ExitCode.USAGE
-    assert "not available" in capsys.readouterr().err and not pool.exists()
+    assert "--encrypt needs the pool's key" in capsys.readouterr().err and not pool.exists()
+    # accepted arguments: the missing domain is found out before a pool is made
+    rc = main(["--pool", str(pool), "--connect", "test:///default", "backup", "no-such-domain",
+               "--encrypt", "--key-file", str(key)])
+    assert rc == ExitCode.NOT_FOUND and not pool.exists()

@@ -21,7 +21,7 @@ from typing import Any
 
 from .. import errors
 from .host import LOCAL, Host
-from .pinnedchain import PinnedImage, blockdev_tree
+from .pinnedchain import PinnedImage, blockdev_tree, encrypt_options
 
 __all__ = ["Export", "bitmap_problem", "check_export_name", "check_format",
            "file_node_args", "format_node_args", "virtual_size"]
@@ -113,6 +113,8 @@ def format_node_args(fmt: str, node: str, file_node: str, *, writable: bool,
     if pinned is not None and fmt == "qcow2":
         base = pinned.backing
         args["backing"] = None if base is None else blockdev_tree(base, host=host)
+        if pinned.key_file is not None:   # a LUKS volume of an encrypted pool
+            args["encrypt"] = encrypt_options()
     return args
 
 

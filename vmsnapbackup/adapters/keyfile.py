@@ -11,11 +11,13 @@ from __future__ import annotations
 import os
 import stat
 
+from ..core.pool import Pool
+from ..core.poolkey import PoolKey
 from ..core.poolread import read_bounded
 from ..core.sealed import MAX_KEY_FILE, SealingKey, check_key_material
 from ..errors import NotFoundError, UsageError
 
-__all__ = ["KeyFile"]
+__all__ = ["KeyFile", "unlock_pool"]
 
 
 class KeyFile:
@@ -46,3 +48,20 @@ class KeyFile:
     def sealing_key(self, salt: bytes) -> SealingKey:
         """The key that seals the records of the pool with this ``salt``."""
         return SealingKey.derive(self._material, salt, self.path)
+
+
+def unlock_pool(pool: Pool, key_file: str | os.PathLike[str] | None) -> None:
+    """Give ``pool`` the key read from ``key_file`` (None: no key given): checked against
+    the pool's key id before anything is read or written (:meth:`Pool.unlock`)."""
+    enc = pool.encryption
+    if key_file is None or enc is None:
+        pool.unlock(None if key_file is None else _unchecked(key_file))
+        return
+    kf = KeyFile(key_file)
+    pool.unlock(PoolKey(kf.sealing_key(bytes.fromhex(enc.salt)), kf.path))
+
+
+def _unchecked(key_file: str | os.PathLike[str]) -> PoolKey:
+    """A key for a plain pool, which :meth:`Pool.unlock` refuses (a usage error)."""
+    kf = KeyFile(key_file)
+    return PoolKey(kf.sealing_key(bytes(32)), kf.path)

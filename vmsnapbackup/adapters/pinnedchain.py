@@ -33,19 +33,44 @@ from ..errors import CorruptFileError
 from .host import LOCAL, Host
 from .qemuimg import QemuImg
 
-__all__ = ["PinnedImage", "blockdev_tree", "check_header", "json_filename"]
+__all__ = ["KEY_SECRET_ID", "PinnedImage", "blockdev_tree", "check_header",
+           "encrypt_options", "json_filename", "secret_objects"]
+
+#: the id of the ``secret`` object holding an encrypted pool's key in a QEMU process
+KEY_SECRET_ID = "vsbpoolkey"
+
+
+def encrypt_options() -> dict[str, Any]:
+    """The ``encrypt`` member of a LUKS qcow2 node opened with the pool's key."""
+    return {"format": "luks", "key-secret": KEY_SECRET_ID}
+
+
+def secret_objects(image: PinnedImage) -> list[str]:
+    """``--object`` arguments of ``qemu-img`` for ``image``'s key: QEMU reads the file
+    itself, so only its path is on the command line, never the key."""
+    files = sorted(image.key_files())
+    if len(files) > 1:
+        raise CorruptFileError(image.path, "a chain encrypted with two key files")
+    return [f"secret,id={KEY_SECRET_ID},format=raw,file={f.replace(',', ',,')}" for f in files]
 
 
 @dataclass(frozen=True)
 class PinnedImage:
     """An image, its format and the one backing image it must be read through.
 
-    ``backing`` None: the image must have no backing file at all.
+    ``backing`` None: the image must have no backing file at all.  ``key_file``: the
+    image is a LUKS qcow2 of an encrypted pool (FORMAT §15.2), opened with the
+    ``secret`` object :data:`KEY_SECRET_ID` that QEMU reads from that file.
     """
 
     path: str
     fmt: str
     backing: PinnedImage | None = None
+    key_file: str | None = None
+
+    def key_files(self) -> set[str]:
+        """The key files the chain needs (one, in practice: a pool has one key)."""
+        return {link.key_file for link in self.chain() if link.key_file is not None}
 
     def chain(self) -> list[PinnedImage]:
         """This image, then its backing, then that one's backing, ..."""
@@ -118,6 +143,8 @@ def blockdev_tree(image: PinnedImage, *, host: Host = LOCAL, read_only: bool = T
         "file": {"driver": _file_driver(image.path, host), "filename": image.path,
                  "read-only": read_only, **extra},
     }
+    if image.key_file is not None:
+        tree["encrypt"] = encrypt_options()
     if image.fmt == "qcow2":
         tree["backing"] = None if image.backing is None else blockdev_tree(
             image.backing, host=host, read_only=True, file_extra=extra)

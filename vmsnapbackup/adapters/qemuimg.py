@@ -151,12 +151,15 @@ class QemuImg:
                backing: str | None = None, backing_fmt: str | None = None,
                relative_backing: bool = True, cluster_size: int | None = None,
                mode: int = 0o600, in_pool: bool = False,
-               options: Sequence[str] = ()) -> None:
+               options: Sequence[str] = (), objects: Sequence[str] = ()) -> None:
         """Create a new image (never overwriting), private (``mode``) from the start.
 
         ``backing`` is a path (stored relative to ``path`` when ``relative_backing``)
         or a URI (``nbd+unix://...``, stored as is).  ``in_pool`` makes a full disk a
-        PoolFullError.  On failure the file we made is removed again.
+        PoolFullError.  On failure the file we made is removed again.  ``objects``
+        are ``--object`` arguments (an encrypted volume's key, read by QEMU from its
+        file); with them and a size the backing is not opened (``-u``: its key is
+        the same, and the size is given).
         """
         if fmt not in ("qcow2", "raw"):
             raise UsageError(f"cannot create images of format {fmt!r}")
@@ -167,6 +170,10 @@ class QemuImg:
         if size is not None and size <= 0:
             raise UsageError(f"bad image size {size}")
         args = ["create", "-q", "-f", fmt]
+        for obj in objects:
+            args += ["--object", obj]
+        if objects and backing is not None and size is not None:
+            args.append("-u")
         if cluster_size is not None and fmt == "qcow2":
             args += ["-o", f"cluster_size={int(cluster_size)}"]
         for option in options:   # e.g. compression_type=zstd (.volumeformat)
@@ -200,7 +207,7 @@ class QemuImg:
     # --------------------------------------------------------------------- convert
     def convert(self, src: str, src_fmt: str | None, dst: str, dst_fmt: str, *,
                 progress: Callable[[float], None] | None = None,
-                target_is_zero: bool = False) -> None:
+                target_is_zero: bool = False, objects: Sequence[str] = ()) -> None:
         """Copy ``src`` (read through its backing chain) into the existing ``dst``.
 
         ``dst`` must exist already (created 0600 by the caller, e.g. an empty
@@ -213,6 +220,8 @@ class QemuImg:
         """
         fmt_args = ["-f", src_fmt] if src_fmt is not None else []
         args = ["convert", "-n", *fmt_args, "-O", dst_fmt]
+        for obj in objects:   # an encrypted source's key (QEMU reads the file)
+            args += ["--object", obj]
         if target_is_zero:
             args.append("--target-is-zero")
         on_stdout = None

@@ -2,10 +2,12 @@
 
 The process (runtime directory, start, QMP, signals, stop, repair's leftover
 clean-up) is :mod:`~vmsnapbackup.adapters.daemonprocess`, the block nodes
-themselves :mod:`~vmsnapbackup.adapters.exportnodes`; this module is what runs
+themselves :mod:`~vmsnapbackup.adapters.exportnodes`, creating a volume to fill
+:mod:`~vmsnapbackup.adapters.writablevolume`; this module is what runs
 inside the daemon: one NBD server, and block nodes plus an NBD export per image --
 the frozen image read-only, the point volume being filled writable, a point
-volume read back (chain pinned) for a restore, a verify or a mount.
+volume read back (chain pinned) for a restore, a verify or a mount -- and, for an
+encrypted pool, the pool's key as a ``secret`` object QEMU reads from the key file.
 
 Nodes are added by QMP rather than on the command line so that O_DIRECT can
 fall back where the filesystem refuses it.  Removing an export waits for QEMU's
@@ -18,7 +20,6 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
@@ -30,9 +31,10 @@ from .daemonleftover import stop_leftover_daemon
 from .daemonprocess import NBD_SOCKET, RUNTIME_DIR_PREFIX, DaemonProcess, qemu_opt
 from .exportnodes import Export
 from .host import LOCAL, Host
-from .pinnedchain import PinnedImage, check_header
+from .pinnedchain import KEY_SECRET_ID, PinnedImage, check_header
 from .processes import daemon_arguments
 from .qemuimg import QemuImg, relative_backing_path
+from .writablevolume import WritableVolumes
 
 __all__ = [
     "RUNTIME_DIR_PREFIX",
@@ -57,7 +59,7 @@ def detect_format(path: str, host: Host = LOCAL) -> str:
     return QemuImg(host, error=errors.ExportError).detect_format(path)
 
 
-class StorageDaemon(DaemonProcess):
+class StorageDaemon(WritableVolumes, DaemonProcess):
     """A private ``qemu-storage-daemon`` with one NBD server and our exports.
 
     Use as a context manager (or call :meth:`start` / :meth:`close`)::
@@ -98,6 +100,7 @@ class StorageDaemon(DaemonProcess):
         self._exports: list[Export] = []
         self._deleted_export_ids: set[str] = set()
         self._counter = 0
+        self._key_file: str | None = None
 
     def __enter__(self) -> Self:
         self.start()
@@ -213,6 +216,8 @@ class StorageDaemon(DaemonProcess):
         if fmt is None:
             fmt = self._qemu_img.detect_format(path)
         nodes.check_format(fmt)
+        for key_file in pinned.key_files() if pinned is not None else ():
+            self.use_key(key_file)
         file_node, node, export_id = self._next_ids()
         name = self._check_name(name, node)
         file_args = nodes.file_node_args(path, file_node, block_device=st.is_block_device,
@@ -273,6 +278,18 @@ class StorageDaemon(DaemonProcess):
             self.tag, path, fmt, "writable" if writable else "read-only", size, export.uri,
         )
         return export
+
+    def use_key(self, key_file: str) -> None:
+        """Hold an encrypted pool's key as the ``secret`` object :data:`KEY_SECRET_ID`
+        (FORMAT §15.2): QEMU reads the file itself, so the key is never in a QMP
+        message, a command line or a log.  One key per daemon: a daemon serves one pool."""
+        if self._key_file == key_file:
+            return
+        if self._key_file is not None:
+            raise errors.UsageError("one storage daemon holds one pool's key, not two")
+        self._cmd("object-add", **{"qom-type": "secret", "id": KEY_SECRET_ID,
+                                   "format": "raw", "file": key_file})
+        self._key_file = key_file
 
     def _add_node(self, path: str, args: dict[str, Any], direct: bool,
                   **direct_options: Any) -> bool:
@@ -348,45 +365,6 @@ class StorageDaemon(DaemonProcess):
         """
         check_header(image, self.host, self._qemu_img)
         return self._add_export(image.path, image.fmt, False, name, direct, pinned=image)
-
-    def open_writable(self, path: str, fmt: str | None = None, *,
-                      name: str | None = None) -> Export:
-        """Export an existing image writable (for instance a raw base volume)."""
-        return self._add_export(path, fmt, True, name)
-
-    def create_writable(
-        self,
-        path: str,
-        *,
-        size: int | None = None,
-        backing: str | None = None,
-        backing_fmt: str | None = None,
-        fmt: str = "qcow2",
-        cluster_size: int = 65536,
-        name: str | None = None,
-        options: Sequence[str] = (),
-        layout_node: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-    ) -> Export:
-        """Create a new image (never overwriting) and export it writable.
-
-        With ``backing`` the qcow2 stores the backing path relative to its own
-        directory (see :func:`relative_backing_path`); ``size`` then defaults
-        to the backing image's size. ``fmt="raw"`` creates a sparse raw file.
-        The file is 0600 from its first instant (O_EXCL, then ``qemu-img create``
-        into it) and removed again if the export fails. Data written through the
-        export reaches the disk (fdatasync) when the export is removed.  ``options``
-        (``qemu-img create -o``) and ``layout_node`` (the node exported over the
-        format node) come from :class:`.volumeformat.VolumeLayout`.
-        """
-        path = os.path.abspath(path)
-        self._qemu_img.create(path, fmt, size=size, backing=backing, backing_fmt=backing_fmt,
-                              cluster_size=cluster_size if fmt == "qcow2" else None,
-                              mode=0o600, in_pool=True, options=options)
-        try:
-            return self._add_export(path, fmt, True, name, layout_node=layout_node)
-        except BaseException:
-            self.host.unlink(path)
-            raise
 
     def remove_export(self, export: Export, *, force: bool = False) -> None:
         """Stop serving ``export`` and close its image.

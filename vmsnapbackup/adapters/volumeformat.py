@@ -1,4 +1,4 @@
-"""How a pool volume is laid out in qcow2 (FORMAT.md §15): plain or compressed.
+"""How a pool volume is laid out in qcow2 (FORMAT.md §15): plain, compressed or encrypted.
 
 A compressed volume is a qcow2 image created with ``compression_type=zstd`` and
 written through QEMU's ``compress`` filter driver, stacked over the qcow2 node
@@ -13,19 +13,26 @@ block is a whole number of clusters: :func:`cluster_size` sees to that.
 Reading needs nothing: QEMU decompresses any qcow2, so restore, verify, mount
 and boot open a compressed volume exactly like a plain one.
 
+An encrypted volume (FORMAT §15.2) is a LUKS qcow2 (aes-256-xts) whose passphrase
+is the pool's key file, which QEMU reads itself as a ``secret`` object; readers
+open it with that secret (:class:`.pinnedchain.PinnedImage` ``key_file``).
+
 This module only builds options; the storage daemon
 (:mod:`.storagedaemon`) applies them.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UsageError
+from .pinnedchain import KEY_SECRET_ID, PinnedImage, blockdev_tree, encrypt_options
 
 __all__ = [
     "COMPRESSIONS",
+    "LUKS_OPTIONS",
     "MAX_CLUSTER",
     "VolumeLayout",
     "cluster_size",
@@ -78,9 +85,8 @@ def cluster_size(block_size: int, compression: str | None, disk_size: int) -> in
 
 
 def refuse_encryption(compression: str | None) -> None:
-    """``--encrypt``: always a UsageError in this version, raised before anything is
-    touched -- with compression because the combination leaks (below), alone because
-    encrypted pools are specified (FORMAT §15.2) but not built yet.
+    """Compression and encryption together: a UsageError, raised before anything is
+    touched.
 
     On QEMU 7.2 a ``compress`` filter over a LUKS qcow2 accepts the writes and stores
     the compressed clusters unencrypted (a guest marker was found in the raw file;
@@ -90,8 +96,11 @@ def refuse_encryption(compression: str | None) -> None:
     if compression is not None:
         raise UsageError("compression and encryption together are refused: QEMU writes "
                          "the compressed clusters of a LUKS qcow2 unencrypted; choose one")
-    raise UsageError("encrypted pools (--encrypt) are not available in this version "
-                     "(specified in docs/FORMAT.md §15.2); nothing was written")
+
+
+#: ``qemu-img create -o`` of an encrypted volume (FORMAT §15.2)
+LUKS_OPTIONS = ("encrypt.format=luks", f"encrypt.key-secret={KEY_SECRET_ID}",
+                "encrypt.cipher-alg=aes-256", "encrypt.cipher-mode=xts")
 
 
 @dataclass(frozen=True)
@@ -100,27 +109,53 @@ class VolumeLayout:
     writable export serves."""
 
     compression: str | None = None
+    #: an encrypted pool's key file (FORMAT §15.2): volumes are LUKS qcow2
+    key_file: str | None = None
 
     def check(self, fmt: str) -> None:
-        """Refuse what cannot be stored: only qcow2 compresses."""
+        """Refuse what cannot be stored: only qcow2 compresses or encrypts, and never
+        both at once."""
         if self.compression is not None and fmt != "qcow2":
             raise UsageError(f"a {fmt} volume cannot be compressed: compression needs "
                              "qcow2 (drop --base-format raw or --compress)")
+        if self.key_file is not None:
+            refuse_encryption(self.compression)
+            if fmt != "qcow2":
+                raise UsageError(f"a {fmt} volume cannot be encrypted: an encrypted pool "
+                                 "needs qcow2 (drop --base-format raw)")
 
     def create_options(self) -> list[str]:
         """``qemu-img create -o`` entries."""
+        if self.key_file is not None:
+            return list(LUKS_OPTIONS)
         if self.compression is None:
             return []
         return [f"compression_type={self.compression}"]
 
-    def writer_node(self) -> NodeOptions | None:
+    def writer_node(self, backing: PinnedImage | None = None) -> NodeOptions | None:
         """A function turning the qcow2 node's ``blockdev-add`` arguments into those of
-        the node to export for writing, or None to export the qcow2 node itself."""
+        the node to export for writing, or None to export the qcow2 node itself.
+
+        An encrypted volume is opened with the key, and its ``backing`` (a point
+        volume's base, encrypted with the same key) given explicitly: QEMU cannot
+        open the base its header names without the key."""
+        if self.key_file is not None:
+            key_file = self.key_file
+
+            def encrypted(fmt_args: dict[str, Any]) -> dict[str, Any]:
+                out = {**fmt_args, "encrypt": encrypt_options()}
+                if backing is not None:
+                    out["backing"] = blockdev_tree(
+                        dataclasses.replace(backing, key_file=key_file))
+                return out
+            return encrypted
         if self.compression is None:
             return None
         return _compress_over
 
     def describe(self) -> str:
+        if self.key_file is not None:
+            return "luks"
         return self.compression or "plain"
 
 

@@ -88,9 +88,10 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help="write compressed qcow2 volumes (zstd), or plain ones (none); default: "
                    "the pool's default, which a backup that creates the pool records")
     p.add_argument("--encrypt", action="store_true",
-                   help="encrypted pool (docs/FORMAT.md §15.2): refused in this version, and "
-                   "always together with --compress")
-    p.add_argument("--key-file", metavar="FILE", help="the key of an encrypted pool")
+                   help="create an encrypted pool (docs/FORMAT.md §15.2): LUKS volumes, sealed "
+                   "tables; needs --key-file; not with --compress")
+    p.add_argument("--key-file", metavar="FILE",
+                   help="the key file of an encrypted pool (every backup into one needs it)")
     add_standalone_metrics_options(p)
     add_json_option(p)
     p.set_defaults(run=run)
@@ -140,7 +141,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
                    block_size=args.block_size, base_format=args.base_format,
                    overlay_dir=args.overlay_dir, dirty_bitmaps=args.dirty_bitmaps,
                    retention=retention, data_path=data_path_from(args.tls_dir, args.nbd_ports),
-                   compression=args.compress, encrypt=args.encrypt)
+                   compression=args.compress, encrypt=args.encrypt, key_file=args.key_file)
     budget = None if max_rate is None else RateBudget(max_rate)
     with rate_budget(budget):
         if args.every or len(args.domains) != 1 or len(ctx.uris) > 1:

@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="leave out every network interface")
     p.add_argument("--overlay-dir", metavar="DIR",
                    help=f"where the NEW/ directory of overlays goes (default {DEFAULT_BOOT_ROOT})")
+    p.add_argument("--key-file", metavar="FILE",
+                   help="the key file of an encrypted pool (docs/FORMAT.md §15.2)")
     act = p.add_mutually_exclusive_group()
     act.add_argument("--discard", metavar="NEW",
                      help="destroy and undefine boot domain NEW and remove its overlays")
@@ -65,7 +67,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     if not args.domain or args.point is None or not args.name:
         raise UsageError("boot needs DOMAIN, --point N and --name NEW (or --discard NEW)")
     result = boot_point(args.domain, ctx.pool, args.point, args.name, uri=ctx.uri,
-                        start=args.start, overlay_dir=args.overlay_dir, network=args.network)
+                        start=args.start, overlay_dir=args.overlay_dir, network=args.network,
+                        key_file=args.key_file)
     ctx.emit(result.to_dict(), _text(result))
     return 0
 

@@ -37,6 +37,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--insecure", action="store_true",
                    help="serve --port as plain NBD, without authentication (loopback only: "
                    "any local user can read the disk)")
+    p.add_argument("--key-file", metavar="FILE",
+                   help="the key file of an encrypted pool (docs/FORMAT.md §15.2)")
     add_json_option(p)
     p.set_defaults(run=run)
 
@@ -51,7 +53,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     with stop_signals(lambda _signum: stop.set()), \
             mount_point(args.domain, ctx.pool, args.point, args.disk, args.socket,
                         port=args.port, bind=args.bind, uri=ctx.uri,
-                        tls_dir=args.tls_dir, insecure=args.insecure) as m:
+                        tls_dir=args.tls_dir, insecure=args.insecure,
+                        key_file=args.key_file) as m:
         ctx.emit(m.to_dict(), _text(m))
         stop.wait()
     return 0

@@ -43,6 +43,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--trust-pool-xml", action="store_true",
                    help="with --define: keep passthrough devices and qemu:commandline of the "
                    "pool's saved XML (only for a pool nobody else can write)")
+    p.add_argument("--key-file", metavar="FILE",
+                   help="the key file of an encrypted pool (docs/FORMAT.md §15.2)")
     add_json_option(p)
     p.set_defaults(run=run)
 
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         args.domain, ctx.pool, point=parse_point(args.point), disks=args.disks,
         to=args.to, fmt=args.fmt, force=args.force, define=args.define,
         pool_volume=args.pool_volume, trust_pool_xml=args.trust_pool_xml, uri=ctx.uri,
-        progress=None if ctx.json else ctx.progress())
+        progress=None if ctx.json else ctx.progress(), key_file=args.key_file)
     ctx.emit(result.to_dict(), format_result(result))
     return 0
 

@@ -25,6 +25,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--sample", type=float, metavar="PERCENT",
                    help="read only this percentage of the blocks each volume stores, drawn "
                    "afresh each run; the report says how likely it was to find damage")
+    p.add_argument("--key-file", metavar="FILE",
+                   help="the key file of an encrypted pool (docs/FORMAT.md §15.2)")
     p.add_argument("--seed", type=int, metavar="N",
                    help="draw the --sample from this seed (the report names the seed of "
                    "each run, to repeat a sample)")
@@ -42,7 +44,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     with recorded("verify", args.domain, ctx.pool, ctx.uri, metrics=args.metrics,
                   config=args.config) as record:
         report = verify(ctx.pool, domain=args.domain, point=args.point, sample=args.sample,
-                        seed=args.seed, uri=ctx.uri, progress=ctx.progress())
+                        seed=args.seed, uri=ctx.uri, progress=ctx.progress(),
+                        key_file=args.key_file)
         record.verify(report)
     # damage is shown even with --quiet: it is the warning the user runs verify for
     ctx.emit(report.to_dict(), format_report(report),

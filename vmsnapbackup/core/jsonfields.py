@@ -29,7 +29,9 @@ from .names import (
 from .timefmt import is_timestamp
 
 __all__ = [
+    "ENCRYPTED_VERSION",
     "FORMAT_VERSION",
+    "NEWEST_VERSION",
     "READABLE_VERSIONS",
     "Fields",
     "JsonDict",
@@ -42,10 +44,14 @@ __all__ = [
     "record_bytes",
 ]
 
-#: The format version this code writes (FORMAT.md §12).
+#: The format version this code writes into a plain pool (FORMAT.md §12).
 FORMAT_VERSION = 2
+#: The version of the header and manifests of an encrypted pool (FORMAT.md §15.2).
+ENCRYPTED_VERSION = 3
+#: The newest version this code reads; a newer one is INCOMPATIBLE.
+NEWEST_VERSION = ENCRYPTED_VERSION
 #: The versions it reads: every version ever written, so old pools stay restorable.
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
 
 JsonDict = dict[str, Any]
 #: a file name, only ever used in messages
@@ -106,10 +112,10 @@ def check_header(obj: Mapping[str, Any], path: PathArg, fmt: str, kind: str) -> 
     version = obj["version"]
     if type(version) is not int or version < 1:
         _fail(path, f"version: expected a positive integer, found {version!r}")
-    if version > FORMAT_VERSION:
+    if version > NEWEST_VERSION:
         raise IncompatibleFormatError(
             f"{path}: {kind} format version {version} is newer than this vmsnapbackup "
-            f"({FORMAT_VERSION}); upgrade"
+            f"({NEWEST_VERSION}); upgrade"
         )
     if version not in READABLE_VERSIONS:
         _fail(path, f"version {version} was never written by vmsnapbackup")

@@ -19,12 +19,14 @@ Rules shared by every record:
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .blocksize import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
 from .jsonfields import (
+    ENCRYPTED_VERSION,
     FORMAT_VERSION,
     READABLE_VERSIONS,
     Fields,
@@ -97,6 +99,7 @@ __all__ = [
     "PathArg",
     "PointDisk",
     "PointManifest",
+    "PoolEncryption",
     "PoolHeader",
     "canonical_uuid",
     "check_header",
@@ -125,6 +128,36 @@ ALGORITHM = "xxh3-128"
 
 # --- pool header (§2) --------------------------------------------------------------------
 
+#: the fixed algorithm names of an encrypted pool's header (FORMAT §15.2)
+ENCRYPTION_NAMES = {"volumes": "qcow2-luks-aes-256-xts", "records": "aes-256-gcm",
+                    "kdf": "hkdf-sha256"}
+_HEX_RE = re.compile(r"[0-9a-f]+")
+
+
+@dataclass(frozen=True)
+class PoolEncryption:
+    """The ``encryption`` object of an encrypted pool's header: the salt the sealing key
+    is derived with and the id of the key file (FORMAT §15.2); never the key."""
+
+    salt: str      # 64 hex digits
+    key_id: str    # 32 hex digits
+
+    def to_dict(self) -> JsonDict:
+        return {**ENCRYPTION_NAMES, "salt": self.salt, "key_id": self.key_id}
+
+    @classmethod
+    def from_fields(cls, f: Fields) -> PoolEncryption:
+        for key, value in ENCRYPTION_NAMES.items():
+            if f.text(key) != value:
+                f.fail(key, f"this version knows only {value!r}")
+        salt, key_id = f.text("salt"), f.text("key_id")
+        if len(salt) != 64 or not _HEX_RE.fullmatch(salt):
+            f.fail("salt", "expected 64 lowercase hex digits")
+        if len(key_id) != 32 or not _HEX_RE.fullmatch(key_id):
+            f.fail("key_id", "expected 32 lowercase hex digits")
+        return cls(salt=str(salt), key_id=str(key_id))
+
+
 @dataclass(frozen=True)
 class PoolHeader:
     """``vmsnapbackup-pool.json``: its presence is what makes a directory a pool."""
@@ -132,12 +165,16 @@ class PoolHeader:
     created: str
     #: what backups into this pool compress with unless told otherwise (FORMAT §15.1)
     compression: str | None = None
+    #: set in an encrypted pool (FORMAT §15.2), which is then a version-3 pool
+    encryption: PoolEncryption | None = None
 
     def to_dict(self) -> JsonDict:
-        d: JsonDict = {"format": POOL_FORMAT, "version": FORMAT_VERSION,
-                       "created": self.created}
+        version = FORMAT_VERSION if self.encryption is None else ENCRYPTED_VERSION
+        d: JsonDict = {"format": POOL_FORMAT, "version": version, "created": self.created}
         if self.compression is not None:
             d["compression"] = self.compression
+        if self.encryption is not None:
+            d["encryption"] = self.encryption.to_dict()
         return d
 
     def to_json(self) -> bytes:
@@ -149,7 +186,10 @@ class PoolHeader:
         f = Fields(obj, path)
         compression = (f.choice("compression", COMPRESSIONS)
                        if obj.get("compression") is not None else None)
-        return cls(created=f.timestamp("created"), compression=compression)
+        encryption = (PoolEncryption.from_fields(f.sub("encryption"))
+                      if obj.get("encryption") is not None else None)
+        return cls(created=f.timestamp("created"), compression=compression,
+                   encryption=encryption)
 
     @classmethod
     def from_json(cls, data: bytes | str, path: PathArg) -> PoolHeader:

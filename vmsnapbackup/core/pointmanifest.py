@@ -20,6 +20,7 @@ import xxhash
 
 from ..errors import CorruptFileError
 from .jsonfields import (
+    ENCRYPTED_VERSION,
     FORMAT_VERSION,
     Fields,
     JsonDict,
@@ -74,6 +75,7 @@ _CHECKSUM_KEY_LINE = ',\n  "checksum": "'
 _IMAGE_FORMAT = re.compile(r"[A-Za-z0-9_-]{1,32}")
 #: ``<host boot id>:<libvirt domain id>`` (§7).
 _QEMU_RUN = re.compile(r"[A-Za-z0-9-]{1,64}:[0-9]{1,20}")
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 
 
 # --- the checksum (§7.3) -----------------------------------------------------------------
@@ -162,13 +164,22 @@ class DomainInfo:
     name: str
     uuid: str
     xml: str
+    #: in an encrypted pool (FORMAT §15.2): the sealed XML in base64, and ``xml`` is ""
+    xml_sealed: str | None = None
 
     def to_dict(self) -> JsonDict:
-        return dataclasses.asdict(self)
+        d: JsonDict = {"name": self.name, "uuid": self.uuid, "xml": self.xml}
+        if self.xml_sealed is not None:
+            d["xml_sealed"] = self.xml_sealed
+        return d
 
     @classmethod
     def from_fields(cls, f: Fields) -> DomainInfo:
-        return cls(name=f.domain_name("name"), uuid=f.uuid("uuid"), xml=f.text("xml"))
+        sealed = f.text("xml_sealed") if f.obj.get("xml_sealed") is not None else None
+        if sealed is not None and not _BASE64.fullmatch(sealed):
+            f.fail("xml_sealed", "not base64")
+        return cls(name=f.domain_name("name"), uuid=f.uuid("uuid"),
+                   xml=f.text("xml", allow_empty=sealed is not None), xml_sealed=sealed)
 
 
 @dataclass(frozen=True)
@@ -306,7 +317,8 @@ class PointManifest:
         """The fields of the manifest as written, without ``checksum`` (a property of
         the stored bytes, added by :meth:`to_json`)."""
         d: JsonDict = {
-            "format": POINT_FORMAT, "version": FORMAT_VERSION,
+            "format": POINT_FORMAT,
+            "version": FORMAT_VERSION if self.domain.xml_sealed is None else ENCRYPTED_VERSION,
             "point": self.point, "generation": self.generation, "status": self.status,
             "domain": self.domain.to_dict(),
             "started": self.started, "snapshot_at": self.snapshot_at,

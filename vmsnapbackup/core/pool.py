@@ -28,7 +28,7 @@ from ..errors import (
 )
 from .atomic import atomic_write_bytes, make_private_dir
 from .domainstore import DomainStore, PointInfo
-from .manifest import DomainRecord, PoolHeader
+from .manifest import DomainRecord, PoolEncryption, PoolHeader
 from .names import (
     DOMAIN_RECORD,
     DOMAINS_DIR,
@@ -48,6 +48,7 @@ from .names import (
     point_volume_name,
     table_name,
 )
+from .poolkey import PoolKey
 from .poolread import (
     MAX_SMALL_RECORD,
     read_bounded,
@@ -95,6 +96,31 @@ class Pool:
     def __init__(self, root: Path, header: PoolHeader) -> None:
         self.root = root
         self.header = header
+        #: the key of an encrypted pool once :meth:`unlock` checked it (FORMAT §15.2)
+        self.key: PoolKey | None = None
+
+    @property
+    def encryption(self) -> PoolEncryption | None:
+        """The encryption record of an encrypted pool, fixed when it was created."""
+        return self.header.encryption
+
+    def unlock(self, key: PoolKey | None) -> None:
+        """Give the pool its key (None: none was given) before anything is read.
+
+        An encrypted pool without a key is a UsageError, a key whose id is not the
+        pool's an IntegrityError, a key for a plain pool a UsageError: each one line,
+        and raised before a reader has written anything.
+        """
+        enc = self.encryption
+        if enc is None:
+            if key is not None:
+                raise UsageError(f"pool {self.root} is not encrypted: drop --key-file")
+            return
+        if key is None:
+            raise UsageError(f"pool {self.root} is encrypted (docs/FORMAT.md §15.2): "
+                             "give its key with --key-file FILE")
+        key.sealing.check_id(bytes.fromhex(enc.key_id), f"pool {self.root}")
+        self.key = key
 
     @property
     def header_path(self) -> Path:
@@ -105,9 +131,10 @@ class Pool:
         return self.root / DOMAINS_DIR
 
     @classmethod
-    def create(cls, path: str | os.PathLike[str], *, compression: str | None = None) -> Pool:
+    def create(cls, path: str | os.PathLike[str], *, compression: str | None = None,
+               encryption: PoolEncryption | None = None) -> Pool:
         """Create a pool (or open the one already there): ``open(path, create=True)``."""
-        return cls.open(path, create=True, compression=compression)
+        return cls.open(path, create=True, compression=compression, encryption=encryption)
 
     @property
     def compression(self) -> str | None:
@@ -116,14 +143,16 @@ class Pool:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], create: bool = False, *,
-             compression: str | None = None) -> Pool:
+             compression: str | None = None,
+             encryption: PoolEncryption | None = None) -> Pool:
         """Open the pool at ``path``, after the version gate.
 
         With ``create=True`` a missing path or an empty directory becomes a pool; a
         non-empty directory without a header is refused (UsageError), because writing
         a pool into, say, ``/var/lib/libvirt/images`` by a typo would mix backups with
         live disks.  Without ``create``, no header is NotFoundError.  ``compression``
-        is recorded as the default of a pool created here (an existing pool keeps its own).
+        is recorded as the default of a pool created here (an existing pool keeps its own),
+        and so is ``encryption`` (FORMAT §15.2: a pool is encrypted from its creation on).
         """
         root = Path(os.path.abspath(os.fspath(path)))
         header_path = root / POOL_HEADER
@@ -143,7 +172,7 @@ class Pool:
                 f"not a vmsnapbackup pool: {root} is a non-empty directory without "
                 f"{POOL_HEADER}; refusing to create a pool there")
         make_private_dir(root / DOMAINS_DIR)
-        header = PoolHeader(created=utc_now(), compression=compression)
+        header = PoolHeader(created=utc_now(), compression=compression, encryption=encryption)
         try:
             # the header last: it is what makes the directory a pool
             atomic_write_bytes(header_path, header.to_json(), exclusive=True)

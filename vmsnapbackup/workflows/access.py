@@ -127,7 +127,8 @@ class MountedPoint:
 def mount_point(domain: str, pool: PoolLike, point: int, disk: str | None = None,
                 socket: str | None = None, *, port: int | None = None,
                 bind: str = "127.0.0.1", uri: str = DEFAULT_URI, tls_dir: str | None = None,
-                insecure: bool = False) -> Iterator[MountedPoint]:
+                insecure: bool = False,
+                key_file: str | None = None) -> Iterator[MountedPoint]:
     """Serve disk ``disk`` of point ``point`` read-only over NBD while the block runs.
 
     Without ``socket``/``port`` the export is on the daemon's private socket (root
@@ -136,6 +137,8 @@ def mount_point(domain: str, pool: PoolLike, point: int, disk: str | None = None
     (client certificates verified) or, with ``insecure``, plain on loopback only
     (:func:`check_tcp_security`).  Everything is removed when
     the block ends, also on an exception or a signal (StorageDaemon's own handling).
+    ``key_file`` opens a point of an encrypted pool (FORMAT §15.2); the export then
+    serves the plain disk, so keep it on the private socket or behind TLS.
     """
     if socket is not None and port is not None:
         raise UsageError("give either a socket path or a port, not both")
@@ -151,7 +154,7 @@ def mount_point(domain: str, pool: PoolLike, point: int, disk: str | None = None
             raise UsageError(f"{socket} already exists; choose a new path for the socket")
         if len(os.fsencode(socket)) > _SUN_PATH_MAX:
             raise UsageError(f"socket path {socket} is too long for a unix socket")
-    store = open_pool(pool, uri).find_domain(domain)
+    store = open_pool(pool, uri, key_file).find_domain(domain)
     # the readers lock (FORMAT §8) until the daemon holds the volumes open; from then
     # on prune's open-file check keeps this point (and its base) while it is served
     readers = reading(store).acquire()

@@ -31,13 +31,13 @@ from ..adapters.hypervisor import Hypervisor, connect
 from ..adapters.sourceexport import DataPath
 from ..adapters.storagedaemon import StorageDaemon
 from ..adapters.storagepool import refresh_pool, resolve_pool
-from ..adapters.volumeformat import VolumeLayout, refuse_encryption, resolve_compression
+from ..adapters.volumeformat import VolumeLayout, resolve_compression
 from ..core import inflight
 from ..core.defaults import DEFAULT_URI
 from ..core.difftable import compare
 from ..core.journal import JournalDaemon, JournalDisk, JournalEntry
 from ..core.manifest import GenerationRecord, utc_now
-from ..core.pool import DomainStore, Pool
+from ..core.pool import DomainStore
 from ..core.retention import Policy
 from ..core.tablefile import DEFAULT_BLOCK_SIZE, validate_block_size
 from ..errors import (
@@ -48,6 +48,7 @@ from ..errors import (
 )
 from ..progress import ProgressCallback
 from .backupdaemons import backup_daemons
+from .backupkey import check_encryption, open_backup_pool
 from .backupseal import BackupSeal
 from .backupstart import (
     announce_new_pool,
@@ -94,6 +95,7 @@ def backup(
     data_path: DataPath | None = None,
     compression: str | None = None,
     encrypt: bool = False,
+    key_file: str | None = None,
 ) -> BackupResult:
     """Back up ``domain`` (name, UUID or id) into ``pool`` (a path or a libvirt pool name).
 
@@ -119,6 +121,8 @@ def backup(
 
     ``compression`` ``"zstd"`` writes compressed volumes (FORMAT §15.1), ``"none"``
     plain ones, None the pool's default (recorded when this backup creates the pool).
+    ``encrypt`` makes a new pool an encrypted one (FORMAT §15.2) with ``key_file``;
+    an encrypted pool encrypts every backup and needs ``key_file``.
     """
     validate_block_size(block_size)
     if base_format not in BASE_FORMATS:
@@ -127,8 +131,7 @@ def backup(
     if threshold is not None and not 0.0 < threshold <= 1.0:
         raise UsageError(f"the new-generation threshold must be in (0, 1], not {threshold}")
     VolumeLayout(resolve_compression(compression, None)).check(base_format)  # before any pool
-    if encrypt:
-        refuse_encryption(resolve_compression(compression, None))
+    check_encryption(encrypt, resolve_compression(compression, None), key_file, base_format)
     started_mono = time.monotonic()
     pool_dir, libvirt_pool = resolve_pool(os.fspath(pool), uri)
     with connect(uri) as hv, interruptible("backup"):
@@ -149,9 +152,7 @@ def backup(
             dirty_bitmaps = checkpoints_wanted(dom)
         # only now, with a domain worth backing up: a typo must not leave a new pool behind
         announce_new_pool(pool_dir)
-        new_default = compression if compression != "none" else None
-        the_pool = Pool.open(pool_dir, create=True, compression=new_default)
-        layout = VolumeLayout(resolve_compression(compression, the_pool.compression))
+        the_pool, layout = open_backup_pool(pool_dir, compression, encrypt, key_file)
         layout.check(base_format)
         store = the_pool.domain(uuid, name, create=True)
         with store.lock("backup"):

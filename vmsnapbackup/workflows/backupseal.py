@@ -1,5 +1,8 @@
 """Step 6 of a backup: seal the point -- volumes, tables, then the manifest.
 
+In an encrypted pool (FORMAT §15.2) "seal" is also meant literally: the tables
+and the domain XML are written as AES-256-GCM envelopes (:mod:`..core.poolkey`).
+
 The order is FORMAT §10 steps 3 to 5: a point exists once its manifest does,
 so every file it names is renamed into place (and fsynced) first.  Kept apart
 from the recipe in :mod:`.backup` so the recipe reads as the method's steps.
@@ -11,8 +14,6 @@ from pathlib import Path
 
 from ..adapters.volumeformat import VolumeLayout
 from ..core.atomic import durable_rename
-from ..core.checktable import write_check_table
-from ..core.difftable import write_difference_table
 from ..core.journal import Journal
 from ..core.manifest import (
     BlockCounts,
@@ -25,7 +26,7 @@ from ..core.manifest import (
     utc_now,
 )
 from ..core.pool import DomainStore
-from ..core.tablefile import file_checksum
+from ..core.poolkey import seal_xml, table_checksum, write_check, write_difference
 from .backupwork import BackupResult, DiskWork
 from .bitmappolicy import BitmapPolicy
 
@@ -77,7 +78,7 @@ class BackupSeal:
             if self.new_gen:
                 table_path = self.store.table_path(g, target, self.point)
                 self.journal.add_files([self.store.relpath(table_path)])
-                checksum = write_check_table(table_path, w.table)
+                checksum = write_check(self.store, table_path, w.table)
                 self.created.append(table_path)
                 gen_disks[target] = GenerationDisk(
                     virtual_size=w.size, base_format=self.base_format,
@@ -91,9 +92,9 @@ class BackupSeal:
                 assert w.difference is not None   # step 4
                 diff_path = self.store.difference_path(g, target, self.point)
                 self.journal.add_files([self.store.relpath(diff_path)])
-                diff_checksum = write_difference_table(diff_path, w.difference)
+                diff_checksum = write_difference(self.store, diff_path, w.difference)
                 self.created.append(diff_path)
-                table1_digest = digest_hex(file_checksum(table_path))
+                table1_digest = digest_hex(table_checksum(self.store, table_path))
                 diff_rel, diff_digest = self.store.relpath(diff_path), digest_hex(diff_checksum)
                 base_path = self.store.disk_dir(g, target) / gdisk.base
                 base_fmt = gdisk.base_format
@@ -116,9 +117,10 @@ class BackupSeal:
             self.store.write_generation(GenerationRecord(
                 generation=g, first_point=self.point, created=self.started,
                 block_size=self.block_size, disks=gen_disks, checkpoint=self.bitmaps.checkpoint))
+        xml, xml_sealed = seal_xml(self.store, self.point, self.domain_xml)  # FORMAT §15.2
         manifest = PointManifest(
             point=self.point, generation=g,
-            domain=DomainInfo(name=self.name, uuid=self.uuid, xml=self.domain_xml),
+            domain=DomainInfo(name=self.name, uuid=self.uuid, xml=xml, xml_sealed=xml_sealed),
             started=self.started, snapshot_at=self.snapshot_at, finished=utc_now(),
             consistency=self.consistency, disks=tuple(disks),
             # a bitmap that failed a check is deleted after the seal; should that fail,

@@ -14,13 +14,14 @@ from pathlib import Path
 
 from ..adapters.hypervisor import Hypervisor
 from ..adapters.nbdclient import NbdClient
+from ..adapters.pinnedchain import PinnedImage
 from ..adapters.sourceexport import open_source
 from ..adapters.storagedaemon import Export, StorageDaemon
 from ..adapters.volumeformat import VolumeLayout, cluster_size
-from ..core.checktable import read_check_table
 from ..core.journal import Journal
 from ..core.manifest import GenerationRecord
 from ..core.pool import DomainStore, partial_name
+from ..core.poolkey import read_check
 from ..errors import ExportError, storage_error_for_errno
 from ..progress import ProgressCallback
 from .backupwork import DiskWork
@@ -60,8 +61,8 @@ class BackupVolumes:
         else:
             assert self.gen_record is not None
             gdisk = self.gen_record.disks[target]
-            w.table1 = read_check_table(self.store.disk_dir(g, target) / gdisk.table,
-                                        expected_body_digest=bytes.fromhex(gdisk.table_digest))
+            w.table1 = read_check(self.store, self.store.disk_dir(g, target) / gdisk.table,
+                                  expected_body_digest=bytes.fromhex(gdisk.table_digest))
             final = self.store.point_volume_path(g, target, self.point)
             fmt = "qcow2"
             backing = str(self.store.disk_dir(g, target) / gdisk.base)
@@ -73,7 +74,9 @@ class BackupVolumes:
         out = daemon.create_writable(
             str(partial), size=w.size, fmt=fmt, cluster_size=cluster, name=f"dst-{target}",
             backing=backing, backing_fmt=backing_fmt, options=self.layout.create_options(),
-            layout_node=self.layout.writer_node())
+            layout_node=self.layout.writer_node(
+                PinnedImage(backing, backing_fmt or "qcow2") if backing else None),
+            key_file=self.layout.key_file)
         self.created.append(partial)
         return out
 

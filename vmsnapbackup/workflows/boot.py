@@ -233,7 +233,7 @@ class DiscardResult:
 def boot_point(domain: str, pool: PoolLike, point: int, name: str, *,
                uri: str = DEFAULT_URI, start: bool = True,
                overlay_dir: str | os.PathLike[str] | None = None,
-               network: bool = True) -> BootResult:
+               network: bool = True, key_file: str | None = None) -> BootResult:
     """Instant recovery: define (and start) domain ``name`` running on point ``point``.
 
     Its writes stay in the overlays until :func:`discard_boot`.  ``network=False``
@@ -241,7 +241,9 @@ def boot_point(domain: str, pool: PoolLike, point: int, name: str, *,
     address conflicts).  On any failure everything made so far is removed again.
     """
     bdir = _boot_dir(name, overlay_dir)
-    store = open_pool(pool, uri).find_domain(domain)
+    store = open_pool(pool, uri, key_file).find_domain(domain)
+    if store.pool.encryption is not None:   # FORMAT §15.2: restore or mount it instead
+        raise UsageError("boot of an encrypted pool's point: not available yet (restore it)")
     sock = bdir / bootdaemon.SOCKET
     if len(os.fsencode(str(sock))) > _SUN_PATH_MAX:
         raise UsageError(f"boot directory {bdir} is too long for a unix socket path")

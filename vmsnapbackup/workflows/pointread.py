@@ -24,16 +24,18 @@ from typing import Union
 
 import numpy as np
 
+from ..adapters.keyfile import unlock_pool
 from ..adapters.nbdclient import NbdClient
 from ..adapters.pinnedchain import PinnedImage
 from ..adapters.storagedaemon import StorageDaemon
 from ..adapters.storagepool import resolve_pool
 from ..core.blockruns import block_runs
-from ..core.checktable import CheckTable, hash_blocks, read_check_table
+from ..core.checktable import CheckTable, hash_blocks
 from ..core.defaults import DEFAULT_URI
-from ..core.difftable import DifferenceTable, apply, read_difference_table
+from ..core.difftable import DifferenceTable, apply
 from ..core.manifest import PointDisk, PointManifest
 from ..core.pool import DomainStore, Pool
+from ..core.poolkey import read_check, read_difference
 from ..core.readerslock import ReadersLock
 from ..core.tablefile import VALUE_SIZE
 from ..errors import CorruptFileError, NotFoundError, UsageError
@@ -60,6 +62,7 @@ __all__ = [
     "open_pool",
     "point_disk",
     "pinned_volume",
+    "pool_key_file",
     "point_volume",
     "read_daemon",
     "read_point_tables",
@@ -82,16 +85,28 @@ SAMPLE_READ_SIZE = 4 << 20
 
 # --- pool, point and disk selection ------------------------------------------------------
 
-def open_pool(pool: PoolLike, uri: str = DEFAULT_URI) -> Pool:
+def open_pool(pool: PoolLike, uri: str = DEFAULT_URI,
+              key_file: str | os.PathLike[str] | None = None, *,
+              plain_only: str | None = None) -> Pool:
     """A :class:`Pool` from a pool, a path, or (a string without a slash) the name of a
     libvirt storage pool, as ``--pool`` takes it.  Never created here: a reader must
-    not turn a typo into an empty pool."""
+    not turn a typo into an empty pool.  An encrypted pool is unlocked with
+    ``key_file`` (FORMAT §15.2): without it, or with a wrong key, this refuses before
+    anything is read.  ``plain_only`` names an operation not built for encrypted
+    pools yet, refused (USAGE) in one."""
     if isinstance(pool, Pool):
-        return pool
-    if isinstance(pool, str):
+        the_pool = pool
+    elif isinstance(pool, str):
         path, _name = resolve_pool(pool, uri)
-        return Pool.open(path)
-    return Pool.open(pool)
+        the_pool = Pool.open(path)
+    else:
+        the_pool = Pool.open(pool)
+    if plain_only is not None and the_pool.encryption is not None:
+        raise UsageError(f"{plain_only} in an encrypted pool is not available in this "
+                         "version (docs/FORMAT.md §15.2)")
+    if key_file is not None or the_pool.key is None:
+        unlock_pool(the_pool, key_file)
+    return the_pool
 
 
 def select_point(store: DomainStore, point: int | None) -> PointManifest:
@@ -154,19 +169,26 @@ def reading(store: DomainStore) -> ReadersLock:
     return ReadersLock(store.path, f"domain {store.name} ({store.uuid})")
 
 
+def pool_key_file(store: DomainStore) -> str | None:
+    """The key file QEMU opens the volumes of an encrypted pool with (None: plain)."""
+    return store.pool.key.key_file if store.pool.key is not None else None
+
+
 def pinned_volume(store: DomainStore, d: PointDisk) -> PinnedImage:
     """The point volume of disk ``d`` with its backing chain pinned from the manifest:
     its generation's base volume (format given), or none for a generation's first
     point.  Readers open it only so (docs/DESIGN.md §8): the backing name in a
     qcow2 header is never followed."""
     path = point_volume(store, d)
+    key = pool_key_file(store)
     if d.is_base:
-        return PinnedImage(os.fspath(path), d.volume_format)
+        return PinnedImage(os.fspath(path), d.volume_format, key_file=key)
     base = store.resolve(d.base)
     if not base.is_file():
         raise CorruptFileError(base, f"base volume of disk {d.target} is missing")
     return PinnedImage(os.fspath(path), d.volume_format,
-                       PinnedImage(os.fspath(base), d.base_format))
+                       PinnedImage(os.fspath(base), d.base_format, key_file=key),
+                       key_file=key)
 
 
 # --- tables ------------------------------------------------------------------------------
@@ -185,7 +207,7 @@ def read_table1(store: DomainStore, disk: PointDisk) -> CheckTable:
     path = store.resolve(disk.table)
     if not path.is_file():
         raise CorruptFileError(path, "check table is missing")
-    table1 = read_check_table(path, expected_checksum=bytes.fromhex(disk.table1_digest))
+    table1 = read_check(store, path, expected_checksum=bytes.fromhex(disk.table1_digest))
     if table1.block_size != disk.block_size or table1.disk_size != disk.virtual_size:
         raise CorruptFileError(
             path, f"check table: block size {table1.block_size} and disk size "
@@ -216,8 +238,8 @@ def read_point_tables(store: DomainStore, disk: PointDisk,
     if not path.is_file():
         raise CorruptFileError(path, "difference table is missing")
     assert disk.difference_digest is not None
-    diff = read_difference_table(path, table1=table1,
-                                 expected_checksum=bytes.fromhex(disk.difference_digest))
+    diff = read_difference(store, path, table1=table1,
+                           expected_checksum=bytes.fromhex(disk.difference_digest))
     table = apply(table1, diff)
     digest = table.body_digest()
     if digest != expected:
@@ -267,14 +289,16 @@ def hash_export(client: NbdClient, block_size: int, *, disk: str = "",
 
 def hash_image(daemon: StorageDaemon, path: Path, fmt: str, expected: CheckTable, *,
                backing: PinnedImage | None = None, disk: str = "", phase: str = "verify",
-               progress: ProgressCallback | None = None) -> BlockMismatch:
+               progress: ProgressCallback | None = None,
+               key_file: str | None = None) -> BlockMismatch:
     """Export ``path`` read-only, hash all of it and compare with ``expected``.
 
     A qcow2 point volume is exported with its backing pinned to ``backing`` (None:
     it must have none; a header naming another is damage, docs/DESIGN.md §8), so
     what is hashed is the full disk at that point and never another file.  A raw
     file is read directly: it holds exactly what a guest would read, and the
-    export would cost two copies per byte more.
+    export would cost two copies per byte more.  ``key_file``: ``path`` is a LUKS
+    volume of an encrypted pool.
     """
     if fmt == "raw":
         with RawImageSource.open(path) as source:
@@ -284,7 +308,7 @@ def hash_image(daemon: StorageDaemon, path: Path, fmt: str, expected: CheckTable
             actual, _stats = run_disk_pass(source, None, expected.block_size, None, disk=disk,
                                            progress=with_phase(progress, phase))
         return compare_tables(expected, actual)
-    with _exported(daemon, PinnedImage(os.fspath(path), fmt, backing)) as client:
+    with _exported(daemon, PinnedImage(os.fspath(path), fmt, backing, key_file)) as client:
         bad = size_mismatch(expected, client.size)
         if bad is not None:
             return bad
@@ -296,11 +320,12 @@ def hash_image(daemon: StorageDaemon, path: Path, fmt: str, expected: CheckTable
 def hash_sampled(daemon: StorageDaemon, path: Path, fmt: str, expected: CheckTable,
                  indexes: np.ndarray, *, backing: PinnedImage | None = None,
                  disk: str = "", phase: str = "verify",
-                 progress: ProgressCallback | None = None) -> BlockMismatch:
+                 progress: ProgressCallback | None = None,
+                 key_file: str | None = None) -> BlockMismatch:
     """Read only the blocks ``indexes`` (holes included: they read as zeros) and
     compare their values with ``expected`` (``backing`` as for :func:`hash_image`)."""
     bs = expected.block_size
-    with _exported(daemon, PinnedImage(os.fspath(path), fmt, backing)) as client:
+    with _exported(daemon, PinnedImage(os.fspath(path), fmt, backing, key_file)) as client:
         bad = size_mismatch(expected, client.size)
         if bad is not None:
             return bad

@@ -111,7 +111,7 @@ def rebase(domain: str, pool: PoolLike, *, point: int | None = None, uri: str = 
            progress: ProgressCallback | None = None,
            runtime_base: str | None = None) -> RebaseResult:
     """Make point ``point`` (newest when None) of ``domain`` the base of a new generation."""
-    store = open_pool(pool, uri).find_domain(domain)
+    store = open_pool(pool, uri, plain_only="rebase").find_domain(domain)
     with store.lock("rebase"), interruptible("rebase"):
         if store.journal.read() is not None:
             raise RepairNeededError(

@@ -34,6 +34,7 @@ from ..adapters.newdomain import DOMAIN_NAME_RE
 from ..adapters.pinnedchain import check_header
 from ..core.defaults import DEFAULT_URI
 from ..core.manifest import PointManifest
+from ..core.poolkey import with_domain_xml
 from ..errors import StorageError, UsageError, VerifyMismatchError
 from ..progress import ProgressCallback
 from .interrupt import interruptible
@@ -139,6 +140,7 @@ def restore(
     uri: str = DEFAULT_URI,
     progress: ProgressCallback | None = None,
     runtime_base: str | None = None,
+    key_file: str | os.PathLike[str] | None = None,
 ) -> RestoreResult:
     """Restore the disks of point ``point`` (newest when None) of ``domain``.
 
@@ -149,6 +151,7 @@ def restore(
     ones stay as ``<name>.unverified``), and ``define`` is then not done.
     ``define`` leaves out of the pool's saved XML what reaches into the host
     (passthrough, ``qemu:commandline``; docs/DESIGN.md §8) unless ``trust_pool_xml``.
+    ``key_file`` is the key of an encrypted pool (FORMAT §15.2).
     """
     started = time.monotonic()
     if fmt not in RESTORE_FORMATS:
@@ -161,10 +164,10 @@ def restore(
     if (define is not None or pool_volume is not None) and ssh_target_for(uri) is not None:
         raise UsageError("restore --define/--pool-volume onto a remote hypervisor is not "
                          "supported yet: restore --to DIR here, copy the images, define there")
-    store = open_pool(pool, uri).find_domain(domain)
+    store = open_pool(pool, uri, key_file).find_domain(domain)
     # no prune removes what this restore reads, from the manifest to the last volume
     with reading(store):
-        manifest = select_point(store, point)
+        manifest = with_domain_xml(store, select_point(store, point))
         skipped: tuple[int, ...] = ()
         if point is None:
             skipped = tuple(p.number for p in store.damaged_points() if p.number > manifest.point)

@@ -39,7 +39,7 @@ from typing import Any
 
 from ..adapters.host import LOCAL
 from ..adapters.nbdclient import NbdClient
-from ..adapters.pinnedchain import PinnedImage, check_header, json_filename
+from ..adapters.pinnedchain import PinnedImage, check_header, json_filename, secret_objects
 from ..adapters.qemuimg import QemuImg
 from ..adapters.storagedaemon import StorageDaemon
 from ..core.atomic import durable_rename, fsync_dir, fsync_path
@@ -204,7 +204,8 @@ def _convert(plan: DiskPlan, fmt: str, out: Path, progress: ProgressCallback | N
     # the header is checked, then the chain is given to qemu-img explicitly (json:)
     check_header(plan.volume, LOCAL, img)
     img.convert(json_filename(plan.volume), None, os.fspath(out), fmt,
-                target_is_zero=True, progress=percent if progress is not None else None)
+                target_is_zero=True, progress=percent if progress is not None else None,
+                objects=secret_objects(plan.volume))
     emit(progress, ProgressEvent(d.target, "restore", size, size, finished=True))
 
 

@@ -25,15 +25,17 @@ decides (the CLI prints the whole report, then exits INTEGRITY).
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from typing import Any
 
 from ..adapters.pinnedchain import PinnedImage
-from ..core.checktable import CheckTable, read_check_table
+from ..core.checktable import CheckTable
 from ..core.defaults import DEFAULT_URI
 from ..core.manifest import PointDisk
 from ..core.pool import DomainStore, PointInfo
+from ..core.poolkey import read_check
 from ..errors import (
     ExportError,
     IncompatibleFormatError,
@@ -47,6 +49,7 @@ from .pointread import (
     hash_image,
     hash_sampled,
     open_pool,
+    pool_key_file,
     read_daemon,
     read_point_tables,
     read_table1,
@@ -102,6 +105,7 @@ def verify(
     progress: ProgressCallback | None = None,
     seed: int | None = None,
     runtime_base: str | None = None,
+    key_file: str | os.PathLike[str] | None = None,
 ) -> VerifyReport:
     """Check the points of ``domain`` (every domain when None), or only ``point``.
 
@@ -118,7 +122,7 @@ def verify(
         raise UsageError(f"--sample is a percentage above 0 and at most 100, not {sample}")
     if sample is not None and sample >= 100:
         sample = None
-    the_pool = open_pool(pool, uri)
+    the_pool = open_pool(pool, uri, key_file)   # an encrypted pool's key (FORMAT §15.2)
     stores = [the_pool.find_domain(domain)] if domain is not None else the_pool.domains()
     if sample is not None and seed is None:
         seed = fresh_seed()
@@ -207,7 +211,8 @@ class _DomainChecker:
         problem = self._check_volume(VOLUME, path, disk.volume_format, tables.table,
                                      f"{disk.target} point {number}", dc, indexes,
                                      PinnedImage(str(self.store.resolve(disk.base)),
-                                                 disk.base_format))
+                                                 disk.base_format,
+                                                 key_file=pool_key_file(self.store)))
         if problem is not None:
             dc.problems.append(problem)
         return dc
@@ -254,7 +259,8 @@ class _DomainChecker:
         for target, gdisk in rec.disks.items():
             path = self.store.disk_dir(generation, target) / gdisk.table
             try:
-                read_check_table(path, expected_body_digest=bytes.fromhex(gdisk.table_digest))
+                read_check(self.store, path,
+                           expected_body_digest=bytes.fromhex(gdisk.table_digest))
             except _DAMAGE as err:
                 domain.problems.append(f"generation {generation}: {target}: {err}")
 
@@ -278,11 +284,13 @@ class _DomainChecker:
         try:
             if indexes is None:
                 mismatch = hash_image(self.daemon, path, fmt, expected, backing=backing,
-                                      disk=label, phase="verify", progress=self.progress)
+                                      disk=label, phase="verify", progress=self.progress,
+                                      key_file=pool_key_file(self.store))
             else:
                 mismatch = hash_sampled(self.daemon, path, fmt, expected, indexes,
                                         backing=backing, disk=label, phase="verify",
-                                        progress=self.progress)
+                                        progress=self.progress,
+                                        key_file=pool_key_file(self.store))
         except _DAMAGE as err:
             log.warning("domain %s: %s: cannot read %s: %s", self.store.name, label, path, err)
             return Problem(kind, f"cannot read {path}: {err}")
