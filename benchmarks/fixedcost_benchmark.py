@@ -83,7 +83,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"({args.data_mib} MiB data), median of {args.reps}: {median(walls):.3f} s "
               f"(runs {[round(w, 3) for w in walls]})")
         for name in splits[0]:
-            values = [s[name] for s in splits if s[name] is not None]
+            values = [v for v in (s[name] for s in splits) if v is not None]
             print(f"  {name:45s} {median(values):.3f}" if values else f"  {name:45s} ?")
         if args.profile:
             if not args.shutoff:
