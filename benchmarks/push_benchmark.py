@@ -12,13 +12,14 @@ before every timed command, the two sides alternating:
   the checkpoint its previous run created.
 
 Phases: libvirt's job statistics (``virsh domjobinfo --completed``) for theirs,
-the backup result's seconds (``--json``) for ours.  Prints a table; writes no doc.
+the library's own log records for ours (clitimeline.py).  Prints the table and
+writes it into docs/benchmarks.md (``--no-doc``: print only).
 Run as root under the integration lock: ``benchmarks/push_benchmark.py``.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import datetime
 import os
 import random
 import subprocess
@@ -39,9 +40,23 @@ from backup_benchmark import (  # noqa: E402
     log,
     remove_domain_robustly,
 )
-from benchlib import ROOT, GiB, drop_caches, median, random_extents, remove_tree  # noqa: E402
+from benchlib import (  # noqa: E402
+    ROOT,
+    GiB,
+    drop_caches,
+    machine,
+    markdown_table,
+    median,
+    random_extents,
+    remove_tree,
+    replace_block,
+)
+from clitimeline import backup, python_of_checkout  # noqa: E402
 
-CLI = ROOT / ".venv" / "bin" / "vmsnapbackup"
+PYTHON = python_of_checkout(ROOT)
+DOC = ROOT / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- results push: begin -->", "<!-- results push: end -->"
+GOALS = {"full": 1.1, "incremental": 4.0}
 
 
 def _virsh(*args: str) -> str:
@@ -50,13 +65,12 @@ def _virsh(*args: str) -> str:
     return proc.stdout
 
 
-def ours(dom: str, pool: Path, new_generation: bool) -> Tuple[float, Dict[str, Any]]:
-    argv = [str(CLI), "backup", dom, "--json"] + (["--new-generation"] if new_generation else [])
-    env = dict(os.environ, VMSNAPBACKUP_POOL=str(pool))
-    t0 = time.monotonic()
-    proc = subprocess.run(argv, capture_output=True, text=True, check=True, env=env)
-    wall = time.monotonic() - t0
-    return wall, json.loads(proc.stdout)
+def ours(dom: str, pool: Path, work: Path,
+         new_generation: bool) -> Tuple[float, Dict[str, Any]]:
+    """``vmsnapbackup backup DOMAIN --json``: wall time; its phases and JSON document."""
+    wall, split, doc = backup(PYTHON, dom, pool, work,
+                              *(["--new-generation"] if new_generation else []))
+    return wall, {"phases": split, "doc": doc}
 
 
 def theirs(dom: str, work: Path, n: int, since: Optional[str]) -> Tuple[float, Dict[str, str]]:
@@ -91,11 +105,56 @@ def theirs(dom: str, work: Path, n: int, since: Optional[str]) -> Tuple[float, D
     return wall, {k.strip(): v.strip() for k, v in stats.items()}
 
 
+def _med(values: List[Optional[float]]) -> str:
+    known = [v for v in values if v is not None]
+    return f"{median(known):.3f}" if known else "?"
+
+
+def report(rows: Dict[str, Dict[str, List[Any]]], reps: int) -> str:
+    """The two lines against ``virsh backup-begin`` and both tools' phases (markdown)."""
+    lines = []
+    for kind, r in rows.items():
+        o = [w for w, _ in r["ours"]]
+        t = [w for w, _ in r["theirs"]]
+        ratio = median(o) / median(t)
+        lines.append([kind, f"{median(t):.3f} ({min(t):.2f}-{max(t):.2f})",
+                      f"{median(o):.3f} ({min(o):.2f}-{max(o):.2f})", f"**{ratio:.2f}**",
+                      f"≤ {GOALS[kind]}", "yes" if ratio <= GOALS[kind] else "no"])
+    head = ["", "`virsh backup-begin` push (median s, min-max)",
+            "`vmsnapbackup backup` (median s, min-max)", "ratio", "goal", "met"]
+    phase_rows = []
+    names = list(rows["full"]["ours"][0][1]["phases"])
+    for name in names:
+        phase_rows.append([f"ours: {name}"] + [
+            _med([info["phases"][name] for _, info in rows[k]["ours"]]) for k in rows])
+    for label, get in (
+            ("theirs: libvirt job (`domjobinfo --completed`, Time elapsed)",
+             lambda st, w: float(st["Time elapsed"].split()[0]) / 1000),
+            ("theirs: `virsh` start, polling, fsync of the target",
+             lambda st, w: w - float(st["Time elapsed"].split()[0]) / 1000)):
+        phase_rows.append([label] + [_med([get(st, w) for w, st in rows[k]["theirs"]])
+                                     for k in rows])
+    phase_rows.append(["theirs: bytes the job wrote (last run)"] + [
+        str(rows[k]["theirs"][-1][1].get("File processed", "?")) for k in rows])
+    m = machine()
+    when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    return "\n\n".join([
+        f"Measured {when} by `benchmarks/push_benchmark.py` (median of {reps}) on: "
+        + ", ".join(f"{k} {v}" for k, v in m.items()) + ". One running domain, 1 GiB qcow2, "
+        "512 MiB random data in scattered extents, page cache dropped before every timed "
+        "command, the two tools alternating; before each incremental, guest writes change "
+        "1 % of the 64 KiB blocks.",
+        markdown_table(head, lines),
+        markdown_table(["phase (median s)", *list(rows)], phase_rows)])
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--dir", default="/var/lib/vmsnapbackup-bench-push")
     parser.add_argument("--seed", type=int, default=20240601)
+    parser.add_argument("--no-doc", action="store_true",
+                        help=f"print only; do not write into {DOC.relative_to(ROOT)}")
     args = parser.parse_args(argv)
     import libvirt
     from domains import DiskSpec, DomainFactory
@@ -124,8 +183,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         change_blocks(dom, size, 0.01, rng)
                     drop_caches()
                     if side == "ours":
-                        wall, doc = ours(dom.name, pool, kind == "full")
-                        rows[kind]["ours"].append((wall, doc))
+                        wall, info = ours(dom.name, pool, work, kind == "full")
+                        rows[kind]["ours"].append((wall, info))
                     else:
                         n += 1
                         wall, st = theirs(dom.name, work, n, last if kind == "incremental"
@@ -134,22 +193,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                         rows[kind]["theirs"].append((wall, st))
                 log(f"{kind} {rep + 1}: ours {rows[kind]['ours'][-1][0]:.2f} s, "
                     f"push {rows[kind]['theirs'][-1][0]:.2f} s")
-        for kind, r in rows.items():
-            o = median([w for w, _ in r["ours"]])
-            t = median([w for w, _ in r["theirs"]])
-            inproc = median([d["seconds"]["total"] for _, d in r["ours"]])
-            read = median([sum(k["seconds"].get("read", 0.0) for k in d["disks"])
-                           for _, d in r["ours"]])
-            commit = median([d["seconds"]["commit"] for _, d in r["ours"]])
-            job = median([float(st["Time elapsed"].split()[0]) / 1000 for _, st in r["theirs"]])
-            print(f"{kind}: ours {o:.3f} s, push {t:.3f} s, ratio {o / t:.2f}x "
-                  f"(runs: ours {[round(w, 2) for w, _ in r['ours']]}, "
-                  f"push {[round(w, 2) for w, _ in r['theirs']]})")
-            print(f"  ours: process start/imports/exit {o - inproc:.3f} s, backup() {inproc:.3f}"
-                  f" s of which disk pass {read:.3f} s, commit {commit:.3f} s, rest (lock, "
-                  f"journal, snapshot, daemon, seal) {inproc - read - commit:.3f} s")
-            print(f"  push: libvirt job {job:.3f} s, virsh/polling/fsync {t - job:.3f} s; "
-                  f"last job: {r['theirs'][-1][1].get('File processed')}")
+        md = report(rows, args.reps)
+        print(md)
+        if not args.no_doc:
+            replace_block(DOC, BEGIN, END, md)
+            print(f"written into {DOC}")
         return 0
     finally:
         factory.domains.clear()

@@ -18,7 +18,6 @@ import argparse
 import importlib
 import logging
 import os
-import pkgutil
 import sys
 from types import ModuleType
 from typing import List, NoReturn, Optional, Sequence
@@ -45,9 +44,20 @@ _MODULE_OF = {"list": "list_points"}
 
 
 def _command_names() -> List[str]:
-    """The module name of every command, found without importing any of them."""
-    return [info.name for info in pkgutil.iter_modules(__path__)
-            if info.name not in _NOT_COMMANDS and not info.name.startswith("_")]
+    """The module name of every command, found without importing any of them.
+
+    A directory listing, not ``pkgutil.iter_modules``: that imports ``inspect``
+    (about 10 ms, a tenth of the start-up this package aims at, on every command).
+    """
+    names: set[str] = set()
+    for directory in __path__:
+        try:
+            entries = os.listdir(directory)
+        except OSError:
+            continue
+        names.update(entry[:-3] for entry in entries if entry.endswith(".py"))
+    return sorted(n for n in names
+                  if n.isidentifier() and n not in _NOT_COMMANDS and not n.startswith("_"))
 
 
 def _commands(only: Optional[str] = None) -> List[ModuleType]:

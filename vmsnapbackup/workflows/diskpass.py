@@ -24,7 +24,8 @@ hashes (requests pipelined on the source) while a writer thread owns the
 target connection and keeps its writes pipelined across chunks.  Socket I/O
 releases the GIL, so receiving and sending overlap on two cores.
 
-Buffers: the chunks are read into a fixed set of buffers owned by the pass;
+Buffers: the chunks are read into a fixed set of buffers owned by the pass
+(anonymous mappings, so a pass of small reads never touches most of them);
 a buffer whose blocks must be written goes to the writer and comes back once
 its bytes are in the socket.  No block is ever copied in Python (the kernel
 copies it into our buffer and out of it), and memory stays bounded at
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import mmap
 import queue
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -59,7 +61,7 @@ from ..core.difftable import changed_indexes
 from ..core.tablebuilder import CheckTableBuilder
 from ..errors import UsageError
 from ..progress import ProgressCallback, ProgressEvent, emit
-from .passio import BlockSource, BlockTarget, pieces
+from .passio import BlockSource, BlockTarget, chunk_buffer, pieces
 from .passwriter import PassWriter
 from .ratebudget import RateBudget, current_budget, throttled
 from .rawimage import DEFAULT_CHUNK_SIZE, RawImageSource
@@ -226,7 +228,7 @@ def _hash_only(source: BlockSource, builder: CheckTableBuilder, reads: Iterable[
                chunk: int, stats: PassStats, disk: str, data_bytes: int,
                progress: ProgressCallback | None) -> None:
     """Read into a ring of READ_DEPTH buffers (a buffer is free once its result is used)."""
-    ring = [memoryview(bytearray(chunk)) for _ in range(READ_DEPTH)]
+    ring = [memoryview(chunk_buffer(chunk)) for _ in range(READ_DEPTH)]
 
     def requests() -> Iterator[tuple[int, memoryview]]:
         for index, (offset, length) in enumerate(reads):
@@ -246,10 +248,10 @@ def _copy(source: BlockSource, target: BlockTarget, builder: CheckTableBuilder,
           disk: str, data_bytes: int, progress: ProgressCallback | None) -> None:
     """Read and hash here, write from the writer thread (see the module docstring)."""
     table = builder.table
-    free: queue.Queue[bytearray | None] = queue.Queue()
+    free: queue.Queue[mmap.mmap | None] = queue.Queue()
     for _ in range(READ_DEPTH + WRITE_BACKLOG):
-        free.put(bytearray(chunk))
-    in_flight: collections.deque[bytearray] = collections.deque()
+        free.put(chunk_buffer(chunk))
+    in_flight: collections.deque[mmap.mmap] = collections.deque()
     writer = PassWriter(target, free, WRITE_DEPTH, disk)
 
     def requests() -> Iterator[tuple[int, memoryview]]:

@@ -8,6 +8,7 @@ while this one sends the writes (see :mod:`.diskpass`).
 """
 from __future__ import annotations
 
+import mmap
 import queue
 import threading
 from collections.abc import Iterator
@@ -32,7 +33,7 @@ class PassWriter:
     on a failure ``None`` goes there instead, to wake the reading thread.
     """
 
-    def __init__(self, target: BlockTarget, free: queue.Queue[bytearray | None], depth: int,
+    def __init__(self, target: BlockTarget, free: queue.Queue[mmap.mmap | None], depth: int,
                  disk: str) -> None:
         self._target = target
         self._free = free
@@ -46,7 +47,7 @@ class PassWriter:
         self._thread.start()
 
     def submit(self, writes: list[tuple[int, memoryview]], zeros: list[Run],
-               buffer: bytearray) -> None:
+               buffer: mmap.mmap) -> None:
         self._queue.put((writes, zeros, buffer))
 
     def finish(self) -> None:
