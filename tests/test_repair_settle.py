@@ -55,3 +55,36 @@ def test_a_state_that_never_settles_still_fails(monkeypatch: pytest.MonkeyPatch)
         repair_mod._repair_facts(object(), object(), None, "/pool", "d", "u",  # type: ignore[arg-type]
                                  dry_run=False)
     assert 1 < len(looks) < 100
+
+
+def test_a_refusal_is_believed_only_once_it_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The definition already names the overlay, the running domain not yet: libvirt is
+    still finishing the dead backup's snapshot.  Repair looks again instead of refusing."""
+    from vmsnapbackup.workflows.repairplan import REFUSE
+
+    plans = [[RepairAction(REFUSE, "vda", "definition and running domain disagree")],
+             [RepairAction(DELETE_OVERLAY, "vda.ov", "commit and pivot", disk="vda",
+                           path="/x/vda.vmsnapbackup-p1-aaaaaa.qcow2")]]
+    done = RepairAction(DELETE_OVERLAY, "vda.ov", "commit and pivot [done]")
+    looks = _wire(monkeypatch, [[done]])
+    monkeypatch.setattr(repair_mod, "plan", lambda facts: plans.pop(0))
+    result = repair_mod._repair_facts(object(), object(), None, "/pool", "d", "u",  # type: ignore[arg-type]
+                                      dry_run=False)
+    assert looks == ["look", "look"] and result.actions == [done]
+
+
+def test_a_lasting_refusal_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmsnapbackup.workflows.repairplan import REFUSE
+
+    monkeypatch.setattr(repair_mod, "_REFUSAL_SETTLE_SECONDS", 0.3)
+    looks = _wire(monkeypatch, [])
+    monkeypatch.setattr(repair_mod, "plan",
+                        lambda facts: [RepairAction(REFUSE, "vda", "a foreign image on top")])
+    result = repair_mod._repair_facts(object(), object(), None, "/pool", "d", "u",  # type: ignore[arg-type]
+                                      dry_run=False)
+    assert [a.action for a in result.actions] == [REFUSE] and len(looks) >= 2
+    # a dry run reports at once
+    looks.clear()
+    result = repair_mod._repair_facts(object(), object(), None, "/pool", "d", "u",  # type: ignore[arg-type]
+                                      dry_run=True)
+    assert len(looks) == 1 and [a.action for a in result.actions] == [REFUSE]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,8 +191,18 @@ class RepairReport:
                             for d in self.domains for a in d.actions]}
 
 
-#: How long a repair keeps re-planning while the domain's state moves under it.
+#: How long a repair keeps re-planning while the domain's state moves under it, and
+#: how long a refusal must hold before it is believed.
 _SETTLE_SECONDS = 20.0
+_REFUSAL_SETTLE_SECONDS = 5.0
+
+
+class _Unsettled(Exception):
+    """A refusal met while libvirt may still be finishing a dead backup's call."""
+
+    def __init__(self, result: DomainRepair) -> None:
+        super().__init__("refused")
+        self.result = result
 
 
 def _repair_facts(hv: Hypervisor, dom: Domain | None, store: DomainStore | None,
@@ -199,30 +210,40 @@ def _repair_facts(hv: Hypervisor, dom: Domain | None, store: DomainStore | None,
     """Look, plan, act; look again if the domain changed between the look and the act.
 
     A backup killed during a libvirt call leaves the call running in libvirtd: a
-    snapshot puts the domain on its overlay just *after* we looked, and the planned
-    "delete the unused overlay" is (rightly) refused at its last check.  Repair is
-    idempotent: gather and plan afresh, for a bounded time."""
+    snapshot puts the domain on its overlay just *after* we looked (the planned
+    "delete the unused overlay" is then refused at its last check), or has updated
+    the definition but not yet the running domain (a refusal, for a moment).  Repair
+    is idempotent and a refusal changes nothing: gather and plan afresh, for a
+    bounded time, before believing either."""
+    refuse_until = time.monotonic() + _REFUSAL_SETTLE_SECONDS
     retrying = tenacity.Retrying(
-        retry=tenacity.retry_if_exception_type(RepairNeededError),
+        retry=tenacity.retry_if_exception_type((RepairNeededError, _Unsettled)),
         stop=tenacity.stop_after_delay(_SETTLE_SECONDS),
         wait=tenacity.wait_exponential(multiplier=0.2, max=3.0),
-        before_sleep=lambda state: log.warning(
-            "repair of domain %s: the domain changed while we repaired it (%s); "
-            "looking again", name, state.outcome.exception() if state.outcome else "?"),
+        before_sleep=lambda state: log.info(
+            "repair of domain %s: the domain may still be changing (%s); looking again",
+            name, state.outcome.exception() if state.outcome else "?"),
         reraise=True)
-    return retrying(_repair_once, hv, dom, store, pool_dir, name, uuid, dry_run)
+    try:
+        return retrying(_repair_once, hv, dom, store, pool_dir, name, uuid, dry_run,
+                        refuse_until)
+    except _Unsettled as unsettled:
+        return unsettled.result
 
 
 def _repair_once(hv: Hypervisor, dom: Domain | None, store: DomainStore | None,
-                 pool_dir: str, name: str, uuid: str, dry_run: bool) -> DomainRepair:
+                 pool_dir: str, name: str, uuid: str, dry_run: bool,
+                 refuse_until: float = 0.0) -> DomainRepair:
     facts = gather(hv, dom, store, name, uuid)
     actions = plan(facts)
     result = DomainRepair(domain=name, uuid=uuid)
     refused = [a for a in actions if a.action == REFUSE]
     if refused:
+        result.actions = refused  # nothing else happens: listing it would only mislead
+        if not dry_run and time.monotonic() < refuse_until:
+            raise _Unsettled(result)
         for a in refused:
             log.warning("repair of domain %s: %s", name, a.line())
-        result.actions = refused  # nothing else happens: listing it would only mislead
         return result
     if dry_run or not any(a.changes for a in actions):
         result.actions = actions
