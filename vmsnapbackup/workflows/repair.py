@@ -198,7 +198,7 @@ _REFUSAL_SETTLE_SECONDS = 5.0
 
 
 class _Unsettled(Exception):
-    """A refusal met while libvirt may still be finishing a dead backup's call."""
+    """A transient refusal met while libvirt may still be finishing a dead backup's call."""
 
     def __init__(self, result: DomainRepair) -> None:
         super().__init__("refused")
@@ -214,7 +214,8 @@ def _repair_facts(hv: Hypervisor, dom: Domain | None, store: DomainStore | None,
     "delete the unused overlay" is then refused at its last check), or has updated
     the definition but not yet the running domain (a refusal, for a moment).  Repair
     is idempotent and a refusal changes nothing: gather and plan afresh, for a
-    bounded time, before believing either."""
+    bounded time, before believing either.  Refusals that cannot be transient
+    (:attr:`RepairAction.transient` unset) are believed at once."""
     refuse_until = time.monotonic() + _REFUSAL_SETTLE_SECONDS
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_exception_type((RepairNeededError, _Unsettled)),
@@ -240,7 +241,10 @@ def _repair_once(hv: Hypervisor, dom: Domain | None, store: DomainStore | None,
     refused = [a for a in actions if a.action == REFUSE]
     if refused:
         result.actions = refused  # nothing else happens: listing it would only mislead
-        if not dry_run and time.monotonic() < refuse_until:
+        # only a refusal that libvirt's unfinished work can explain is worth a wait: a
+        # foreign image, an unreadable journal... hold, and are reported at once
+        if not dry_run and all(a.transient for a in refused) \
+                and time.monotonic() < refuse_until:
             raise _Unsettled(result)
         for a in refused:
             log.warning("repair of domain %s: %s", name, a.line())
