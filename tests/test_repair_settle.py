@@ -14,7 +14,7 @@ import pytest
 from vmsnapbackup.adapters.domainxml import Disk, ImageRef
 from vmsnapbackup.core.journal import JournalDisk, JournalEntry
 from vmsnapbackup.errors import RepairNeededError
-from vmsnapbackup.workflows import repair as repair_mod
+from vmsnapbackup.workflows import repairdomain as repair_mod
 from vmsnapbackup.workflows.repairfacts import DomainFacts
 from vmsnapbackup.workflows.repairplan import DELETE_OVERLAY, RepairAction, plan
 
@@ -45,7 +45,7 @@ def _wire(monkeypatch: pytest.MonkeyPatch, outcomes: list[Any]) -> list[str]:
 def test_a_domain_that_moved_is_looked_at_again(monkeypatch: pytest.MonkeyPatch) -> None:
     done = RepairAction(DELETE_OVERLAY, "vda.ov", "commit and pivot [done]")
     looks = _wire(monkeypatch, [RepairNeededError("overlay is in use by domain d"), [done]])
-    result = repair_mod._repair_facts(object(), object(), None, "/pool", "d", "u",  # type: ignore[arg-type]
+    result = repair_mod.repair_domain(object(), object(), None, "/pool", "d", "u",  # type: ignore[arg-type]
                                       dry_run=False)
     assert looks == ["look", "look"]
     assert result.actions == [done]
@@ -55,7 +55,7 @@ def test_a_state_that_never_settles_still_fails(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(repair_mod, "_SETTLE_SECONDS", 0.5)
     looks = _wire(monkeypatch, [RepairNeededError("in use")] * 100)
     with pytest.raises(RepairNeededError, match="in use"):
-        repair_mod._repair_facts(object(), object(), None, "/pool", "d", "u",  # type: ignore[arg-type]
+        repair_mod.repair_domain(object(), object(), None, "/pool", "d", "u",  # type: ignore[arg-type]
                                  dry_run=False)
     assert 1 < len(looks) < 100
 
@@ -72,7 +72,7 @@ def test_a_refusal_is_believed_only_once_it_holds(monkeypatch: pytest.MonkeyPatc
     done = RepairAction(DELETE_OVERLAY, "vda.ov", "commit and pivot [done]")
     looks = _wire(monkeypatch, [[done]])
     monkeypatch.setattr(repair_mod, "plan", lambda facts: plans.pop(0))
-    result = repair_mod._repair_facts(object(), object(), None, "/pool", "d", "u",  # type: ignore[arg-type]
+    result = repair_mod.repair_domain(object(), object(), None, "/pool", "d", "u",  # type: ignore[arg-type]
                                       dry_run=False)
     assert looks == ["look", "look"] and result.actions == [done]
 
@@ -84,12 +84,12 @@ def test_a_lasting_transient_refusal_is_reported(monkeypatch: pytest.MonkeyPatch
     looks = _wire(monkeypatch, [])
     monkeypatch.setattr(repair_mod, "plan", lambda facts: [RepairAction(
         REFUSE, "vda", "definition and running domain disagree", transient=True)])
-    result = repair_mod._repair_facts(object(), object(), None, "/pool", "d", "u",  # type: ignore[arg-type]
+    result = repair_mod.repair_domain(object(), object(), None, "/pool", "d", "u",  # type: ignore[arg-type]
                                       dry_run=False)
     assert [a.action for a in result.actions] == [REFUSE] and len(looks) >= 2
     # a dry run reports at once
     looks.clear()
-    result = repair_mod._repair_facts(object(), object(), None, "/pool", "d", "u",  # type: ignore[arg-type]
+    result = repair_mod.repair_domain(object(), object(), None, "/pool", "d", "u",  # type: ignore[arg-type]
                                       dry_run=True)
     assert len(looks) == 1 and [a.action for a in result.actions] == [REFUSE]
 
@@ -107,7 +107,7 @@ def test_a_refusal_that_cannot_pass_is_reported_at_once(
                                      transient=True))
     looks = _wire(monkeypatch, [])
     monkeypatch.setattr(repair_mod, "plan", lambda facts: list(refusals))
-    result = repair_mod._repair_facts(object(), object(), None, "/pool", "d", "u",  # type: ignore[arg-type]
+    result = repair_mod.repair_domain(object(), object(), None, "/pool", "d", "u",  # type: ignore[arg-type]
                                       dry_run=False)
     assert looks == ["look"] and result.actions == refusals
 
