@@ -54,7 +54,8 @@ LIBVIRTD_PID_FILE = Path("/run/libvirtd.pid")
 #: Where a child backup can be stopped.
 STEPS = ("snapshot", "read", "write", "manifest", "commit", "commit-2nd")
 
-# The child.  argv[1] is JSON: domain, pool, step, action ("block" or "kill").
+# The child.  argv[1] is JSON: domain, pool, step, action ("block" or "kill") and, for
+# the commit steps, refuse_pivot_once: disks whose first pivot is refused as not ready.
 #   snapshot  after the snapshot and the export, before the generation is planned
 #   read      in the progress callback, with part of the data read
 #   write     in the writer's request stream, with one write sent to the volume
@@ -115,12 +116,27 @@ CHILD_SCRIPT = textwrap.dedent("""
         DomainStore.write_manifest = _write_manifest
     elif step in ("commit", "commit-2nd"):
         abort = libvirt.virDomain.blockJobAbort
-        pivots = []
+        # disks, not calls: a pivot libvirt refuses as "not ready" is retried, and that
+        # retry is still the same disk's pivot (counting calls stopped a CI run at vda's
+        # retry, with vda still on its overlay)
+        pivoted, refuse_once = [], set(args.get("refuse_pivot_once", ()))
         def _block_job_abort(self, disk, flags=0):
             if flags & libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT:
-                pivots.append(disk)
-                if len(pivots) == (2 if step == "commit-2nd" else 1):
+                if disk not in pivoted:
+                    pivoted.append(disk)
+                if len(pivoted) == (2 if step == "commit-2nd" else 1):
                     fault(step)
+                if disk in refuse_once:
+                    refuse_once.discard(disk)
+                    # what libvirt says while it has not yet taken in QEMU's READY event
+                    # (the job info may already show cur == end on a busy host)
+                    text = "block copy still active: disk '%s' not ready for pivot yet" % disk
+                    print("child: injected pivot refusal of " + disk, file=sys.stderr,
+                          flush=True)
+                    err = libvirt.libvirtError(text)
+                    err.err = (libvirt.VIR_ERR_BLOCK_COPY_ACTIVE, libvirt.VIR_FROM_QEMU, text,
+                               libvirt.VIR_ERR_ERROR, None, None, None, 0, 0)
+                    raise err
             return abort(self, disk, flags)
         libvirt.virDomain.blockJobAbort = _block_job_abort
     elif step != "none":
@@ -141,10 +157,11 @@ class ChildBackup:
     """A real backup in a child process, stopped at one step (see :data:`CHILD_SCRIPT`)."""
 
     def __init__(self, domain: str, pool: Path, step: str, log_dir: Path,
-                 action: str = "block") -> None:
+                 action: str = "block", refuse_pivot_once: Sequence[str] = ()) -> None:
         self.step = step
         self.stderr_path = log_dir / f"child-{step}-{os.getpid()}-{id(self):x}.log"
-        args = {"domain": domain, "pool": str(pool), "step": step, "action": action}
+        args = {"domain": domain, "pool": str(pool), "step": step, "action": action,
+                "refuse_pivot_once": list(refuse_pivot_once)}
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", CHILD_SCRIPT, json.dumps(args)],
@@ -227,9 +244,10 @@ class Reaper:
         self.children: list[ChildBackup] = []
         self.watched: list[tuple] = []   # (pool, uuid, name)
 
-    def start(self, td: TestDomain, pool: Path, step: str, action: str = "block") -> ChildBackup:
+    def start(self, td: TestDomain, pool: Path, step: str, action: str = "block",
+              refuse_pivot_once: Sequence[str] = ()) -> ChildBackup:
         self.watch(td, pool)
-        child = ChildBackup(td.name, pool, step, self.log_dir, action)
+        child = ChildBackup(td.name, pool, step, self.log_dir, action, refuse_pivot_once)
         self.children.append(child)
         return child
 

@@ -191,6 +191,28 @@ def test_sigkill_of_the_backup(step: str, prior: bool, recover: str, action: str
     model.assert_guest_bytes()
 
 
+def test_a_pivot_refused_as_not_ready_is_retried(make_domain: DomainFactory, tmp_path: Path,
+                                                 reaper: Reaper) -> None:
+    """libvirt refuses a pivot until it has taken in QEMU's READY event, which on a busy
+    host comes after the job info already shows cur == end: the backup retries the
+    pivot.  The commit-2nd fault must stop at the second *disk*, not the second call
+    (a CI run stopped at vda's retry, with vda still on its overlay)."""
+    td = two_disk_domain(make_domain)
+    model = Model(td)
+    guest_data(model)
+    pool = tmp_path / "pool"
+    child = reaper.start(td, pool, "commit-2nd", refuse_pivot_once=["vda"])
+    child.wait_at()
+    assert "injected pivot refusal of vda" in child.stderr()
+    store = Pool.open(pool).domain(td.uuid)
+    assert_stopped_at("commit-2nd", td, store)
+    child.resume()
+    outcome = child.outcome()
+    assert outcome["returncode"] == 0 and outcome["point"] == 1, (outcome, child.stderr())
+    assert assert_recovered(td, pool, active=True) == [1]
+    assert_points(pool, td.uuid, {1: model.snapshot()}, tmp_path)
+    model.assert_guest_bytes()
+
 
 def test_sigkill_of_an_offline_backup(make_domain: DomainFactory, tmp_path: Path,
                                       reaper: Reaper) -> None:

@@ -7,8 +7,10 @@ the journal and the host's in-flight record.  Repair finds them from two sides, 
 journal (FORMAT §9) and the hypervisor's own view (every disk whose image carries
 our overlay marker), so it also works when the journal or the whole pool is gone.
 
-It works in two halves so that what it would do can be tested, shown
-(``--dry-run``) and refused as a whole:
+This module is the command: which domains, under which locks, and the report.
+One domain's repair (look, plan, act, until the state has settled) is
+:mod:`.repairdomain`; it works in two halves so that what it would do can be
+tested, shown (``--dry-run``) and refused as a whole:
 
 * :func:`gather` reads the state (libvirt, the file system, the pool) into a
   :class:`DomainFacts`, changing nothing;
@@ -28,10 +30,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import tenacity
 
 from ..adapters import offline
 from ..adapters.domain import Domain
@@ -44,13 +43,12 @@ from ..errors import (
     BackupInterruptedError,
     ExitCode,
     NotFoundError,
-    RepairNeededError,
     UsageError,
     VmSnapBackupError,
 )
 from .drylock import looking
 from .interrupt import interruptible
-from .repairexec import carry_out
+from .repairdomain import DomainRepair, repair_before_backup, repair_domain, repair_held
 from .repairfacts import DomainFacts, PoolFacts, gather, needs_repair
 from .repairplan import (
     CANCEL_JOB,
@@ -106,47 +104,6 @@ log = logging.getLogger(__name__)
 # -- results ----------------------------------------------------------------------------
 
 @dataclass
-class DomainRepair:
-    """What repair did (or would do) for one domain."""
-
-    domain: str
-    uuid: str
-    actions: list[RepairAction] = field(default_factory=list)
-    error: str | None = None
-    error_code: ExitCode | None = None
-
-    @property
-    def refused(self) -> list[RepairAction]:
-        return [a for a in self.actions if a.action == REFUSE]
-
-    @property
-    def changed(self) -> list[RepairAction]:
-        return [a for a in self.actions if a.changes]
-
-    @property
-    def nothing_to_do(self) -> bool:
-        return not self.changed and not self.refused and self.error is None
-
-    def lines(self, dry_run: bool = False) -> list[str]:
-        head = f"domain {self.domain} ({self.uuid})"
-        if self.error is not None:
-            return [f"{head}: failed: {self.error}"] + [f"  {a.line()}" for a in self.actions]
-        if self.refused:
-            return ([f"{head}: refused, nothing changed:"]
-                    + [f"  {a.line()}" for a in self.refused])
-        if not self.changed:
-            return [f"{head}: nothing to repair"] + [f"  {a.line()}" for a in self.actions]
-        verb = "would do" if dry_run else "repaired"
-        return [f"{head}: {verb}:"] + [f"  {a.line()}" for a in self.actions]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"domain": self.domain, "uuid": self.uuid,
-                "actions": [a.to_dict() for a in self.actions],
-                "refused": bool(self.refused), "nothing_to_do": self.nothing_to_do,
-                "error": self.error}
-
-
-@dataclass
 class RepairReport:
     """The result of :func:`repair`: per domain, the actions as one-line strings."""
 
@@ -188,83 +145,6 @@ class RepairReport:
                 "domains": [d.to_dict() for d in self.domains],
                 "actions": [dict(a.to_dict(), domain=d.domain)
                             for d in self.domains for a in d.actions]}
-
-
-#: How long a repair keeps re-planning while the domain's state moves under it.
-_SETTLE_SECONDS = 20.0
-
-
-def _repair_facts(hv: Hypervisor, dom: Domain | None, store: DomainStore | None,
-                  pool_dir: str, name: str, uuid: str, dry_run: bool) -> DomainRepair:
-    """Look, plan, act; look again if the domain changed between the look and the act.
-
-    A backup killed during a libvirt call leaves the call running in libvirtd: a
-    snapshot puts the domain on its overlay just *after* we looked, and the planned
-    "delete the unused overlay" is (rightly) refused at its last check.  Repair is
-    idempotent: gather and plan afresh, for a bounded time."""
-    retrying = tenacity.Retrying(
-        retry=tenacity.retry_if_exception_type(RepairNeededError),
-        stop=tenacity.stop_after_delay(_SETTLE_SECONDS),
-        wait=tenacity.wait_exponential(multiplier=0.2, max=3.0),
-        before_sleep=lambda state: log.warning(
-            "repair of domain %s: the domain changed while we repaired it (%s); "
-            "looking again", name, state.outcome.exception() if state.outcome else "?"),
-        reraise=True)
-    return retrying(_repair_once, hv, dom, store, pool_dir, name, uuid, dry_run)
-
-
-def _repair_once(hv: Hypervisor, dom: Domain | None, store: DomainStore | None,
-                 pool_dir: str, name: str, uuid: str, dry_run: bool) -> DomainRepair:
-    facts = gather(hv, dom, store, name, uuid)
-    actions = plan(facts)
-    result = DomainRepair(domain=name, uuid=uuid)
-    refused = [a for a in actions if a.action == REFUSE]
-    if refused:
-        for a in refused:
-            log.warning("repair of domain %s: %s", name, a.line())
-        result.actions = refused  # nothing else happens: listing it would only mislead
-        return result
-    if dry_run or not any(a.changes for a in actions):
-        result.actions = actions
-        return result
-    result.actions = carry_out(hv, dom, store, pool_dir, facts, actions)
-    return result
-
-
-def repair_held(store: DomainStore, hypervisor: Hypervisor, dom: Domain | None, *,
-                dry_run: bool = False) -> DomainRepair:
-    """Repair one domain whose pool lock the caller already holds (the backup's
-    "repair first" path).  Refusals come back in the result; nothing changed then."""
-    name = hypervisor.domain_name(dom) if dom is not None else store.name
-    return _repair_facts(hypervisor, dom, store, str(store.pool.root), name, store.uuid,
-                         dry_run)
-
-
-def repair_before_backup(store: DomainStore, hv: Hypervisor, dom: Domain, name: str,
-                         pool_dir: Path) -> None:
-    """Never stack a backup on what a dead one left: repair it first, or say how.
-
-    Repair only touches what carries our marker and refuses anything else, so
-    running it here is as safe as the user running it; when it refuses (a
-    foreign image on top of ours, an unreadable journal, ...) the backup stops
-    and names the command, whose output explains the refusal.
-    """
-    reason = needs_repair(store, hv, dom)
-    if reason is None:
-        return
-    log.warning("domain %s: %s; repairing before the backup", name, reason)
-    done = repair_held(store, hv, dom)
-    for line in done.lines():
-        log.warning("%s", line)
-    if done.refused or done.error is not None:
-        raise RepairNeededError(
-            f"domain {name}: {reason}, and it cannot be repaired automatically; run: "
-            f"vmsnapbackup --pool {pool_dir} repair {name}")
-    still = needs_repair(store, hv, dom)
-    if still is not None:
-        raise RepairNeededError(f"domain {name}: {still} after a repair; run: "
-                                f"vmsnapbackup --pool {pool_dir} repair {name}")
-
 
 
 # -- the command ------------------------------------------------------------------------
@@ -352,11 +232,11 @@ def _repair_target(hv: Hypervisor, t: _Target, pool_dir: str, dry_run: bool) -> 
     if t.store is None:
         log.info("domain %s has no part in pool %s: repairing the hypervisor side only",
                  t.name, pool_dir)
-        return _repair_facts(hv, t.dom, None, pool_dir, t.name, t.uuid, dry_run)
+        return repair_domain(hv, t.dom, None, pool_dir, t.name, t.uuid, dry_run)
     # dry runs look too (what they report must not be a backup's work in progress),
     # but take nothing over: a dead holder's note is what says repair is pending
     with looking(t.store) if dry_run else t.store.lock("repair"):
-        return _repair_facts(hv, t.dom, t.store, pool_dir, t.name, t.uuid, dry_run)
+        return repair_domain(hv, t.dom, t.store, pool_dir, t.name, t.uuid, dry_run)
 
 
 def repair(

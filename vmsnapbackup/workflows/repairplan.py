@@ -68,7 +68,10 @@ class RepairAction:
 
     ``target`` names what it acts on (a disk target, a pool path relative to the
     domain directory, a runtime directory); the other fields carry what is needed
-    to carry it out and are not part of the report.
+    to carry it out and are not part of the report.  ``transient`` marks a refusal
+    that can be a moment's state: libvirt may still be finishing a call of a
+    backup killed inside it (a snapshot or pivot has updated the definition but
+    not yet the running domain), so repair looks again before believing it.
     """
 
     action: str
@@ -78,6 +81,7 @@ class RepairAction:
     path: str | None = field(default=None, compare=False)
     image: ImageRef | None = field(default=None, compare=False)
     pid: int | None = field(default=None, compare=False)
+    transient: bool = field(default=False, compare=False)
 
     @property
     def changes(self) -> bool:
@@ -238,7 +242,7 @@ def _config_mismatch(facts: DomainFacts, other: Disk, live_top: str | None) -> R
         REFUSE, other.target,
         f"the definition of domain {facts.name} names overlay {other.source} for "
         f"{other.target} while the running domain uses {live_top}: shut the domain down "
-        "and run repair again, or fix the definition by hand")
+        "and run repair again, or fix the definition by hand", transient=True)
 
 
 def _plan_our_top(facts: DomainFacts, disk: Disk, frozen: str | None) -> list[RepairAction]:
@@ -295,8 +299,10 @@ def _plan_unused_overlay(facts: DomainFacts, target: str, overlay: str) -> Repai
                             f"{target}, but it does not carry the vmsnapbackup marker: not "
                             "deleting it")
     if users:
+        # in use by this very domain: a dead backup's snapshot may be just landing
         return RepairAction(REFUSE, overlay, f"overlay {overlay} is in use by domain "
-                            f"{', '.join(users)}: not deleting it")
+                            f"{', '.join(users)}: not deleting it",
+                            transient=facts.name in users)
     return RepairAction(
         DELETE_OVERLAY, overlay,
         f"delete overlay {overlay} of {target}, which no domain uses (the snapshot or the "
