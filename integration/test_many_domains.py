@@ -33,7 +33,8 @@ from vmsnapbackup.workflows.backupmany import (
     backup_many,
     select_domains,
 )
-from vmsnapbackup.workflows.ratebudget import RateBudget, rate_budget
+from vmsnapbackup.workflows.backupoptions import BackupOptions
+from vmsnapbackup.workflows.ratebudget import RateBudget
 
 pytestmark = pytest.mark.integration
 
@@ -169,11 +170,12 @@ def test_one_budget_is_shared_by_domains_read_side_by_side(
     targets, failed = select_domains({URI: []}, [d.name for d in doms], every=False)
     assert not failed
     times = _Times()
-    with rate_budget(RateBudget(rate)) as budget:
-        run = backup_many(targets, str(tmp_path / "pool"), parallel=2, observer=times,
-                          dirty_bitmaps=False)
+    budget = RateBudget(rate)   # one record, so one budget, for both domains
+    run = backup_many(targets, str(tmp_path / "pool"),
+                      BackupOptions(dirty_bitmaps=False, budget=budget),
+                      parallel=2, observer=times)
     assert run.ok, run.to_dict()
-    assert budget is not None and budget.taken >= 32 * MiB
+    assert run.max_rate == rate and budget.taken >= 32 * MiB
     span = max(times.last.values()) - min(times.first.values())
     total = sum(times.bytes.values())
     assert total >= 32 * MiB
