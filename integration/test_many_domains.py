@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from domains import DiskModel, DiskSpec, TestDomain
@@ -49,6 +50,39 @@ def _foreign_excludes(conn, ours: set[str]) -> list[str]:  # type: ignore[no-unt
         if d.name() not in ours:
             out += ["--exclude-domain", d.name()]
     return out
+
+
+def _on_overlay(td: TestDomain) -> list[str]:
+    """Our snapshot overlays beside ``td``'s images: it runs on them while it is read."""
+    from vmsnapbackup.adapters.domainxml import OVERLAY_MARKER
+
+    return glob.glob(str(td.workdir / f"*{OVERLAY_MARKER}*"))
+
+
+def _backup_until_on_overlay(pool: str, doms: list[TestDomain], options: list[str],
+                             watched: TestDomain,
+                             act: Callable[[subprocess.Popen[str]], object],
+                             ) -> tuple[int, str, str]:
+    """``backup --json`` of ``doms`` in a child process; once ``watched`` runs on our
+    overlay, ``act(child)`` (a fault); ``(exit code, stdout, stderr)`` of the child."""
+    from faults import until
+
+    def watched_on_overlay() -> None:
+        assert _on_overlay(watched)
+
+    child = subprocess.Popen(
+        [sys.executable, "-m", "vmsnapbackup", "--pool", pool, "backup",
+         *(d.name for d in doms), *options, "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        until(watched_on_overlay, deadline=60)
+        act(child)
+        out, err = child.communicate(timeout=300)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    return child.returncode, out, err
 
 
 def _read_only_disk(make_domain) -> TestDomain:  # type: ignore[no-untyped-def]
@@ -189,28 +223,13 @@ def test_one_budget_is_shared_by_domains_read_side_by_side(
 def test_a_domain_killed_mid_read_fails_alone_and_one_repair_puts_it_back(
         make_domain, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A real fault the real stack reaches: QEMU of one domain dies while it is read."""
-    from faults import until
-
-    from vmsnapbackup.adapters.domainxml import OVERLAY_MARKER
-
     doms = [_written(make_domain, 32 * MiB, 12 * MiB, "vsb-many-kill") for _ in range(3)]
     victim = doms[1]
     pool = str(tmp_path / "pool")
-    child = subprocess.Popen(
-        [sys.executable, "-m", "vmsnapbackup", "--pool", pool, "backup",
-         *(d.name for d in doms), "--parallel", "3", "--max-rate", "6M", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        def victim_on_overlay() -> None:
-            assert glob.glob(str(victim.workdir / f"*{OVERLAY_MARKER}*"))
-        until(victim_on_overlay, deadline=60)
-        victim.dom.destroy()          # the guest's QEMU dies mid-backup
-        out, err = child.communicate(timeout=300)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-    assert child.returncode == ExitCode.DOMAINS_FAILED, err
+    # the guest's QEMU dies mid-backup
+    rc, out, err = _backup_until_on_overlay(pool, doms, ["--parallel", "3", "--max-rate", "6M"],
+                                            victim, lambda _child: victim.dom.destroy())
+    assert rc == ExitCode.DOMAINS_FAILED, err
     doc = json.loads(out)
     by_name = {d["domain"]: d for d in doc["domains"]}
     assert doc["failed"] == [victim.name], err
@@ -224,7 +243,7 @@ def test_a_domain_killed_mid_read_fails_alone_and_one_repair_puts_it_back(
     assert main(["--pool", pool, "repair", victim.name]) == 0
     assert not victim.is_active()
     assert victim.current_source("vda") == victim.disks["vda"]
-    assert not glob.glob(str(victim.workdir / f"*{OVERLAY_MARKER}*"))
+    assert not _on_overlay(victim)
     victim.start()                # and it boots from its own image again
     assert victim.is_active()
 
@@ -258,28 +277,12 @@ def test_a_signal_undoes_the_running_domain_and_starts_no_other(
         make_domain, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """SIGTERM to a run: the domain being read unwinds through its own undo (back on its
     image, nothing to repair), the domains not started are reported so, exit 8."""
-    from faults import until
-
-    from vmsnapbackup.adapters.domainxml import OVERLAY_MARKER
-
     doms = [_written(make_domain, 32 * MiB, 12 * MiB, "vsb-many-term") for _ in range(3)]
     first = doms[0]
     pool = str(tmp_path / "pool")
-    child = subprocess.Popen(
-        [sys.executable, "-m", "vmsnapbackup", "--pool", pool, "backup",
-         *(d.name for d in doms), "--parallel", "1", "--max-rate", "2M", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        def first_on_overlay() -> None:
-            assert glob.glob(str(first.workdir / f"*{OVERLAY_MARKER}*"))
-        until(first_on_overlay, deadline=60)
-        child.send_signal(signal.SIGTERM)
-        out, err = child.communicate(timeout=300)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-    assert child.returncode == ExitCode.INTERRUPTED, err
+    rc, out, err = _backup_until_on_overlay(pool, doms, ["--parallel", "1", "--max-rate", "2M"],
+                                            first, lambda child: child.send_signal(signal.SIGTERM))
+    assert rc == ExitCode.INTERRUPTED, err
     doc = json.loads(out)
     assert doc["interrupted"] and not doc["ok"]
     states = [(d["domain"], d["started"], d["ok"]) for d in doc["domains"]]
@@ -288,5 +291,5 @@ def test_a_signal_undoes_the_running_domain_and_starts_no_other(
     assert "BackupInterruptedError" in doc["domains"][0]["error"]
     for d in doms:
         assert d.is_active() and d.current_source("vda") == d.disks["vda"]
-        assert not glob.glob(str(d.workdir / f"*{OVERLAY_MARKER}*"))
+        assert not _on_overlay(d)
         assert not os.path.exists(f"/run/vmsnapbackup/inflight/{d.uuid}.json")
