@@ -23,16 +23,10 @@ import uuid as uuidlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import crashsetup
 import libvirt
 import pytest
-from crashsetup import (  # noqa: F401  (fixtures: _power_loss_fs, domain, area)
-    _power_loss_fs,
-    area,
-    crash_seed,
-    domain,
-    point_images,
-    pool_with_points,
-)
+from crashsetup import _power_loss_fs, area, domain  # noqa: F401  (fixtures)
 from domains import TestDomain
 from powercut import Outcome, campaign, report
 
@@ -41,7 +35,7 @@ import vmsnapbackup
 pytestmark = pytest.mark.integration
 
 CUTS = 12
-SEED = crash_seed(17)
+SEED = crashsetup.crash_seed(17)
 IMAGES = "images"   # the storage pool's directory, inside the mounted tree
 
 
@@ -91,9 +85,9 @@ def judge_images(o: Outcome, dom: TestDomain, pool: Path, want: dict[str, bytes]
 
 def test_power_cut_during_restore_into_a_pool_volume(domain: TestDomain, area: Path,  # noqa: F811
                                                      storage_pool: str) -> None:
-    template = pool_with_points(domain, area, 2)
+    template = crashsetup.pool_with_points(domain, area, 2)
     (template / IMAGES).mkdir()
-    want = point_images(template, domain, 2, area)
+    want = crashsetup.point_images(template, domain, 2, area)
     argv = ["restore", domain.name, "--point", "2", "--pool-volume", storage_pool]
     outcomes = campaign("restore", argv, area, template,
                         lambda o, pool: judge_images(o, domain, pool, want, storage_pool),

@@ -13,15 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import crashsetup
 import pytest
-from crashsetup import (  # noqa: F401  (fixtures: _power_loss_fs, domain, area)
-    _power_loss_fs,
-    area,
-    crash_seed,
-    domain,
-    point_images,
-    pool_with_points,
-)
+from crashsetup import _power_loss_fs, area, domain  # noqa: F401  (fixtures)
 from domains import TestDomain
 from powercut import Outcome, campaign, judge, report
 from test_backup import convert
@@ -32,7 +26,7 @@ from vmsnapbackup.core.pool import Pool
 pytestmark = pytest.mark.integration
 
 CUTS = 12
-SEED = crash_seed(17)
+SEED = crashsetup.crash_seed(17)
 
 
 def judge_rebase(o: Outcome, dom: TestDomain, pool: Path, want: dict[str, bytes],
@@ -56,8 +50,8 @@ def judge_rebase(o: Outcome, dom: TestDomain, pool: Path, want: dict[str, bytes]
 
 
 def test_power_cut_during_rebase(domain: TestDomain, area: Path) -> None:  # noqa: F811
-    template = pool_with_points(domain, area, 2)
-    want = point_images(template, domain, 2, area)
+    template = crashsetup.pool_with_points(domain, area, 2)
+    want = crashsetup.point_images(template, domain, 2, area)
     sealed = 0
 
     def judge_cut(o: Outcome, pool: Path) -> None:
