@@ -19,10 +19,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
-from domains import DiskModel, DiskSpec, TestDomain
+from domains import DiskModel, DiskSpec, DomainFactory, TestDomain
 
 from vmsnapbackup.cli import main
 from vmsnapbackup.core.defaults import DEFAULT_URI
@@ -85,7 +85,7 @@ def _backup_until_on_overlay(pool: str, doms: list[TestDomain], options: list[st
     return child.returncode, out, err
 
 
-def _read_only_disk(make_domain) -> TestDomain:  # type: ignore[no-untyped-def]
+def _read_only_disk(make_domain: DomainFactory) -> TestDomain:
     """A running domain whose only disk is read-only: the backup refuses it."""
     td: TestDomain = make_domain(disks=[DiskSpec("vda", "qcow2", 16 * MiB)], start=False,
                                  name_prefix="vsb-many-ro")
@@ -102,7 +102,7 @@ def _json(capsys: pytest.CaptureFixture[str]) -> dict:  # type: ignore[type-arg]
 
 
 def test_all_parallel_three_one_domain_fails_the_others_restore_exactly(
-        make_domain, libvirt_conn, tmp_path: Path,  # type: ignore[no-untyped-def]
+        make_domain: DomainFactory, libvirt_conn: Any, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     good = [make_domain(disks=[DiskSpec("vda", "qcow2", 32 * MiB)], name_prefix="vsb-many")
             for _ in range(3)]
@@ -149,13 +149,13 @@ def test_all_parallel_three_one_domain_fails_the_others_restore_exactly(
         assert images[0].read_bytes() == models[td.name]["vda"], f"{td.name} differs"
 
 
-def _written(make_domain, size: int, data: int, prefix: str) -> TestDomain:  # type: ignore[no-untyped-def]
+def _written(make_domain: DomainFactory, size: int, data: int, prefix: str) -> TestDomain:
     td: TestDomain = make_domain(disks=[DiskSpec("vda", "qcow2", size)], name_prefix=prefix)
     td.write("vda", 0, data, 0x5A)
     return td
 
 
-def test_max_rate_holds_a_backup_to_its_budget(make_domain, tmp_path: Path,  # type: ignore[no-untyped-def]
+def test_max_rate_holds_a_backup_to_its_budget(make_domain: DomainFactory, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     rate = 8 * MiB
     td = _written(make_domain, 64 * MiB, 24 * MiB, "vsb-rate")
@@ -198,7 +198,7 @@ class _Times:
 
 
 def test_one_budget_is_shared_by_domains_read_side_by_side(
-        make_domain, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+        make_domain: DomainFactory, tmp_path: Path) -> None:
     rate = 8 * MiB
     doms = [_written(make_domain, 32 * MiB, 16 * MiB, "vsb-rate2") for _ in range(2)]
     targets, failed = select_domains({URI: []}, [d.name for d in doms], every=False)
@@ -221,7 +221,7 @@ def test_one_budget_is_shared_by_domains_read_side_by_side(
 
 
 def test_a_domain_killed_mid_read_fails_alone_and_one_repair_puts_it_back(
-        make_domain, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+        make_domain: DomainFactory, tmp_path: Path) -> None:
     """A real fault the real stack reaches: QEMU of one domain dies while it is read."""
     doms = [_written(make_domain, 32 * MiB, 12 * MiB, "vsb-many-kill") for _ in range(3)]
     victim = doms[1]
@@ -248,7 +248,7 @@ def test_a_domain_killed_mid_read_fails_alone_and_one_repair_puts_it_back(
     assert victim.is_active()
 
 
-def test_several_connections_in_one_run(make_domain, tmp_path: Path,  # type: ignore[no-untyped-def]
+def test_several_connections_in_one_run(make_domain: DomainFactory, tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     """Two ``-c``: each name is looked up on every connection and backed up through the
     one that has it.  The second connection is libvirt's own test driver, whose domain
@@ -274,7 +274,7 @@ def test_several_connections_in_one_run(make_domain, tmp_path: Path,  # type: ig
 
 
 def test_a_signal_undoes_the_running_domain_and_starts_no_other(
-        make_domain, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+        make_domain: DomainFactory, tmp_path: Path) -> None:
     """SIGTERM to a run: the domain being read unwinds through its own undo (back on its
     image, nothing to repair), the domains not started are reported so, exit 8."""
     doms = [_written(make_domain, 32 * MiB, 12 * MiB, "vsb-many-term") for _ in range(3)]
