@@ -16,7 +16,6 @@ verify)?  Every answer is one cell of the table the tests print.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import random
@@ -24,7 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,10 +32,11 @@ sys.path.append(str(REPO / "tests"))  # last: integration/ modules shadow tests/
 
 from domains import TestDomain
 from powerloss.logfile import read_log
-from powerloss.model import Variant
+from powerloss.model import VARIANTS, Variant
 from powerloss.mount import PowerLossMount, recover
 
 import vmsnapbackup
+from vmsnapbackup.adapters import processes
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,49 @@ def run_cut(argv: Sequence[str], pool: Path, work: Path, cut: int | None,
     if cut is not None and proc.returncode not in (0, -9):
         log.info("cut %s: command ended %s: %s", cut, proc.returncode, out.strip()[-300:])
     return len(read_log(logf)[1])
+
+
+def campaign(scenario: str, argv: Sequence[str], area: Path,
+             template: Path | Callable[[Path], None],
+             judge_cut: Callable[[Outcome, Path], None], *, cuts: int, seed: int,
+             variants: Sequence[Variant] = VARIANTS, cli: Sequence[str] = (CLI,),
+             before_each: Callable[[], None] | None = None) -> list[Outcome]:
+    """Cut the power of one command at a sample of its pool calls; judge each cut.
+
+    ``argv`` runs once without a cut to count the pool's file-system calls, then
+    once per point of :func:`cut_points` (``cuts`` strata, ``seed``), each time
+    on a fresh copy of ``template`` -- a pool directory, or a function that makes
+    the starting pool at the path it is given (a pool that must be made anew for
+    each cut) -- after ``before_each``.  The pool the disk kept is rebuilt at
+    ``area/pool`` under the variants in turn (each met at several depths), and
+    ``judge_cut(outcome, pool)`` records its problems in the outcome.
+    """
+    pool, work = area / "pool", area / "work"
+
+    def fresh() -> None:
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir()
+        if callable(template):
+            template(work / "backing")
+        else:
+            shutil.copytree(template, work / "backing", symlinks=True)
+        if before_each is not None:
+            before_each()
+
+    fresh()
+    total = run_cut(argv, pool, work, None, cli)
+    log.info("%s: %d pool calls", scenario, total)
+    outcomes: list[Outcome] = []
+    for i, cut in enumerate(cut_points(total, cuts, seed)):
+        variant = variants[i % len(variants)]
+        fresh()
+        run_cut(argv, pool, work, cut, cli)
+        restore_pool(work, variant, pool, cut)
+        outcome = Outcome(scenario, cut, total, variant.label)
+        judge_cut(outcome, pool)
+        outcomes.append(outcome)
+    return outcomes
 
 
 def restore_pool(work: Path, variant: Variant, pool: Path, cut: int | None) -> None:
@@ -191,6 +234,8 @@ def table(outcomes: Sequence[Outcome], pool: Path | None = None) -> str:
 
 
 RUNTIME_ROOT = Path("/run/vmsnapbackup")
+#: The kernel's short name (15 characters) of a qemu-storage-daemon.
+DAEMON_COMM = processes.STORAGE_DAEMON[:15]
 
 
 def daemon_dirs(tag: str = "") -> set[Path]:
@@ -201,14 +246,15 @@ def daemon_dirs(tag: str = "") -> set[Path]:
 
 
 def sweep_daemon_dirs(before: set[Path], tag: str = "") -> list[Path]:
-    """Remove the daemon dirs made since ``before`` that no repair removed, stopping
-    their daemon if it still runs; returns them (a cut before the journal named the
-    daemon leaves its dir for nobody to find).
+    """Remove the daemon dirs made since ``before`` that no repair removed; returns
+    them (a cut before the journal named the daemon leaves its dir for nobody to find).
 
-    Never another process's live work, so tests and the soak may run side by side: a
-    daemon whose parent still lives is in use (a daemon dies with its parent, see
-    adapters/localhost.py), and a dir without a pid file yet is only taken with ``tag``
-    (the caller's domain name)."""
+    Never another process's live work, so tests and the soak may run side by side:
+    a storage daemon that still runs is either tied to a live parent (it dies with
+    it, see adapters/localhost.py) or a boot kept on purpose, and is left with its
+    dir.  One on its way out (killed with its parent) is waited for, so that its
+    image locks are gone with its dir.  A dir without a pid file yet is only taken
+    with ``tag`` (the caller's domain name)."""
     left = []
     for d in sorted(daemon_dirs(tag) - before):
         try:
@@ -217,26 +263,23 @@ def sweep_daemon_dirs(before: set[Path], tag: str = "") -> list[Path]:
             if not tag:
                 continue
             pid = None
-        if pid is not None and _owned_by_a_live_process(pid):
-            continue
         if pid is not None:
-            with contextlib.suppress(OSError):
-                if b"qemu-storage-daemon" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    os.kill(pid, 9)
+            if processes.daemon_arguments(pid) is not None:
+                continue
+            if processes.is_exiting(pid, DAEMON_COMM):
+                processes.wait_gone(pid, COMMAND_DEADLINE)
         shutil.rmtree(d, ignore_errors=True)
         left.append(d)
     return left
 
 
-def _owned_by_a_live_process(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False   # the daemon is gone
-    ppid = int(stat.rsplit(")", 1)[1].split()[1])
-    return ppid > 1 and Path(f"/proc/{ppid}").exists()
-
-
 def summary(outcomes: Sequence[Outcome]) -> dict[str, int]:
     return {"cuts": len(outcomes), "ok": sum(o.ok for o in outcomes),
             "damaged": sum(not o.ok for o in outcomes)}
+
+
+def report(outcomes: Sequence[Outcome], pool: Path) -> str:
+    """The cut-point table and its summary, printed (the crash test's output) and returned."""
+    text = table(outcomes, pool) + f"\n{summary(outcomes)}"
+    print("\n" + text)
+    return text

@@ -23,26 +23,19 @@ import uuid as uuidlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import crashsetup
 import libvirt
 import pytest
+from crashsetup import _power_loss_fs, area, domain  # noqa: F401  (fixtures)
 from domains import TestDomain
-from powercut import Outcome, cut_points, restore_pool, run_cut, table
-from powerloss.model import VARIANTS
-from test_backup import convert
-from test_crash_power import (  # noqa: F401  (fixtures: _fuse, domain, area)
-    SEED,
-    _fuse,
-    area,
-    domain,
-    pool_with_points,
-)
+from powercut import Outcome, campaign, report
 
 import vmsnapbackup
-from vmsnapbackup.core.pool import Pool
 
 pytestmark = pytest.mark.integration
 
 CUTS = 12
+SEED = crashsetup.crash_seed(17)
 IMAGES = "images"   # the storage pool's directory, inside the mounted tree
 
 
@@ -95,31 +88,12 @@ def judge_images(o: Outcome, dom: TestDomain, pool: Path, want: dict[str, bytes]
 
 def test_power_cut_during_restore_into_a_pool_volume(domain: TestDomain, area: Path,  # noqa: F811
                                                      storage_pool: str) -> None:
-    template = pool_with_points(domain, area, 2)
+    template = crashsetup.pool_with_points(domain, area, 2)
     (template / IMAGES).mkdir()
-    store = Pool.open(template).domain(domain.uuid)
-    want = {t: convert(store.resolve(store.read_manifest(2).disk(t).volume),
-                       area / f"want-{t}.raw") for t in domain.disks}
-    pool, work = area / "pool", area / "work"
+    want = crashsetup.point_images(template, domain, 2, area)
     argv = ["restore", domain.name, "--point", "2", "--pool-volume", storage_pool]
-
-    def fresh() -> None:
-        if work.exists():
-            shutil.rmtree(work)
-        work.mkdir()
-        shutil.copytree(template, work / "backing", symlinks=True)
-
-    fresh()
-    total = run_cut(argv, pool, work, None)
-    outcomes: list[Outcome] = []
-    for i, cut in enumerate(cut_points(total, CUTS, SEED)):
-        variant = VARIANTS[i % len(VARIANTS)]
-        fresh()
-        run_cut(argv, pool, work, cut)
-        restore_pool(work, variant, pool, cut)
-        o = Outcome("restore", cut, total, variant.label)
-        judge_images(o, domain, pool, want, storage_pool)
-        outcomes.append(o)
-    text = table(outcomes, pool)
-    print("\n" + text)
+    outcomes = campaign("restore", argv, area, template,
+                        lambda o, pool: judge_images(o, domain, pool, want, storage_pool),
+                        cuts=CUTS, seed=SEED)
+    text = report(outcomes, area / "pool")
     assert all(o.ok for o in outcomes), text

@@ -11,49 +11,25 @@ Each cut is judged for *both* domains: the pool opens, ``list`` shows only
 complete points, every listed point verifies, ``repair`` puts each VM back on
 its original images, and the next backup of each succeeds and verifies.
 
-``VMSNAPBACKUP_CRASH_CUTS`` sets the number of strata (default 10);
-``VMSNAPBACKUP_CRASH_SEED`` the seed.
+The method is powercut.campaign; crashsetup says how ``VMSNAPBACKUP_CRASH_CUTS``
+and ``VMSNAPBACKUP_CRASH_SEED`` set the sample.
 """
 from __future__ import annotations
 
-import logging
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from crashsetup import CUTS, MiB, _power_loss_fs, area, crash_seed  # noqa: F401  (fixtures)
 from domains import DiskSpec, DomainFactory, TestDomain
-from powercut import (
-    Outcome,
-    cut_points,
-    daemon_dirs,
-    judge,
-    restore_pool,
-    run_cut,
-    summary,
-    sweep_daemon_dirs,
-    table,
-)
-from powerloss.model import VARIANTS
-from powerloss.mount import fuse_available
+from powercut import Outcome, campaign, judge, report
 
 import vmsnapbackup
 
 pytestmark = pytest.mark.integration
 
-log = logging.getLogger(__name__)
-
-MiB = 2**20
-CUTS = int(os.environ.get("VMSNAPBACKUP_CRASH_CUTS", "10"))
-SEED = int(os.environ.get("VMSNAPBACKUP_CRASH_SEED", "15"))
-
-
-@pytest.fixture(autouse=True)
-def _fuse() -> None:
-    why = fuse_available()
-    if why is not None or os.geteuid() != 0:
-        pytest.skip(f"power-loss file system unavailable: {why or 'not root'}")
+SEED = crash_seed(15)
 
 
 @pytest.fixture
@@ -67,18 +43,7 @@ def domains(make_domain: DomainFactory) -> list[TestDomain]:
     return out
 
 
-@pytest.fixture
-def area(tmp_path: Path) -> Iterator[Path]:
-    before = daemon_dirs()
-    yield tmp_path
-    left = sweep_daemon_dirs(before)
-    if left:
-        print(f"cuts left {len(left)} storage daemon dirs that repair did not remove: "
-              + ", ".join(p.name for p in left))
-    shutil.rmtree(tmp_path, ignore_errors=True)
-
-
-def job_file(area: Path, pool: Path, doms: list[TestDomain]) -> Path:
+def job_file(area: Path, pool: Path, doms: list[TestDomain]) -> Path:  # noqa: F811
     """A job over both domains at once, pruning to one point and verifying every block."""
     names = ", ".join(f'"{d.name}"' for d in doms)
     cfg = area / "vmsnapbackup.toml"
@@ -100,35 +65,22 @@ full-every-days = 1
     return cfg
 
 
-def test_power_cut_during_run_of_two_domains(domains: list[TestDomain], area: Path) -> None:
+def test_power_cut_during_run_of_two_domains(domains: list[TestDomain],
+                                             area: Path) -> None:  # noqa: F811
     pool = area / "pool"     # the mount point: the job file names it
     template = area / "template"
     for dom in domains:
         vmsnapbackup.backup(dom.name, template)
     argv = ["run", "--config", str(job_file(area, pool, domains)), "crash"]
 
-    def fresh(work: Path) -> None:
-        for d in (work, area / "state"):
-            if d.exists():
-                shutil.rmtree(d)
-        work.mkdir()
-        shutil.copytree(template, work / "backing", symlinks=True)
+    def before_each() -> None:
+        shutil.rmtree(area / "state", ignore_errors=True)
         for i, dom in enumerate(domains):  # something for the point backups to store
             dom.write("vda", MiB, 8192, 0x40 + i)
 
-    work = area / "work"
-    fresh(work)
-    total = run_cut(argv, pool, work, None)
-    log.info("run of two domains: %d pool calls", total)
-    outcomes: list[Outcome] = []
-    for i, cut in enumerate(cut_points(total, CUTS, SEED)):
-        variant = VARIANTS[i % len(VARIANTS)]
-        fresh(work)
-        run_cut(argv, pool, work, cut)
-        restore_pool(work, variant, pool, cut)
-        merged = Outcome("run", cut, total, variant.label)
+    def judge_both(merged: Outcome, pool: Path) -> None:
         for n, dom in enumerate(domains):
-            o = Outcome("run", cut, total, variant.label)
+            o = Outcome("run", merged.cut, merged.total, merged.variant)
             judge(o, dom, pool, next_backup=True)
             if n == 0:  # the first judge saw the pool as the cut left it (list and
                 # repair cover every domain); the second sees the first's next backup
@@ -136,8 +88,9 @@ def test_power_cut_during_run_of_two_domains(domains: list[TestDomain], area: Pa
                 merged.repaired = o.repaired
             merged.problems += [f"{dom.name}: {p}" for p in o.problems]
             merged.seconds += o.seconds
-        outcomes.append(merged)
-    text = table(outcomes, pool)
-    print("\n" + text + f"\n{summary(outcomes)}")
-    assert len(outcomes) >= min(CUTS, total), text
+
+    outcomes = campaign("run", argv, area, template, judge_both, cuts=CUTS, seed=SEED,
+                        before_each=before_each)
+    text = report(outcomes, pool)
+    assert len(outcomes) >= min(CUTS, outcomes[0].total if outcomes else 0), text
     assert all(o.ok for o in outcomes), text

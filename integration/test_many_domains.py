@@ -19,9 +19,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
-from domains import DiskModel, DiskSpec, TestDomain
+from domains import DiskModel, DiskSpec, DomainFactory, TestDomain
 
 from vmsnapbackup.cli import main
 from vmsnapbackup.core.defaults import DEFAULT_URI
@@ -33,7 +34,8 @@ from vmsnapbackup.workflows.backupmany import (
     backup_many,
     select_domains,
 )
-from vmsnapbackup.workflows.ratebudget import RateBudget, rate_budget
+from vmsnapbackup.workflows.backupoptions import BackupOptions
+from vmsnapbackup.workflows.ratebudget import RateBudget
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +52,45 @@ def _foreign_excludes(conn, ours: set[str]) -> list[str]:  # type: ignore[no-unt
     return out
 
 
-def _read_only_disk(make_domain) -> TestDomain:  # type: ignore[no-untyped-def]
+def _on_overlay(td: TestDomain) -> list[str]:
+    """Our snapshot overlays beside ``td``'s images: it runs on them while it is read."""
+    from vmsnapbackup.adapters.domainxml import OVERLAY_MARKER
+
+    return glob.glob(str(td.workdir / f"*{OVERLAY_MARKER}*"))
+
+
+def _backup_until_on_overlay(pool: str, doms: list[TestDomain], options: list[str],
+                             watched: TestDomain,
+                             act: Callable[[subprocess.Popen[str]], object],
+                             ) -> tuple[int, str, str]:
+    """``backup --json`` of ``doms`` in a child process; once ``watched`` runs on our
+    overlay, ``act(child)`` (a fault); ``(exit code, stdout, stderr)`` of the child."""
+    from faults import until
+
+    child = subprocess.Popen(
+        [sys.executable, "-m", "vmsnapbackup", "--pool", pool, "backup",
+         *(d.name for d in doms), *options, "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def watched_on_overlay() -> None:
+        if child.poll() is not None:   # finished or failed before the overlay was seen
+            out, err = child.communicate()
+            pytest.fail(f"backup exited {child.returncode} before {watched.name}'s overlay "
+                        f"was seen: {err.strip()[-2000:]} {out.strip()[-2000:]}")
+        assert _on_overlay(watched)
+
+    try:
+        until(watched_on_overlay, deadline=120)
+        act(child)
+        out, err = child.communicate(timeout=300)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    return child.returncode, out, err
+
+
+def _read_only_disk(make_domain: DomainFactory) -> TestDomain:
     """A running domain whose only disk is read-only: the backup refuses it."""
     td: TestDomain = make_domain(disks=[DiskSpec("vda", "qcow2", 16 * MiB)], start=False,
                                  name_prefix="vsb-many-ro")
@@ -67,7 +107,7 @@ def _json(capsys: pytest.CaptureFixture[str]) -> dict:  # type: ignore[type-arg]
 
 
 def test_all_parallel_three_one_domain_fails_the_others_restore_exactly(
-        make_domain, libvirt_conn, tmp_path: Path,  # type: ignore[no-untyped-def]
+        make_domain: DomainFactory, libvirt_conn: Any, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     good = [make_domain(disks=[DiskSpec("vda", "qcow2", 32 * MiB)], name_prefix="vsb-many")
             for _ in range(3)]
@@ -114,13 +154,13 @@ def test_all_parallel_three_one_domain_fails_the_others_restore_exactly(
         assert images[0].read_bytes() == models[td.name]["vda"], f"{td.name} differs"
 
 
-def _written(make_domain, size: int, data: int, prefix: str) -> TestDomain:  # type: ignore[no-untyped-def]
+def _written(make_domain: DomainFactory, size: int, data: int, prefix: str) -> TestDomain:
     td: TestDomain = make_domain(disks=[DiskSpec("vda", "qcow2", size)], name_prefix=prefix)
     td.write("vda", 0, data, 0x5A)
     return td
 
 
-def test_max_rate_holds_a_backup_to_its_budget(make_domain, tmp_path: Path,  # type: ignore[no-untyped-def]
+def test_max_rate_holds_a_backup_to_its_budget(make_domain: DomainFactory, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     rate = 8 * MiB
     td = _written(make_domain, 64 * MiB, 24 * MiB, "vsb-rate")
@@ -163,17 +203,18 @@ class _Times:
 
 
 def test_one_budget_is_shared_by_domains_read_side_by_side(
-        make_domain, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+        make_domain: DomainFactory, tmp_path: Path) -> None:
     rate = 8 * MiB
     doms = [_written(make_domain, 32 * MiB, 16 * MiB, "vsb-rate2") for _ in range(2)]
     targets, failed = select_domains({URI: []}, [d.name for d in doms], every=False)
     assert not failed
     times = _Times()
-    with rate_budget(RateBudget(rate)) as budget:
-        run = backup_many(targets, str(tmp_path / "pool"), parallel=2, observer=times,
-                          dirty_bitmaps=False)
+    budget = RateBudget(rate)   # one record, so one budget, for both domains
+    run = backup_many(targets, str(tmp_path / "pool"),
+                      BackupOptions(dirty_bitmaps=False, budget=budget),
+                      parallel=2, observer=times)
     assert run.ok, run.to_dict()
-    assert budget is not None and budget.taken >= 32 * MiB
+    assert run.max_rate == rate and budget.taken >= 32 * MiB
     span = max(times.last.values()) - min(times.first.values())
     total = sum(times.bytes.values())
     assert total >= 32 * MiB
@@ -185,34 +226,15 @@ def test_one_budget_is_shared_by_domains_read_side_by_side(
 
 
 def test_a_domain_killed_mid_read_fails_alone_and_one_repair_puts_it_back(
-        make_domain, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+        make_domain: DomainFactory, tmp_path: Path) -> None:
     """A real fault the real stack reaches: QEMU of one domain dies while it is read."""
-    from faults import until
-
-    from vmsnapbackup.adapters.domainxml import OVERLAY_MARKER
-
     doms = [_written(make_domain, 32 * MiB, 12 * MiB, "vsb-many-kill") for _ in range(3)]
     victim = doms[1]
     pool = str(tmp_path / "pool")
-    child = subprocess.Popen(
-        [sys.executable, "-m", "vmsnapbackup", "--pool", pool, "backup",
-         *(d.name for d in doms), "--parallel", "3", "--max-rate", "6M", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        def victim_on_overlay() -> None:
-            if child.poll() is not None:   # finished or failed before we saw the overlay
-                out, err = child.communicate()
-                pytest.fail(f"backup exited {child.returncode} before the victim's overlay "
-                            f"was seen: {err.strip()[-2000:]} {out.strip()[-2000:]}")
-            assert glob.glob(str(victim.workdir / f"*{OVERLAY_MARKER}*"))
-        until(victim_on_overlay, deadline=120)
-        victim.dom.destroy()          # the guest's QEMU dies mid-backup
-        out, err = child.communicate(timeout=300)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-    assert child.returncode == ExitCode.DOMAINS_FAILED, err
+    # the guest's QEMU dies mid-backup
+    rc, out, err = _backup_until_on_overlay(pool, doms, ["--parallel", "3", "--max-rate", "6M"],
+                                            victim, lambda _child: victim.dom.destroy())
+    assert rc == ExitCode.DOMAINS_FAILED, err
     doc = json.loads(out)
     by_name = {d["domain"]: d for d in doc["domains"]}
     assert doc["failed"] == [victim.name], err
@@ -226,12 +248,12 @@ def test_a_domain_killed_mid_read_fails_alone_and_one_repair_puts_it_back(
     assert main(["--pool", pool, "repair", victim.name]) == 0
     assert not victim.is_active()
     assert victim.current_source("vda") == victim.disks["vda"]
-    assert not glob.glob(str(victim.workdir / f"*{OVERLAY_MARKER}*"))
+    assert not _on_overlay(victim)
     victim.start()                # and it boots from its own image again
     assert victim.is_active()
 
 
-def test_several_connections_in_one_run(make_domain, tmp_path: Path,  # type: ignore[no-untyped-def]
+def test_several_connections_in_one_run(make_domain: DomainFactory, tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     """Two ``-c``: each name is looked up on every connection and backed up through the
     one that has it.  The second connection is libvirt's own test driver, whose domain
@@ -257,31 +279,15 @@ def test_several_connections_in_one_run(make_domain, tmp_path: Path,  # type: ig
 
 
 def test_a_signal_undoes_the_running_domain_and_starts_no_other(
-        make_domain, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+        make_domain: DomainFactory, tmp_path: Path) -> None:
     """SIGTERM to a run: the domain being read unwinds through its own undo (back on its
     image, nothing to repair), the domains not started are reported so, exit 8."""
-    from faults import until
-
-    from vmsnapbackup.adapters.domainxml import OVERLAY_MARKER
-
     doms = [_written(make_domain, 32 * MiB, 12 * MiB, "vsb-many-term") for _ in range(3)]
     first = doms[0]
     pool = str(tmp_path / "pool")
-    child = subprocess.Popen(
-        [sys.executable, "-m", "vmsnapbackup", "--pool", pool, "backup",
-         *(d.name for d in doms), "--parallel", "1", "--max-rate", "2M", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        def first_on_overlay() -> None:
-            assert glob.glob(str(first.workdir / f"*{OVERLAY_MARKER}*"))
-        until(first_on_overlay, deadline=60)
-        child.send_signal(signal.SIGTERM)
-        out, err = child.communicate(timeout=300)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-    assert child.returncode == ExitCode.INTERRUPTED, err
+    rc, out, err = _backup_until_on_overlay(pool, doms, ["--parallel", "1", "--max-rate", "2M"],
+                                            first, lambda child: child.send_signal(signal.SIGTERM))
+    assert rc == ExitCode.INTERRUPTED, err
     doc = json.loads(out)
     assert doc["interrupted"] and not doc["ok"]
     states = [(d["domain"], d["started"], d["ok"]) for d in doc["domains"]]
@@ -290,5 +296,5 @@ def test_a_signal_undoes_the_running_domain_and_starts_no_other(
     assert "BackupInterruptedError" in doc["domains"][0]["error"]
     for d in doms:
         assert d.is_active() and d.current_source("vda") == d.disks["vda"]
-        assert not glob.glob(str(d.workdir / f"*{OVERLAY_MARKER}*"))
+        assert not _on_overlay(d)
         assert not os.path.exists(f"/run/vmsnapbackup/inflight/{d.uuid}.json")

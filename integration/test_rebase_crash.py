@@ -11,22 +11,14 @@ generation whose base reads back as point 2.
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
+import crashsetup
 import pytest
+from crashsetup import _power_loss_fs, area, domain  # noqa: F401  (fixtures)
 from domains import TestDomain
-from powercut import Outcome, cut_points, judge, restore_pool, run_cut
-from powerloss.model import VARIANTS
+from powercut import Outcome, campaign, judge, report
 from test_backup import convert
-from test_crash_power import (  # noqa: F401  (fixtures: _fuse, domain, area)
-    SEED,
-    _fuse,
-    area,
-    domain,
-    pool_with_points,
-    report,
-)
 
 import vmsnapbackup
 from vmsnapbackup.core.pool import Pool
@@ -34,6 +26,7 @@ from vmsnapbackup.core.pool import Pool
 pytestmark = pytest.mark.integration
 
 CUTS = 12
+SEED = crashsetup.crash_seed(17)
 
 
 def judge_rebase(o: Outcome, dom: TestDomain, pool: Path, want: dict[str, bytes],
@@ -57,32 +50,17 @@ def judge_rebase(o: Outcome, dom: TestDomain, pool: Path, want: dict[str, bytes]
 
 
 def test_power_cut_during_rebase(domain: TestDomain, area: Path) -> None:  # noqa: F811
-    template = pool_with_points(domain, area, 2)
-    tstore = Pool.open(template).domain(domain.uuid)
-    want = {t: convert(tstore.resolve(tstore.read_manifest(2).disk(t).volume),
-                       area / f"want-{t}.raw") for t in domain.disks}
-    pool, work = area / "pool", area / "work"
-    argv = ["rebase", domain.name]
-
-    def fresh() -> None:
-        if work.exists():
-            shutil.rmtree(work)
-        work.mkdir()
-        shutil.copytree(template, work / "backing", symlinks=True)
-
-    fresh()
-    total = run_cut(argv, pool, work, None)
-    outcomes: list[Outcome] = []
+    template = crashsetup.pool_with_points(domain, area, 2)
+    want = crashsetup.point_images(template, domain, 2, area)
     sealed = 0
-    for i, cut in enumerate(cut_points(total, CUTS, SEED)):
-        variant = VARIANTS[i % len(VARIANTS)]
-        fresh()
-        run_cut(argv, pool, work, cut)
-        restore_pool(work, variant, pool, cut)
-        o = Outcome("rebase", cut, total, variant.label)
+
+    def judge_cut(o: Outcome, pool: Path) -> None:
+        nonlocal sealed
         sealed += judge_rebase(o, domain, pool, want, area)
         judge(o, domain, pool, next_backup=True)
-        outcomes.append(o)
-    text = report(outcomes, area)
+
+    outcomes = campaign("rebase", ["rebase", domain.name], area, template, judge_cut,
+                        cuts=CUTS, seed=SEED)
+    text = report(outcomes, area / "pool")
     assert all(o.ok for o in outcomes), text
     assert sealed, "no cut left a sealed point 3 to check:\n" + text

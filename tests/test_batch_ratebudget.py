@@ -10,9 +10,7 @@ import pytest
 from vmsnapbackup.errors import UsageError
 from vmsnapbackup.workflows.ratebudget import (
     RateBudget,
-    current_budget,
     parse_rate,
-    rate_budget,
     throttled,
 )
 
@@ -72,14 +70,3 @@ def test_throttled_takes_each_piece_before_letting_it_through() -> None:
     assert t.now - 100.0 == pytest.approx(1.5)
     assert list(throttled([(0, 5)], None)) == [(0, 5)]
 
-
-def test_one_budget_in_force_at_a_time() -> None:
-    budget = RateBudget(MiB)
-    assert current_budget() is None
-    with rate_budget(budget):
-        assert current_budget() is budget
-        with pytest.raises(UsageError), rate_budget(RateBudget(MiB)):
-            pass
-    assert current_budget() is None
-    with rate_budget(None):
-        assert current_budget() is None

@@ -75,7 +75,7 @@ def test_one_failing_domain_does_not_stop_the_others(host: dict[str, Any]) -> No
     assert [d for d, _ in host["prune"]] == ["a", "c"]
     assert host["prune"][0][1]["keep_last"] == 2
     # no threshold in the job: the generation policy decides, weighing the job's retention
-    assert all(kw["threshold"] is None and kw["retention"].keep_last == 2
+    assert all(kw["options"].threshold is None and kw["options"].retention.keep_last == 2
                for kw in host["backup_kw"])
     assert host["verify"] == [("a", None), ("c", None)]           # first verify is full
     run_mod.run_jobs(host["config"], ["j"])

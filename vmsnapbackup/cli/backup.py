@@ -9,7 +9,7 @@ once, each isolated from the others, a line per domain while it runs, a table
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING
 
 from ..core.defaults import DEFAULT_BLOCK_SIZE
 from ..errors import UsageError
@@ -18,6 +18,7 @@ from .run import add_standalone_metrics_options
 
 if TYPE_CHECKING:
     from ..workflows.backup import BackupResult
+    from ..workflows.backupoptions import BackupOptions
 
 ORDER = 10
 
@@ -129,41 +130,55 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     if not args.every and not args.domains:   # before any import: a usage error stays cheap
         raise UsageError("name at least one DOMAIN, or give --all (see 'vmsnapbackup "
                          "backup --help')")
+    options = _options(args)
+    if args.every or len(args.domains) != 1 or len(ctx.uris) > 1:
+        return _run_many(args, ctx, options)
+    return _run_one(args.domains[0], ctx, options, args)
+
+
+def _options(args: argparse.Namespace) -> "BackupOptions":
+    """The command line's choices as the library's typed record (no Namespace crosses)."""
     from ..core.retention import Policy
     from ..workflows.backupdaemons import data_path_from
-    from ..workflows.ratebudget import RateBudget, parse_rate, rate_budget
+    from ..workflows.backupoptions import BackupOptions
+    from ..workflows.ratebudget import RateBudget, parse_rate
 
     counts = (args.keep_last, args.keep_daily, args.keep_weekly, args.keep_monthly)
-    retention = None if all(c is None for c in counts) else Policy(*counts)
-    max_rate = None if args.max_rate is None else parse_rate(args.max_rate)
-    options = dict(disks=args.disks, exclude=args.exclude, quiesce=args.quiesce,
-                   new_generation=args.new_generation, threshold=args.threshold,
-                   block_size=args.block_size, base_format=args.base_format,
-                   overlay_dir=args.overlay_dir, dirty_bitmaps=args.dirty_bitmaps,
-                   retention=retention, data_path=data_path_from(args.tls_dir, args.nbd_ports),
-                   compression=args.compress, encrypt=args.encrypt, key_file=args.key_file)
-    budget = None if max_rate is None else RateBudget(max_rate)
-    with rate_budget(budget):
-        if args.every or len(args.domains) != 1 or len(ctx.uris) > 1:
-            return _run_many(args, ctx, options, max_rate)
-        return _run_one(args.domains[0], ctx, options, args)
+    return BackupOptions(
+        disks=args.disks,
+        exclude=args.exclude,
+        quiesce=args.quiesce,
+        new_generation=args.new_generation,
+        threshold=args.threshold,
+        block_size=args.block_size,
+        base_format=args.base_format,
+        overlay_dir=args.overlay_dir,
+        dirty_bitmaps=args.dirty_bitmaps,
+        retention=None if all(c is None for c in counts) else Policy(*counts),
+        data_path=data_path_from(args.tls_dir, args.nbd_ports),
+        compression=args.compress,
+        encrypt=args.encrypt,
+        key_file=args.key_file,
+        # one budget for the whole run: every domain's disk passes share it
+        budget=None if args.max_rate is None else RateBudget(parse_rate(args.max_rate)),
+    )
 
 
-def _run_one(domain: str, ctx: Context, options: Dict[str, Any],
+def _run_one(domain: str, ctx: Context, options: "BackupOptions",
              args: argparse.Namespace) -> int:
     from ..workflows.backup import backup
     from ..workflows.metricsfile import recorded
 
     with recorded("backup", domain, ctx.pool, ctx.uri, metrics=args.metrics,
                   config=args.config) as record:
-        result = backup(domain, ctx.pool, uri=ctx.uri, progress=ctx.progress(), **options)
+        result = backup(domain, ctx.pool, uri=ctx.uri, options=options,
+                        progress=ctx.progress())
         record.backup(result)
     ctx.emit(result.to_dict(), _text(result))
     return 0
 
 
-def _run_many(args: argparse.Namespace, ctx: Context, options: Dict[str, Any],
-              max_rate: Optional[int]) -> int:
+def _run_many(args: argparse.Namespace, ctx: Context, options: "BackupOptions") -> int:
     from ..workflows.backupmany import backup_many, list_inventories, select_domains
     from ._manyview import ManyDisplay, summary_text
 
@@ -178,8 +193,8 @@ def _run_many(args: argparse.Namespace, ctx: Context, options: Dict[str, Any],
     if not (ctx.json or ctx.quiet):
         display = ManyDisplay(ctx.err, ctx.err.isatty(), [t.label for t in targets])
     try:
-        result = backup_many(targets, ctx.pool, parallel=args.parallel, observer=display,
-                             max_rate=max_rate, failed=[*failed, *missing], **options)
+        result = backup_many(targets, ctx.pool, options, parallel=args.parallel,
+                             observer=display, failed=[*failed, *missing])
     finally:
         if display is not None:
             display.close()

@@ -39,7 +39,7 @@ from ..core.journal import JournalDaemon, JournalDisk, JournalEntry
 from ..core.manifest import GenerationRecord, utc_now
 from ..core.pool import DomainStore
 from ..core.retention import Policy
-from ..core.tablefile import DEFAULT_BLOCK_SIZE, validate_block_size
+from ..core.tablefile import DEFAULT_BLOCK_SIZE
 from ..errors import (
     HypervisorError,
     RepairNeededError,
@@ -49,6 +49,7 @@ from ..errors import (
 from ..progress import ProgressCallback
 from .backupdaemons import backup_daemons
 from .backupkey import check_encryption, open_backup_pool
+from .backupoptions import BackupOptions
 from .backupseal import BackupSeal
 from .backupstart import (
     announce_new_pool,
@@ -66,14 +67,13 @@ from .interrupt import interruptible
 from .parallel import run_all
 from .repair import repair_before_backup
 
-__all__ = ["DEFAULT_THRESHOLD", "BackupResult", "DiskResult", "backup"]
+__all__ = ["DEFAULT_THRESHOLD", "BackupOptions", "BackupResult", "DiskResult", "backup"]
 
 log = logging.getLogger(__name__)
 
 #: A point whose difference passes this fraction of a disk's blocks makes the
 #: next backup start a new generation (difference tables only grow).
 DEFAULT_THRESHOLD = 0.5
-BASE_FORMATS = ("qcow2", "raw")
 
 
 def backup(
@@ -81,6 +81,8 @@ def backup(
     pool: str | os.PathLike[str],
     *,
     uri: str = DEFAULT_URI,
+    options: BackupOptions | None = None,
+    progress: ProgressCallback | None = None,
     disks: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
     quiesce: bool | None = None,
@@ -89,7 +91,6 @@ def backup(
     block_size: int = DEFAULT_BLOCK_SIZE,
     base_format: str = "qcow2",
     overlay_dir: str | None = None,
-    progress: ProgressCallback | None = None,
     dirty_bitmaps: bool | None = None,
     retention: Policy | None = None,
     data_path: DataPath | None = None,
@@ -99,47 +100,36 @@ def backup(
 ) -> BackupResult:
     """Back up ``domain`` (name, UUID or id) into ``pool`` (a path or a libvirt pool name).
 
-    ``quiesce`` None asks the guest agent and falls back to a crash-consistent
-    snapshot; True insists; False never asks.  Returns once the point is sealed
-    and the domain runs on its original images again.
+    Returns once the point is sealed and the domain runs on its original images again.
 
-    ``dirty_bitmaps`` lets a running domain's new generation start with a
-    libvirt checkpoint, whose bitmap later points use to skip reading what
-    was not written (see :mod:`.dirtymap` for when it is trusted).  False
-    creates no checkpoint, reads every data block and deletes the checkpoints
-    vmsnapbackup left on the domain, so that other users of libvirt's backup
-    API (virtnbdbackup) find none of ours; None follows the domain's own
-    setting (``vmsnapbackup checkpoints off DOMAIN``), on by default.
-
-    ``exclude`` leaves those disk targets out (a target the domain lacks is an
-    error); ``disks`` None means every disk that can be backed up.
-
-    ``threshold`` None lets :mod:`..core.genpolicy` decide when a new generation
-    pays (from the stored sizes, weighing the base by ``retention``, the policy
-    the pool is pruned with; None weighs it as a point); a fraction is the older
-    rule "the newest point changed more than this fraction of a disk's blocks".
-
-    ``compression`` ``"zstd"`` writes compressed volumes (FORMAT §15.1), ``"none"``
-    plain ones, None the pool's default (recorded when this backup creates the pool).
-    ``encrypt`` makes a new pool an encrypted one (FORMAT §15.2) with ``key_file``;
-    an encrypted pool encrypts every backup and needs ``key_file``.
+    The choices are the fields of :class:`.BackupOptions` (what each means is
+    said there): as one ``options`` record, or as keywords of the same names.
     """
-    validate_block_size(block_size)
-    if base_format not in BASE_FORMATS:
-        raise UsageError(f"base format must be one of {', '.join(BASE_FORMATS)}, "
-                         f"not {base_format!r}")
-    if threshold is not None and not 0.0 < threshold <= 1.0:
-        raise UsageError(f"the new-generation threshold must be in (0, 1], not {threshold}")
-    VolumeLayout(resolve_compression(compression, None)).check(base_format)  # before any pool
-    check_encryption(encrypt, resolve_compression(compression, None), key_file, base_format)
+    asked = BackupOptions(
+        disks=disks, exclude=exclude, quiesce=quiesce, new_generation=new_generation,
+        threshold=threshold, block_size=block_size, base_format=base_format,
+        overlay_dir=overlay_dir, dirty_bitmaps=dirty_bitmaps, retention=retention,
+        data_path=data_path, compression=compression, encrypt=encrypt,
+        key_file=key_file)
+    if options is None:
+        options = asked
+    elif asked != BackupOptions():
+        raise UsageError("give backup() its choices as options=BackupOptions(...) or as "
+                         "keywords, not both")
+    return _backup(domain, pool, uri, options, progress)
+
+
+def _backup(domain: str, pool: str | os.PathLike[str], uri: str, options: BackupOptions,
+            progress: ProgressCallback | None) -> BackupResult:
+    """:func:`backup` with its choices checked (they were, when ``options`` was made)."""
     started_mono = time.monotonic()
     pool_dir, libvirt_pool = resolve_pool(os.fspath(pool), uri)
     with connect(uri) as hv, interruptible("backup"):
         dom = hv.find_domain(domain)
         name, uuid = hv.domain_name(dom), hv.domain_uuid(dom)
-        selected, skipped = hv.backup_disks(dom, disks)
+        selected, skipped = hv.backup_disks(dom, options.disks)
         selected, skipped = apply_exclude(name, [d.target for d in hv.disks(dom)], selected,
-                                          skipped, exclude)
+                                          skipped, options.exclude)
         for s in skipped:
             log.info("domain %s: not backing up %s: %s", name, s.disk.target, s.reason)
         if not selected:
@@ -147,26 +137,24 @@ def backup(
             raise UnsupportedDiskError(f"domain {name} has no disk that can be backed up "
                                        f"({reasons})")
         # all that can refuse before the pool is made or a point number is burnt
-        places = overlay_dirs(name, uuid, selected, overlay_dir, hv.is_active(dom))
+        places = overlay_dirs(name, uuid, selected, options.overlay_dir, hv.is_active(dom))
+        dirty_bitmaps = options.dirty_bitmaps
         if dirty_bitmaps is None:
             dirty_bitmaps = checkpoints_wanted(dom)
         # only now, with a domain worth backing up: a typo must not leave a new pool behind
         announce_new_pool(pool_dir)
-        the_pool, layout = open_backup_pool(pool_dir, compression, encrypt, key_file)
-        layout.check(base_format)
+        the_pool, layout = open_backup_pool(pool_dir, options.compression, options.encrypt,
+                                            options.key_file)
+        layout.check(options.base_format)
         store = the_pool.domain(uuid, name, create=True)
         with store.lock("backup"):
             # a live backup into another pool is not a leftover to repair
             refuse_live_backup(uuid, name)
             repair_before_backup(store, hv, dom, name, pool_dir)
             store.set_name(name)
-            run = _BackupRun(hv, dom, store, name, uuid, selected, pool_dir,
-                             quiesce=quiesce, new_generation=new_generation,
-                             threshold=threshold, block_size=block_size,
-                             base_format=base_format, overlay_dirs=places,
-                             progress=progress, dirty_bitmaps=dirty_bitmaps,
-                             retention=retention, layout=layout)
-            run.data_path = data_path
+            run = _BackupRun(hv, dom, store, name, uuid, selected, pool_dir, options,
+                             overlay_dirs=places, progress=progress,
+                             dirty_bitmaps=dirty_bitmaps, layout=layout)
             try:
                 result = run.execute()
             finally:
@@ -181,20 +169,19 @@ class _BackupRun(BackupVolumes, BackupSeal, BackupUndo):
     """One backup of one domain, with the lock held.  Keeps what it created so it can undo it."""
 
     def __init__(self, hv: Hypervisor, dom: Domain, store: DomainStore, name: str, uuid: str,
-                 disks: list[Disk], pool_dir: Path, *, quiesce: bool | None,
-                 new_generation: bool, threshold: float | None, block_size: int,
-                 base_format: str, overlay_dirs: dict[str, str | None],
-                 progress: ProgressCallback | None, dirty_bitmaps: bool = True,
-                 retention: Policy | None = None,
-                 layout: VolumeLayout | None = None) -> None:
+                 disks: list[Disk], pool_dir: Path, options: BackupOptions, *,
+                 overlay_dirs: dict[str, str | None], progress: ProgressCallback | None,
+                 dirty_bitmaps: bool, layout: VolumeLayout) -> None:
         self.hv, self.dom, self.store = hv, dom, store
-        self.layout = layout or VolumeLayout()
+        self.layout = layout
         self.name, self.uuid, self.pool_dir = name, uuid, pool_dir
         self.work = [DiskWork(d) for d in disks]
-        self.quiesce, self.force_new = quiesce, new_generation
-        self.threshold, self.block_size, self.base_format = threshold, block_size, base_format
+        self.quiesce, self.force_new = options.quiesce, options.new_generation
+        self.threshold, self.block_size = options.threshold, options.block_size
+        self.base_format = options.base_format
         self.overlay_dirs, self.progress = overlay_dirs, progress
-        self.retention = retention
+        self.retention = options.retention
+        self.budget = options.budget   # the run's bandwidth budget, for every disk pass
         self.journal = store.journal
         self.active = False
         self.point = 0
@@ -214,7 +201,7 @@ class _BackupRun(BackupVolumes, BackupSeal, BackupUndo):
         self.bitmaps = BitmapPolicy(hv, self.journal, name, 0, pool_dir, dirty_bitmaps)
         self.qemu_run: str | None = None             # the QEMU run at the snapshot
         self.current = CurrentGeneration()
-        self.data_path: DataPath | None = None   # how a remote hypervisor's images reach us
+        self.data_path = options.data_path   # how a remote hypervisor's images reach us
 
     def execute(self) -> BackupResult:
         self.active = self.hv.is_active(self.dom)

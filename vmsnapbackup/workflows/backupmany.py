@@ -6,8 +6,9 @@ Several at once, each isolated from the others: :func:`.batch.run_isolated`
 (the executor ``run`` uses too).  Each domain's backup is the ordinary
 :func:`.backup.backup` with its own connection to its own URI, so a domain
 that fails undoes its own work (or says that ``repair`` must run) and the
-others go on.  The run's bandwidth budget, when there is one, is in force for
-the whole run (:mod:`.ratebudget`), shared by every domain's disk passes.
+others go on.  Every domain gets the same :class:`.BackupOptions`, so the run's
+bandwidth budget, when there is one (:mod:`.ratebudget`), is shared by every
+domain's disk passes.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from ..errors import (
 )
 from ..progress import ProgressCallback, ProgressEvent
 from .backup import backup
+from .backupoptions import BackupOptions
 from .backupwork import BackupResult
 from .batch import Outcome, run_isolated
 
@@ -185,15 +187,17 @@ def list_inventories(uris: Sequence[str],
     return inventories, failures
 
 
-def backup_many(targets: Sequence[DomainTarget], pool: str, *, parallel: int = 1,
-                observer: ManyObserver | None = None, max_rate: int | None = None,
-                failed: Sequence[DomainBackup] = (), **options: Any) -> ManyBackups:
-    """Back up every target, ``parallel`` at once; ``options`` go to each :func:`.backup`.
+def backup_many(targets: Sequence[DomainTarget], pool: str,
+                options: BackupOptions | None = None, *, parallel: int = 1,
+                observer: ManyObserver | None = None,
+                failed: Sequence[DomainBackup] = ()) -> ManyBackups:
+    """Back up every target, ``parallel`` at once, each by :func:`.backup` with ``options``.
 
-    Never raises for one domain: every outcome is in the result.  The caller
-    puts the run's rate budget in force around this call (``max_rate`` is only
-    reported).  ``failed``: domains that failed while selecting, reported first.
+    Never raises for one domain: every outcome is in the result.  The budget
+    in ``options`` is the whole run's: one shared by every domain's disk passes.
+    ``failed``: domains that failed while selecting, reported first.
     """
+    options = BackupOptions() if options is None else options
     started = time.monotonic()
     stop = threading.Event()
 
@@ -210,7 +214,7 @@ def backup_many(targets: Sequence[DomainTarget], pool: str, *, parallel: int = 1
             observer.started(t)
         t0 = time.monotonic()
         try:
-            result = backup(t.name, pool, uri=t.uri, progress=progress_of(t), **options)
+            result = backup(t.name, pool, uri=t.uri, options=options, progress=progress_of(t))
         except Exception as exc:
             if observer is not None:
                 observer.finished(t, _outcome(t, Outcome(None, exc, True,
@@ -224,7 +228,8 @@ def backup_many(targets: Sequence[DomainTarget], pool: str, *, parallel: int = 1
     batch = run_isolated(targets, one, parallel=parallel, name="vsb-domain", stop=stop,
                          what="backup of many domains")
     run = ManyBackups([*failed, *(_outcome(t, o) for t, o in zip(targets, batch.outcomes))],
-                      batch.interrupted, time.monotonic() - started, max_rate)
+                      batch.interrupted, time.monotonic() - started,
+                      None if options.budget is None else int(options.budget.rate))
     for d in run.failed:
         log.warning("domain %s: %s", d.target.label, d.error)
     return run

@@ -27,6 +27,7 @@ from ..progress import ProgressCallback
 from .backupwork import DiskWork
 from .bitmappolicy import BitmapPolicy
 from .diskpass import run_disk_pass
+from .ratebudget import RateBudget
 
 __all__ = ["BackupVolumes"]
 
@@ -49,6 +50,7 @@ class BackupVolumes:
     created: list[Path]
     bitmaps: BitmapPolicy
     layout: VolumeLayout
+    budget: RateBudget | None
 
     def _open_volume(self, daemon: StorageDaemon, w: DiskWork) -> Export:
         """The disk's volume created and exported (QMP: in the main thread); table 1 read."""
@@ -97,7 +99,7 @@ class BackupVolumes:
                         w.dirty_bitmap = src.dirty_bitmap
                 w.table, w.stats = run_disk_pass(src, dst, self.block_size, w.table1,
                                                  disk=w.disk.target, progress=progress,
-                                                 dirty=dirty, data=data)
+                                                 dirty=dirty, data=data, budget=self.budget)
                 if marked is not None and dirty is None and self.bitmaps.distrusted is None:
                     assert w.table1 is not None and w.table is not None
                     self.bitmaps.prove(w.disk.target, w.table1, w.table, src.dirty_bitmap,

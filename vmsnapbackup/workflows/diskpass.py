@@ -63,7 +63,7 @@ from ..errors import UsageError
 from ..progress import ProgressCallback, ProgressEvent, emit
 from .passio import BlockSource, BlockTarget, chunk_buffer, pieces
 from .passwriter import PassWriter
-from .ratebudget import RateBudget, current_budget, throttled
+from .ratebudget import RateBudget, throttled
 from .rawimage import DEFAULT_CHUNK_SIZE, RawImageSource
 
 __all__ = [
@@ -176,8 +176,7 @@ def run_disk_pass(
     ``data_ranges(block_size)``, when the caller already walked them.
 
     ``budget``: the bandwidth budget every chunk read is taken from before it
-    is requested; None uses the one in force for the run
-    (:func:`.ratebudget.rate_budget`), if any.
+    is requested (the backup run's, handed down by the caller); None: no limit.
     """
     started = time.monotonic()
     size = source.size
@@ -185,7 +184,6 @@ def run_disk_pass(
     table = builder.table
     stats = PassStats(total=table.count)
     chunk = max(block_size, chunk_size - chunk_size % block_size)
-    budget = current_budget() if budget is None else budget
 
     data = list(source.data_ranges(block_size) if data is None else data)
     holes = list(complement_runs(data, size))

@@ -13,14 +13,14 @@ asked, and the long-run rate is ``rate`` however many threads take from it.
 ``burst`` (a tenth of a second of the rate by default) only bounds how far
 ahead of the rate a pass may run after an idle time.
 
-The budget of a run is in force for the process while the run lasts
-(:func:`rate_budget`): the backup code between the command line and the disk
-pass does not carry it, and a second run in the same process cannot start
-with a different budget by mistake while one is in force.
+The budget is handed down explicitly, never kept in the process: the command
+line makes one for the run, it travels in the run's
+:class:`~.backupoptions.BackupOptions` through each domain's backup to every
+disk pass, so two runs in one process (a library user's threads) each keep
+their own budget.
 """
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -28,7 +28,7 @@ from typing import Callable
 
 from ..errors import UsageError
 
-__all__ = ["RateBudget", "current_budget", "parse_rate", "rate_budget", "throttled"]
+__all__ = ["RateBudget", "parse_rate", "throttled"]
 
 #: The lowest budget accepted: below this a 1 MiB chunk would wait for many seconds.
 MIN_RATE = 64 * 1024
@@ -96,29 +96,3 @@ def throttled(pieces: Iterable[tuple[int, int]],
         budget.take(length)
         yield offset, length
 
-
-_active: RateBudget | None = None
-_active_lock = threading.Lock()
-
-
-def current_budget() -> RateBudget | None:
-    """The budget in force for this process's disk passes, if a run set one."""
-    return _active
-
-
-@contextlib.contextmanager
-def rate_budget(budget: RateBudget | None) -> Iterator[RateBudget | None]:
-    """Put ``budget`` in force for every disk pass of this process within the block."""
-    global _active
-    if budget is None:
-        yield None
-        return
-    with _active_lock:
-        if _active is not None:
-            raise UsageError("a rate budget is already in force in this process")
-        _active = budget
-    try:
-        yield budget
-    finally:
-        with _active_lock:
-            _active = None

@@ -19,6 +19,7 @@ from ..adapters.inventory import list_domains
 from ..core.jobconfig import Config, Job, select_domains
 from ..errors import BackupInterruptedError, NotFoundError, UsageError, VmSnapBackupError
 from .backup import backup
+from .backupoptions import BackupOptions
 from .batch import run_isolated
 from .jobstate import load_state, record_step, save_state
 from .listing import list_points
@@ -115,9 +116,10 @@ def _backup(job: Job, domain: str, dry_run: bool) -> Step:
     def go() -> dict[str, Any]:
         # threshold None: the generation policy decides, weighing the base by the
         # retention this job prunes with (as `backup --keep-...` without --threshold)
-        r = backup(domain, job.pool, uri=job.uri, disks=job.disks, quiesce=job.quiesce,
-                   new_generation=job.new_generation == "always", threshold=job.threshold,
-                   retention=job.retention)
+        options = BackupOptions(disks=job.disks, quiesce=job.quiesce,
+                                new_generation=job.new_generation == "always",
+                                threshold=job.threshold, retention=job.retention)
+        r = backup(domain, job.pool, uri=job.uri, options=options)
         return {"point": r.point, "generation": r.generation, "consistency": r.consistency,
                 "bytes_written": sum(d.bytes_written for d in r.disks),
                 "new_generation": r.new_generation, "skipped": [t for t, _ in r.skipped]}
