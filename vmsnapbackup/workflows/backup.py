@@ -31,7 +31,7 @@ from ..adapters.hypervisor import Hypervisor, connect
 from ..adapters.sourceexport import DataPath
 from ..adapters.storagedaemon import StorageDaemon
 from ..adapters.storagepool import refresh_pool, resolve_pool
-from ..adapters.volumeformat import VolumeLayout, resolve_compression
+from ..adapters.volumeformat import VolumeLayout
 from ..core import inflight
 from ..core.defaults import DEFAULT_URI
 from ..core.difftable import compare
@@ -48,7 +48,7 @@ from ..errors import (
 )
 from ..progress import ProgressCallback
 from .backupdaemons import backup_daemons
-from .backupkey import check_encryption, open_backup_pool
+from .backupkey import open_backup_pool
 from .backupoptions import BackupOptions
 from .backupseal import BackupSeal
 from .backupstart import (
