@@ -15,6 +15,7 @@ import os
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from domains import DiskSpec, DomainFactory
@@ -46,7 +47,7 @@ schedule = "hourly"
     return path
 
 
-def status_of(cfg: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, dict]:
+def status_of(cfg: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any]]:
     capsys.readouterr()
     code = main(["status", "--config", str(cfg), "--json"])
     return code, json.loads(capsys.readouterr().out)
@@ -124,7 +125,7 @@ def test_status_and_metrics_show_the_pool_outgrowing_the_policy(
         cfg.write_text(f'metrics = "{metrics}"\n' + cfg.read_text())
     rng = random.Random(19)
     blocks = data // BLOCK
-    seen: list[dict] = []
+    seen: list[dict[str, Any]] = []
     while True:
         for b in rng.sample(range(blocks), 20):
             dom.write("vda", b * BLOCK, BLOCK, rng.randrange(1, 256))
