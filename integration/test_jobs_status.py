@@ -164,6 +164,7 @@ def test_status_and_metrics_show_the_pool_outgrowing_the_policy(
     capsys.readouterr()
     assert main(["status", "--config", str(fixed)]) == 1
     human = capsys.readouterr().out
+    log.info("status:\n%s", human)
     assert "OVER the policy" in human and "per backup" in human, human
 
     # the policy itself starts a new generation on the next run: the warning goes
