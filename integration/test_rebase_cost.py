@@ -2,7 +2,8 @@
 
 The issue's goal: a rebase costs at most one read of the point and one write of the new
 base.  Bytes: the new base must be no bigger than the convert's copy.  Time: measured and
-logged, held only to a regression bound (MAX_RATIO); the goal's time is not met.  The yardstick is the plain copy of the same data: ``qemu-img convert`` of the point
+logged, held only to a regression bound (MAX_RATIO); the goal's time is not met.
+The yardstick is the plain copy of the same data: ``qemu-img convert`` of the point
 volume (read through its base, as a restore reads it) into a new qcow2 in the same file
 system, in the same run.  A running domain, a 4 GiB qcow2 disk holding 1 GiB; a base, then
 a point after 64 MiB of guest writes; then ``vmsnapbackup rebase`` as a user runs it,
