@@ -11,15 +11,17 @@ from .run import add_config_option
 ORDER = 72
 
 if TYPE_CHECKING:
-    from ..workflows.status import StatusReport
+    from ..workflows.status import DomainStatus, StatusReport
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "status", help="is every domain recoverable, recently enough? (a monitoring check)",
         description="Per domain of every job: the newest good point, its age and size, the "
-        "last verify and its result, and whether the job's RPO is broken. Exit 0 ok, "
-        "1 warning, 2 critical, as a Nagios/Icinga check.")
+        "last verify and its result, whether the job's RPO is broken, and how the pool "
+        "grows (stored bytes, growth per backup, the predicted next point; a warning "
+        "when it grows past the generation policy). Exit 0 ok, 1 warning, 2 critical, "
+        "as a Nagios/Icinga check.")
     p.add_argument("domains", nargs="*", metavar="DOMAIN", help="only these domains")
     add_config_option(p)
     add_json_option(p)
@@ -61,4 +63,22 @@ def _text(r: StatusReport) -> str:
         why = f" ({'; '.join(d.reasons)})" if d.reasons else ""
         lines.append(f"  {LEVELS[d.level]:<8} {d.domain} [job {d.job}]: {point}; {verified}"
                      f"{why}")
+        if d.stored_bytes is not None:
+            lines.append(f"           pool: {_growth(d)}")
     return "\n".join(lines)
+
+
+def _growth(d: DomainStatus) -> str:
+    """The domain's part of the pool and how it grows, in one line."""
+    text = f"{size_text(d.stored_bytes or 0)} stored"
+    if d.data_bytes:
+        text += f" ({(d.stored_bytes or 0) / d.data_bytes:.2f}x the data)"
+    text += f", generation {d.generation} {size_text(d.generation_bytes or 0)}"
+    if d.growth_bytes is not None:
+        text += f", +{size_text(d.growth_bytes)} per backup"
+    if d.predicted_next_bytes is not None:
+        text += f", next point about {size_text(d.predicted_next_bytes)}"
+    if d.policy_limit_bytes is not None:
+        over = "OVER" if d.growth_over_policy else "within"
+        text += f" ({over} the policy: {size_text(d.policy_limit_bytes)})"
+    return text

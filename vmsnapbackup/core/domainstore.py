@@ -1,5 +1,5 @@
 """One domain's part of a pool, ``domains/<uuid>/`` (FORMAT.md §1, §3, §4, §7): its
-paths, its records, its point numbers, generations and points.
+records, its point numbers, generations and points (its paths: :mod:`.domainpaths`).
 
 Mutating methods (``allocate_point``, ``write_*``, ``remove_point``, ``set_name``)
 expect the caller to hold the domain's lock (:meth:`DomainStore.lock`); listing and
@@ -13,7 +13,6 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..errors import (
     CorruptFileError,
@@ -24,41 +23,15 @@ from ..errors import (
 )
 from . import removal
 from .atomic import atomic_write_bytes, fsync_dir, make_private_dir
+from .domainpaths import DomainPaths
 from .journal import Journal
 from .lock import DomainLock
 from .manifest import DomainRecord, GenerationRecord, PointManifest
-from .names import (
-    DOMAIN_RECORD,
-    GENERATION_RECORD,
-    GENERATIONS_DIR,
-    JOURNAL_FILE,
-    LOCK_FILE,
-    POINTS_DIR,
-    base_volume_name,
-    difference_name,
-    is_safe_relpath,
-    is_safe_target,
-    manifest_name,
-    manifest_number,
-    number_name,
-    numbered,
-    parse_number_name,
-    point_volume_name,
-    table_name,
-)
-from .poolread import (
-    MAX_GENERATION_RECORD,
-    MAX_MANIFEST,
-    MAX_SMALL_RECORD,
-    check_inside,
-    read_bounded,
-)
+from .names import manifest_number, numbered, parse_number_name
+from .poolread import MAX_GENERATION_RECORD, MAX_MANIFEST, MAX_SMALL_RECORD
 from .removal import Leftover
 from .removal import listdir as _listdir
 from .removal import raise_storage as _raise_storage
-
-if TYPE_CHECKING:
-    from .pool import Pool
 
 __all__ = ["DomainStore", "PointInfo"]
 
@@ -94,90 +67,9 @@ class PointInfo:
 
 # --- one domain --------------------------------------------------------------------------
 
-class DomainStore:
-    """``domains/<uuid>/``: one domain's records, generations and points."""
-
-    def __init__(self, pool: Pool, uuid: str) -> None:
-        self.pool = pool
-        self.uuid = uuid
-        self.path = pool.domains_dir / uuid
-
-    def __repr__(self) -> str:
-        return f"DomainStore({self.path})"
-
-    # paths ---------------------------------------------------------------------------
-
-    @property
-    def record_path(self) -> Path:
-        return self.path / DOMAIN_RECORD
-
-    @property
-    def lock_path(self) -> Path:
-        return self.path / LOCK_FILE
-
-    @property
-    def journal_path(self) -> Path:
-        return self.path / JOURNAL_FILE
-
-    @property
-    def generations_dir(self) -> Path:
-        return self.path / GENERATIONS_DIR
-
-    @property
-    def points_dir(self) -> Path:
-        return self.path / POINTS_DIR
-
-    def generation_dir(self, generation: int) -> Path:
-        return self.generations_dir / number_name(generation)
-
-    def generation_record_path(self, generation: int) -> Path:
-        return self.generation_dir(generation) / GENERATION_RECORD
-
-    def disk_dir(self, generation: int, target: str) -> Path:
-        """The disk's point store in a generation."""
-        if not is_safe_target(target):
-            raise UsageError(f"not a usable disk target name: {target!r}")
-        return self.generation_dir(generation) / target
-
-    def base_volume_path(self, generation: int, target: str, fmt: str) -> Path:
-        return self.disk_dir(generation, target) / base_volume_name(fmt)
-
-    def table_path(self, generation: int, target: str, point: int) -> Path:
-        return self.disk_dir(generation, target) / table_name(point)
-
-    def point_volume_path(self, generation: int, target: str, point: int) -> Path:
-        return self.disk_dir(generation, target) / point_volume_name(point)
-
-    def difference_path(self, generation: int, target: str, point: int) -> Path:
-        return self.disk_dir(generation, target) / difference_name(point)
-
-    def manifest_path(self, point: int) -> Path:
-        return self.points_dir / manifest_name(point)
-
-    def relpath(self, path: str | os.PathLike[str]) -> str:
-        """``path`` relative to the domain directory, as manifests and the journal store
-        it (so the pool can move)."""
-        rel = Path(os.path.abspath(os.fspath(path))).relative_to(self.path).as_posix()
-        if not is_safe_relpath(rel):
-            raise UsageError(f"{path} is not inside {self.path}")
-        return rel
-
-    def resolve(self, rel: str) -> Path:
-        """The absolute path of a relative path read from a manifest or journal.
-
-        It must stay in the pool even through symlinks (FORMAT §13): a manifest or a
-        planted link cannot make a restore read, or a prune remove, a host file.
-        """
-        if not is_safe_relpath(rel):
-            raise UsageError(f"not a relative path inside {self.path}: {rel!r}")
-        path = self.path / rel
-        check_inside(path, self.pool.root)
-        return path
-
-    def read_file(self, path: Path, limit: int, kind: str) -> bytes | None:
-        """A record of this domain, bounded (:func:`.poolread.read_bounded`): regular
-        file, at most ``limit`` bytes, not through a symlink out of the pool."""
-        return read_bounded(path, limit, kind, root=self.pool.root)
+class DomainStore(DomainPaths):
+    """``domains/<uuid>/``: one domain's records, generations and points (its paths:
+    :class:`.domainpaths.DomainPaths`)."""
 
     # records -------------------------------------------------------------------------
 

@@ -95,7 +95,11 @@ def generation_costs(current: CurrentGeneration) -> GenerationCosts:
     changed = 0.0
     virtual = sum(d.virtual_size for d in rec.disks.values())
     if latest is not None:
-        data = sum((d.blocks.total - d.blocks.holes) * d.block_size for d in latest.disks)
+        # a pass through the dirty bitmap counts holes only where it read: the data is
+        # known from the newest full pass of the generation (its base, when kept)
+        full = [m for m in current.sealed if not any(d.blocks.unchanged for d in m.disks)]
+        if full:
+            data = sum((d.blocks.total - d.blocks.holes) * d.block_size for d in full[-1].disks)
         changed = max((d.blocks.changed / max(d.blocks.total, 1) for d in latest.disks),
                       default=0.0)
     return GenerationCosts(base_bytes=base, points=points, data_bytes=data,

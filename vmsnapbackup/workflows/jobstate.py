@@ -145,8 +145,21 @@ _DOMAIN_SERIES = (
     ("verify_failures_total", "Verifies that failed or found damage.",
      "verify", "failures_total", "counter"),
     ("points", "Points of the domain in the pool.", "pool", "points", "gauge"),
-    ("stored_bytes", "Bytes the domain's points hold in the pool.", "pool", "stored_bytes",
-     "gauge"),
+    ("stored_bytes", "Bytes the domain's points and bases hold in the pool.", "pool",
+     "stored_bytes", "gauge"),
+    # how the pool grows (workflows.poolgrowth, issue 19)
+    ("data_bytes", "Bytes a new base of the domain would store (its disks' data).",
+     "pool", "data_bytes", "gauge"),
+    ("generation_stored_bytes", "Bytes the current generation stores: base and points kept.",
+     "pool", "generation_bytes", "gauge"),
+    ("last_point_growth_bytes", "Bytes per backup the newest point added to its generation.",
+     "pool", "growth_bytes", "gauge"),
+    ("predicted_next_point_bytes", "What the next point would store if the generation "
+     "goes on.", "pool", "predicted_next_bytes", "gauge"),
+    ("generation_policy_limit_bytes", "The generation policy's limit for the newest point.",
+     "pool", "policy_limit_bytes", "gauge"),
+    ("growth_over_policy", "1 if the newest point stores over 1.5x the policy's limit "
+     "(the pool grows past the generation policy), else 0.", "pool", "over_policy", "gauge"),
 )
 _RUN_SERIES = (
     ("run_last_success_timestamp_seconds", "End of the last run where everything succeeded.",

@@ -38,7 +38,7 @@ from .jobstate import (
     save_state_file,
     write_metrics,
 )
-from .listing import list_points
+from .poolgrowth import pool_growth
 
 if TYPE_CHECKING:
     from .backupwork import BackupResult
@@ -160,10 +160,9 @@ def _save(record: CommandRecord, target: MetricsTarget) -> None:
 
 
 def _pool_summary(record: CommandRecord, domain: str) -> dict[str, int] | None:
-    """The domain's good points and their stored bytes, as the pool holds them now."""
+    """The domain's good points, their stored bytes and how they grow, as the pool holds
+    them now (no retention is known to a standalone command: the base weighs 1)."""
     try:
-        points = [p for p in list_points(record.pool, uri=record.uri, domain=domain)
-                  if p.damaged is None]
+        return pool_growth(record.pool, domain, uri=record.uri).to_record()
     except VmSnapBackupError:
         return None
-    return {"points": len(points), "stored_bytes": sum(p.stored_bytes for p in points)}

@@ -23,6 +23,7 @@ from .backupoptions import BackupOptions
 from .batch import run_isolated
 from .jobstate import load_state, record_step, save_state
 from .listing import list_points
+from .poolgrowth import pool_growth
 from .prune import prune
 from .verify import verify
 
@@ -217,11 +218,11 @@ def _record(job: Job, result: JobRun, state: dict[str, Any]) -> None:
                 record_step(rec, phase, ok=step.ok, seconds=step.seconds, error=step.error,
                             detail=step.detail, now=now)
         try:
-            points = [p for p in list_points(job.pool, uri=job.uri, domain=d.domain)
-                      if p.damaged is None]
+            points = list_points(job.pool, uri=job.uri, domain=d.domain)
+            rec["pool"] = pool_growth(job.pool, d.domain, uri=job.uri, points=points,
+                                      retention=job.retention).to_record()
         except VmSnapBackupError:
             continue
-        rec["pool"] = {"points": len(points), "stored_bytes": sum(p.stored_bytes for p in points)}
 
 
 def run_jobs(config: Config, names: Sequence[str] = (), *, dry_run: bool = False

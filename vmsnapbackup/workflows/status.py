@@ -1,12 +1,14 @@
 """``status``: is every domain a job protects recoverable, recently enough? A monitoring check.
 
 Per domain: the newest good point in the job's pool, its age and size, the
-last verify and its result (from the job's state record), and whether the age
-breaks the job's recovery-point objective.  The verdict follows the Nagios
-plug-in convention so any monitoring system can run it as is: 0 ok,
-1 warning (the last backup attempt failed or was never verified, but a recent
-point exists), 2 critical (no good point, the RPO is broken, or the last
-verify found damage).
+last verify and its result (from the job's state record), whether the age
+breaks the job's recovery-point objective, and how the domain's part of the pool
+grows (:mod:`.poolgrowth`: stored bytes, growth per backup, the predicted next
+point).  The verdict follows the Nagios plug-in convention so any monitoring
+system can run it as is: 0 ok, 1 warning (the last backup attempt failed or was
+never verified, or the pool grows past the generation policy, but a recent point
+exists), 2 critical (no good point, the RPO is broken, or the last verify found
+damage).
 """
 from __future__ import annotations
 
@@ -18,9 +20,11 @@ from typing import Any
 
 from ..adapters.inventory import list_domains
 from ..core.jobconfig import Config, select_domains
+from ..core.retention import Policy
 from ..errors import NotFoundError, UsageError, VmSnapBackupError
 from .jobstate import load_state
 from .listing import PointSummary, list_points
+from .poolgrowth import PoolGrowth, pool_growth
 
 __all__ = ["CRITICAL", "OK", "WARNING", "DomainStatus", "StatusReport", "status"]
 
@@ -44,6 +48,15 @@ class DomainStatus:
     last_verify: float | None = None
     last_verify_ok: bool | None = None
     last_backup_ok: bool | None = None
+    #: the domain's part of the pool and how it grows (.poolgrowth.PoolGrowth)
+    stored_bytes: int | None = None         # every good point and base of the domain
+    data_bytes: int | None = None           # what a new base would store
+    generation: int | None = None
+    generation_bytes: int | None = None
+    growth_bytes: int | None = None         # added per backup by the newest point
+    predicted_next_bytes: int | None = None
+    policy_limit_bytes: int | None = None   # the policy's limit for the newest point
+    growth_over_policy: bool = False
 
     def raise_to(self, level: int, reason: str) -> None:
         self.level = max(self.level, level)
@@ -79,11 +92,15 @@ def _taken(p: PointSummary) -> float | None:
 
 
 def _check(st: DomainStatus, pool: str, uri: str, record: dict[str, Any], now: float,
-           verify_expected: bool) -> None:
+           verify_expected: bool, retention: Policy | None) -> None:
     try:
-        points = [p for p in list_points(pool, uri=uri, domain=st.domain) if p.damaged is None]
+        listed = list_points(pool, uri=uri, domain=st.domain)
     except NotFoundError:
-        points = []
+        listed = []
+    points = [p for p in listed if p.damaged is None]
+    if points:
+        _growth(st, pool_growth(pool, st.domain, uri=uri, retention=retention,
+                                points=listed))
     if not points:
         st.raise_to(CRITICAL, "no good point in the pool")
     else:
@@ -111,6 +128,15 @@ def _check(st: DomainStatus, pool: str, uri: str, record: dict[str, Any], now: f
         st.raise_to(WARNING, "never verified")
 
 
+def _growth(st: DomainStatus, g: PoolGrowth) -> None:
+    st.stored_bytes, st.data_bytes = g.stored_bytes, g.data_bytes
+    st.generation, st.generation_bytes = g.generation, g.generation_bytes
+    st.growth_bytes, st.predicted_next_bytes = g.growth_bytes, g.predicted_next_bytes
+    st.policy_limit_bytes, st.growth_over_policy = g.policy_limit_bytes, g.over_policy
+    if g.over_policy and g.reason:
+        st.raise_to(WARNING, g.reason)
+
+
 def status(config: Config, domains: Sequence[str] = (), *, now: float | None = None
            ) -> StatusReport:
     """The status of ``domains`` (every domain any job selects when none are named)."""
@@ -130,7 +156,7 @@ def status(config: Config, domains: Sequence[str] = (), *, now: float | None = N
         for name in names:
             st = DomainStatus(name, job.name, rpo_seconds=job.rpo)
             _check(st, job.pool, job.uri, state["domains"].get(name) or {}, now,
-                   job.verify is not None)
+                   job.verify is not None, job.retention)
             report.domains.append(st)
             seen.add(name)
     unknown = [d for d in domains if d not in seen]
