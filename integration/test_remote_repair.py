@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,16 +49,25 @@ def _journal_step(pool: Path) -> str | None:
     return None
 
 
+def _local_runtime_dirs(root: Path) -> list[str]:
+    return sorted(p.name for p in root.glob("qsd-*")) if root.is_dir() else []
+
+
 @pytest.mark.parametrize("step", ["read", "commit"])
 def test_killed_ssh_then_repair(step: str, sshd: SshdServer, make_domain: DomainFactory,
-                                tmp_path: Path) -> None:
+                                tmp_path: Path, request: pytest.FixtureRequest) -> None:
     dom: TestDomain = make_domain(disks=[DiskSpec("vda", "qcow2", 512 * MiB),
                                          DiskSpec("vdb", "raw", 256 * MiB)], start=True)
     for n in range(8):
         dom.write("vda", n * 48 * MiB, 4 * MiB, 0x40 + n)
     dom.write("vdb", 100 * MiB, 8 * MiB, 0x77)
     pool = tmp_path / "pool"
-    proc = blind_popen(["-c", sshd.uri(), "--pool", str(pool), "backup", dom.name])
+    # the backup server's own runtime root, where its pool-writing daemon lives (short:
+    # socket paths under it must fit a sun_path)
+    local_run = Path(tempfile.mkdtemp(prefix="vsbrun", dir="/tmp"))
+    request.addfinalizer(lambda: shutil.rmtree(local_run, ignore_errors=True))
+    env = {"VMSNAPBACKUP_RUNTIME_DIR": str(local_run)}
+    proc = blind_popen(["-c", sshd.uri(), "--pool", str(pool), "backup", dom.name], env=env)
     killed = False
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -73,10 +84,13 @@ def test_killed_ssh_then_repair(step: str, sshd: SshdServer, make_domain: Domain
     # (libvirt's own connection commits), or leave the rest to repair
     assert proc.returncode != ExitCode.OK or step == "commit", err
     assert "Traceback" not in err
-    run = blind_cli(["-c", sshd.uri(), "--pool", str(pool), "repair", dom.name])
+    # the local daemon lost nothing with the connection: it is closed, its directory gone
+    assert _local_runtime_dirs(local_run) == [], err
+    run = blind_cli(["-c", sshd.uri(), "--pool", str(pool), "repair", dom.name], env=env)
     assert run.returncode == 0, run.stderr
     assert dom.is_active()
     assert _leftovers(dom) == []
+    assert _local_runtime_dirs(local_run) == []
     assert not (pool / "domains").exists() or not list(pool.glob("domains/*/journal.json"))
     # and the hypervisor takes the next backup as if nothing happened
     run = blind_cli(["-c", sshd.uri(), "--pool", str(pool), "backup", dom.name, "--json"])
