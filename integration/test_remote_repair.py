@@ -6,7 +6,9 @@ once it says it is committing.  The remote storage daemon and the in-flight
 holder die with the session (their watchdog), libvirt's own connection lives
 on.  Whatever the backup managed itself, after one blind ``repair`` the VM
 runs on its original images and the hypervisor holds no daemon, runtime
-directory, overlay or in-flight record of ours.
+directory, overlay or in-flight record of ours -- and the backup server, whose
+own runtime root the test gives it, holds no runtime directory of its
+pool-writing daemon either, also when the server process itself was killed.
 """
 from __future__ import annotations
 
@@ -50,12 +52,16 @@ def _journal_step(pool: Path) -> str | None:
 
 
 def _local_runtime_dirs(root: Path) -> list[str]:
-    return sorted(p.name for p in root.glob("qsd-*")) if root.is_dir() else []
+    return sorted(str(p.relative_to(root)) for p in root.rglob("qsd-*")) if root.is_dir() else []
 
 
-@pytest.mark.parametrize("step", ["read", "commit"])
-def test_killed_ssh_then_repair(step: str, sshd: SshdServer, make_domain: DomainFactory,
-                                tmp_path: Path, request: pytest.FixtureRequest) -> None:
+@pytest.mark.parametrize("kill, step", [("ssh", "read"), ("ssh", "commit"), ("server", "read")])
+def test_killed_ssh_then_repair(kill: str, step: str, sshd: SshdServer,
+                                make_domain: DomainFactory, tmp_path: Path,
+                                request: pytest.FixtureRequest) -> None:
+    """``kill=server``: the backup server process dies itself (SIGKILL, with its ssh
+    master, as in a power cut of the server): its pool-writing daemon dies by its
+    death signal and only ``repair -c`` can remove that daemon's runtime directory."""
     dom: TestDomain = make_domain(disks=[DiskSpec("vda", "qcow2", 512 * MiB),
                                          DiskSpec("vdb", "raw", 256 * MiB)], start=True)
     for n in range(8):
@@ -74,6 +80,8 @@ def test_killed_ssh_then_repair(step: str, sshd: SshdServer, make_domain: Domain
         if _journal_step(pool) == step:
             master = ssh_master_of(proc.pid)
             if master is not None:
+                if kill == "server":
+                    os.kill(proc.pid, signal.SIGKILL)
                 os.kill(master, signal.SIGKILL)
                 killed = True
                 break
@@ -83,9 +91,12 @@ def test_killed_ssh_then_repair(step: str, sshd: SshdServer, make_domain: Domain
     # a cut during the read fails the backup; during the commit it may still end well
     # (libvirt's own connection commits), or leave the rest to repair
     assert proc.returncode != ExitCode.OK or step == "commit", err
-    assert "Traceback" not in err
-    # the local daemon lost nothing with the connection: it is closed, its directory gone
-    assert _local_runtime_dirs(local_run) == [], err
+    if kill == "ssh":
+        assert "Traceback" not in err
+        # the local daemon lost nothing with the connection: it is closed, its directory gone
+        assert _local_runtime_dirs(local_run) == [], err
+    else:   # the writer's directory is left, where repair finds it
+        assert [d.split("/")[0] for d in _local_runtime_dirs(local_run)] == ["writers"]
     run = blind_cli(["-c", sshd.uri(), "--pool", str(pool), "repair", dom.name], env=env)
     assert run.returncode == 0, run.stderr
     assert dom.is_active()
