@@ -31,6 +31,7 @@ from remotecli import blind_cli, blind_popen, ssh_master_of
 from sshd import SshdServer, running_sshd
 from test_remote_backup import _leftovers
 
+from vmsnapbackup.adapters import processes
 from vmsnapbackup.errors import ExitCode
 
 MiB = 1024 * 1024
@@ -80,9 +81,10 @@ def test_killed_ssh_then_repair(kill: str, step: str, sshd: SshdServer,
         if _journal_step(pool) == step:
             master = ssh_master_of(proc.pid)
             if master is not None:
-                if kill == "server":
+                if kill == "server":   # its ssh master must die with it (pdeathsig)
                     os.kill(proc.pid, signal.SIGKILL)
-                os.kill(master, signal.SIGKILL)
+                else:
+                    os.kill(master, signal.SIGKILL)
                 killed = True
                 break
         time.sleep(0.005)   # polling the journal for the step to hit
@@ -96,6 +98,7 @@ def test_killed_ssh_then_repair(kill: str, step: str, sshd: SshdServer,
         # the local daemon lost nothing with the connection: it is closed, its directory gone
         assert _local_runtime_dirs(local_run) == [], err
     else:   # the writer's directory is left, where repair finds it
+        assert processes.wait_gone(master, 10), "the ssh master outlived the server"
         assert [d.split("/")[0] for d in _local_runtime_dirs(local_run)] == ["writers"]
     run = blind_cli(["-c", sshd.uri(), "--pool", str(pool), "repair", dom.name], env=env)
     assert run.returncode == 0, run.stderr
