@@ -8,9 +8,10 @@ reach the data; the shell first checks that both really look empty.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 IMAGES_ROOT = "/var/lib/libvirt/images"
@@ -38,16 +39,23 @@ def _blind_argv(argv: Sequence[str]) -> list[str]:
             sys.executable, "-m", "vmsnapbackup", *argv]
 
 
-def blind_cli(argv: Sequence[str], *, timeout: float = 600) -> CliRun:
-    """``python -m vmsnapbackup ARGV`` where the hypervisor's directories are empty tmpfs."""
+def _env(extra: Mapping[str, str] | None) -> dict[str, str] | None:
+    return None if extra is None else {**os.environ, **extra}
+
+
+def blind_cli(argv: Sequence[str], *, timeout: float = 600,
+              env: Mapping[str, str] | None = None) -> CliRun:
+    """``python -m vmsnapbackup ARGV`` where the hypervisor's directories are empty tmpfs
+    (``env``: extra environment, e.g. a local runtime directory the test can look into)."""
     done = subprocess.run(_blind_argv(argv), capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL, check=False)
+                          stdin=subprocess.DEVNULL, check=False, env=_env(env))
     return CliRun(done.returncode, done.stdout, done.stderr)
 
 
-def blind_popen(argv: Sequence[str]) -> subprocess.Popen[str]:
+def blind_popen(argv: Sequence[str], *,
+                env: Mapping[str, str] | None = None) -> subprocess.Popen[str]:
     """:func:`blind_cli` started in the background (stdout and stderr piped)."""
-    return subprocess.Popen(_blind_argv(argv), stdin=subprocess.DEVNULL,
+    return subprocess.Popen(_blind_argv(argv), stdin=subprocess.DEVNULL, env=_env(env),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -9,6 +9,7 @@ from vmsnapbackup.adapters.nbdtls import DEFAULT_TLS_DIR
 from vmsnapbackup.adapters.sourceexport import DEFAULT_NBD_PORTS, DataPath, parse_port_range
 from vmsnapbackup.errors import UsageError
 from vmsnapbackup.workflows.backupdaemons import data_path_from
+from vmsnapbackup.workflows.boot import boot_point, discard_boot, resume_boot
 from vmsnapbackup.workflows.restore import restore
 
 
@@ -37,7 +38,24 @@ def test_restore_define_onto_a_remote_hypervisor_is_refused(kw: dict[str, str],
                                                             tmp_path: Path) -> None:
     if "to" in kw:
         kw = {**kw, "to": str(tmp_path / kw["to"])}
-    with pytest.raises(UsageError, match="remote hypervisor"):
+    with pytest.raises(UsageError, match=r"own hypervisor, not qemu\+ssh://"):
         restore("dom", tmp_path / "pool", uri="qemu+ssh://root@hv.example/system",
                 **kw)  # type: ignore[arg-type]
     assert not (tmp_path / "out").exists()
+
+
+REMOTE = "qemu+ssh://root@hv.example/system"
+
+
+@pytest.mark.parametrize("call", [
+    lambda d: boot_point("dom", d / "pool", 1, "copy", uri=REMOTE, overlay_dir=d),
+    lambda d: resume_boot("copy", uri=REMOTE, overlay_dir=d),
+    lambda d: discard_boot("copy", REMOTE, overlay_dir=d),
+])
+def test_boot_onto_a_remote_hypervisor_is_refused_before_anything(call, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                  ) -> None:
+    """The point would be served here, the domain run there: refused, nothing made
+    (no pool opened, no boot directory, no ssh connection)."""
+    with pytest.raises(UsageError, match=r"own hypervisor, not on qemu\+ssh://root@hv\.example"):
+        call(tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -29,13 +29,14 @@ import posixpath
 from collections.abc import Iterator
 
 from ..core import inflight
+from ..core.atomic import is_temp_name
 from ..core.inflight import InflightRecord
 from ..errors import CorruptFileError, HypervisorError, LockedError, VmSnapBackupError
 from .host import Host, HostProcess
 from .localhost import LocalHost
 
 __all__ = ["HOLDER_NAME", "clear_stale_on", "host_runtime_root", "inflight_on", "is_live_on",
-           "read_on"]
+           "read_on", "records_on"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,30 @@ def read_on(host: Host, uuid: str) -> InflightRecord | None:
         return InflightRecord.from_json(json.loads(data.decode("utf-8")), path)
     except (UnicodeDecodeError, ValueError) as err:
         raise CorruptFileError(path, f"not valid JSON ({err})") from None
+
+
+def records_on(host: Host) -> list[InflightRecord]:
+    """Every readable record on ``host`` (``repair --all`` looks for stale ones there:
+    a remote backup's record lives on the hypervisor, never here); damaged ones are
+    logged and skipped, as :func:`core.inflight.records` does."""
+    if isinstance(host, LocalHost):
+        return inflight.records()
+    try:
+        names = sorted(host.listdir(posixpath.dirname(_record_path(host, "x"))))
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        if is_temp_name(name) or not name.endswith(".json"):
+            continue
+        try:
+            record = read_on(host, name[:-len(".json")])
+        except CorruptFileError as err:
+            log.warning("ignoring damaged in-flight record on %s: %s", host.name, err)
+            continue
+        if record is not None:
+            found.append(record)
+    return found
 
 
 def is_live_on(host: Host, record: InflightRecord) -> bool:

@@ -12,6 +12,7 @@ from typing import Callable
 from .host import LOCAL, Host
 from .hostfor import ssh_target_for
 from .sshhost import SshHost
+from .writerdirs import sweep_dead_writers
 
 __all__ = ["open_host"]
 
@@ -21,5 +22,8 @@ def open_host(uri: str | None) -> tuple[Host, Callable[[], None] | None]:
     target = ssh_target_for(uri)
     if target is None:
         return LOCAL, None
+    # every remote backup's pool writer runs here and is not in its journal: what a
+    # killed one left goes before we start another, or as repair -c URI begins
+    sweep_dead_writers()
     host = SshHost(target).connect()
     return host, host.close

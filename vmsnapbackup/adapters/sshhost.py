@@ -25,6 +25,7 @@ from typing import Callable
 from ..errors import HypervisorError
 from .host import Completed, FileInfo, HostProcess
 from .hostfor import SshTarget
+from .localhost import _tied_to_us
 
 __all__ = ["SshHost", "ssh_base_argv"]
 
@@ -122,8 +123,11 @@ class SshHost:
         """Open the master connection; HypervisorError when it cannot be had in time."""
         errpath = os.path.join(self._dir, "master.err")
         with open(errpath, "wb") as errf:
+            # tied to us: a backup server killed outright must not leave its master
+            # holding the remote daemon and in-flight holder alive (and the domain busy)
             self._master = subprocess.Popen(
-                self._argv("-M", "-N", "-o", "ControlPersist=no", self.target.destination),
+                _tied_to_us(self._argv("-M", "-N", "-o", "ControlPersist=no",
+                                       self.target.destination)),
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errf,
                 start_new_session=True)
         deadline = time.monotonic() + _CONNECT_DEADLINE

@@ -5,8 +5,10 @@ image read-only and the volume being filled writable, over its private
 socket.  When the hypervisor is another machine (``qemu+ssh``) they part: the
 frozen image is exported by a daemon started *on the hypervisor* (reached by
 ssh forwarding or NBD over TLS, :mod:`..adapters.sourceexport`), and the pool
--- which is here -- is written by a second daemon *here*.  Both are stopped
-when the block ends, before the commit back: no export holds a frozen image then.
+-- which is here -- is written by a second daemon *here*, whose runtime directory lives under
+``writers/`` so that a killed backup's is found again (:mod:`..adapters.writerdirs`).
+Both are stopped when the block ends, before the commit back: no export holds a
+frozen image then.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from ..adapters.sourceexport import (
     start_source_daemon,
 )
 from ..adapters.storagedaemon import StorageDaemon
+from ..adapters.writerdirs import writers_base
 from ..errors import UsageError
 
 __all__ = ["backup_daemons", "data_path_from"]
@@ -51,5 +54,7 @@ def backup_daemons(host: Host, tag: str,
     with contextlib.ExitStack() as stack:
         source = start_source_daemon(host, tag, host_runtime_root(host), data or DataPath())
         stack.callback(source.close)
-        volumes = stack.enter_context(StorageDaemon(tag=f"{tag}-vol"))
+        # not in the journal (that names the source daemon's, on the hypervisor): it
+        # lives where hostopen finds a dead one's again (writerdirs)
+        volumes = stack.enter_context(StorageDaemon(writers_base(), tag=f"{tag}-vol"))
         yield source, volumes

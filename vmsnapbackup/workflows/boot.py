@@ -54,6 +54,7 @@ from typing import Any, Callable
 
 from ..adapters import bootdaemon, domaindefine
 from ..adapters.host import LOCAL
+from ..adapters.hostfor import ssh_target_for
 from ..adapters.hypervisor import Hypervisor, connect
 from ..adapters.newdomain import DOMAIN_NAME_RE, new_domain_xml, set_disk_source
 from ..adapters.pinnedchain import PinnedImage, check_header
@@ -71,17 +72,8 @@ from ..errors import (
 )
 from .pointread import PoolLike, open_pool, pinned_volume, reading
 
-__all__ = [
-    "BOOT_NOTE",
-    "DEFAULT_BOOT_ROOT",
-    "BootDisk",
-    "BootResult",
-    "DiscardResult",
-    "boot_domain_xml",
-    "boot_point",
-    "discard_boot",
-    "resume_boot",
-]
+__all__ = ["BOOT_NOTE", "DEFAULT_BOOT_ROOT", "BootDisk", "BootResult", "DiscardResult",
+           "boot_domain_xml", "boot_point", "discard_boot", "resume_boot"]
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +129,11 @@ def _unix_uri(name: str, socket_path: str) -> str:
 
 # --- the note --------------------------------------------------------------------------------
 
-def _boot_dir(name: str, overlay_dir: str | os.PathLike[str] | None) -> Path:
+def _boot_dir(name: str, overlay_dir: str | os.PathLike[str] | None,
+              uri: str = DEFAULT_URI) -> Path:
+    if ssh_target_for(uri) is not None:   # docs/DESIGN.md §10: the point is served here
+        raise UsageError(f"boot runs a point only on the backup server's own hypervisor, not "
+                         f"on {uri}: restore --to DIR, copy the images there, define them")
     if not DOMAIN_NAME_RE.fullmatch(name):
         raise UsageError(f"not a usable domain name for a boot: {name!r} (letters, digits, "
                          "'.', '_', '+', '-'; at most 64)")
@@ -240,7 +236,7 @@ def boot_point(domain: str, pool: PoolLike, point: int, name: str, *,
     leaves out every interface (a boot beside the still-running original without
     address conflicts).  On any failure everything made so far is removed again.
     """
-    bdir = _boot_dir(name, overlay_dir)
+    bdir = _boot_dir(name, overlay_dir, uri)
     store = open_pool(pool, uri, key_file).find_domain(domain)
     if store.pool.encryption is not None:   # FORMAT §15.2: restore or mount it instead
         raise UsageError("boot of an encrypted pool's point: not available yet (restore it)")
@@ -347,7 +343,7 @@ def resume_boot(name: str, *, uri: str = DEFAULT_URI,
                 overlay_dir: str | os.PathLike[str] | None = None,
                 start: bool = True) -> BootResult:
     """Serve a boot's point again (its daemon is gone after a host reboot) and start it."""
-    bdir = _boot_dir(name, overlay_dir)
+    bdir = _boot_dir(name, overlay_dir, uri)
     note = _read_note(bdir)
     with connect(uri) as hv:
         ref = domaindefine.find(hv, uuid=note.get("uuid"))
@@ -380,7 +376,7 @@ def discard_boot(name: str, uri: str = DEFAULT_URI, *,
     (a different domain that now has the name is refused), the daemon whose command
     line names this boot directory, the files the note lists.
     """
-    bdir = _boot_dir(name, overlay_dir)
+    bdir = _boot_dir(name, overlay_dir, uri)
     note = _read_note(bdir)
     removed_domain = False
     with connect(uri) as hv:

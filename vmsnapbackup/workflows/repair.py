@@ -35,9 +35,9 @@ from typing import Any
 from ..adapters import offline
 from ..adapters.domain import Domain
 from ..adapters.domainxml import same_image
+from ..adapters.hostinflight import is_live_on, records_on
 from ..adapters.hypervisor import DEFAULT_URI, Hypervisor, connect
 from ..adapters.storagepool import resolve_pool
-from ..core import inflight
 from ..core.pool import DomainStore, Pool
 from ..errors import (
     BackupInterruptedError,
@@ -191,8 +191,8 @@ def _all_targets(hv: Hypervisor, the_pool: Pool | None, pool_dir: str) -> list[_
     never one that a live operation (another process's backup, in any pool) holds
     now: that is work in progress, not a leftover, and ``--all`` must not fail on it."""
     found: dict[str, _Target] = {}
-    live = {r.uuid: r for r in inflight.records()
-            if r.pid != os.getpid() and inflight.is_live(r)}
+    records = records_on(hv.host)   # a remote backup's records live on the hypervisor
+    live = {r.uuid: r for r in records if r.pid != os.getpid() and is_live_on(hv.host, r)}
 
     def add_uuid(uuid: str, fallback_name: str) -> None:
         if uuid in found:
@@ -222,8 +222,8 @@ def _all_targets(hv: Hypervisor, the_pool: Pool | None, pool_dir: str) -> list[_
             continue
         if any(has_our_overlay(d) for d in disks):
             add_uuid(hv.domain_uuid(dom), hv.domain_name(dom))
-    for rec in inflight.records():
-        if same_image(rec.pool, pool_dir) and rec.pid != os.getpid() and not inflight.is_live(rec):
+    for rec in records:
+        if same_image(rec.pool, pool_dir) and rec.uuid not in live and rec.pid != os.getpid():
             add_uuid(rec.uuid, rec.name)
     return sorted(found.values(), key=lambda t: (t.name, t.uuid))
 

@@ -162,8 +162,8 @@ def restore(
     if define is not None and not DOMAIN_NAME_RE.fullmatch(define):
         raise UsageError(f"not a usable domain name: {define!r}")
     if (define is not None or pool_volume is not None) and ssh_target_for(uri) is not None:
-        raise UsageError("restore --define/--pool-volume onto a remote hypervisor is not "
-                         "supported yet: restore --to DIR here, copy the images, define there")
+        raise UsageError(f"restore --define/--pool-volume writes only to the backup server's "
+                         f"own hypervisor, not {uri}: restore --to DIR, copy, define there")
     store = open_pool(pool, uri, key_file).find_domain(domain)
     # no prune removes what this restore reads, from the manifest to the last volume
     with reading(store):
