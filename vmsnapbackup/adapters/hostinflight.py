@@ -29,7 +29,6 @@ import posixpath
 from collections.abc import Iterator
 
 from ..core import inflight
-from ..core.atomic import is_temp_name
 from ..core.inflight import InflightRecord
 from ..errors import CorruptFileError, HypervisorError, LockedError, VmSnapBackupError
 from .host import Host, HostProcess
@@ -83,21 +82,11 @@ def records_on(host: Host) -> list[InflightRecord]:
     if isinstance(host, LocalHost):
         return inflight.records()
     try:
-        names = sorted(host.listdir(posixpath.dirname(_record_path(host, "x"))))
+        names = host.listdir(posixpath.dirname(_record_path(host, "x")))
     except FileNotFoundError:
         return []
-    found = []
-    for name in names:
-        if is_temp_name(name) or not name.endswith(".json"):
-            continue
-        try:
-            record = read_on(host, name[:-len(".json")])
-        except CorruptFileError as err:
-            log.warning("ignoring damaged in-flight record on %s: %s", host.name, err)
-            continue
-        if record is not None:
-            found.append(record)
-    return found
+    return inflight.collect_records(names, lambda name: read_on(host, name[:-len(".json")]),
+                                    f" on {host.name}")
 
 
 def is_live_on(host: Host, record: InflightRecord) -> bool:

@@ -25,7 +25,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -337,17 +337,26 @@ def records() -> list[InflightRecord]:
     """Every readable record on this host, sorted by uuid; damaged files are logged and skipped."""
     directory = inflight_dir()
     try:
-        names = sorted(os.listdir(directory))
+        names = os.listdir(directory)
     except FileNotFoundError:
         return []
+    return collect_records(names, lambda name: _read_path(directory / name), "")
+
+
+def collect_records(names: Iterable[str], read: Callable[[str], InflightRecord | None],
+                    where: str) -> list[InflightRecord]:
+    """The records among the file ``names`` of a records directory, read by ``read``
+    (here or, through the host seam, on a hypervisor ``where``): temp files are
+    passed over, damaged records logged and skipped, so one bad file never hides
+    the others from ``repair --all``."""
     found = []
-    for name in names:
+    for name in sorted(names):
         if is_temp_name(name) or not name.endswith(".json"):
             continue
         try:
-            record = _read_path(directory / name)
+            record = read(name)
         except CorruptFileError as err:
-            log.warning("ignoring damaged in-flight record: %s", err)
+            log.warning("ignoring damaged in-flight record%s: %s", where, err)
             continue
         if record is not None:
             found.append(record)
