@@ -1,8 +1,9 @@
 """What ``rebase`` costs on a 4 GiB disk, against ``qemu-img convert`` of the point (issue 19).
 
 The issue's goal: a rebase costs at most one read of the point and one write of the new
-base.  Bytes: the new base must be no bigger than the convert's copy.  Time: measured and
-logged, held only to a regression bound (MAX_RATIO); the goal's time is not met.
+base.  Bytes: the new base must be no bigger than the convert's copy (asserted).  Time:
+measured and logged, never asserted (a timing bound in the test suite fails on a busy
+machine, not on slow code; speed belongs to benchmarks/): the goal's time is not met.
 The yardstick is the plain copy of the same data: ``qemu-img convert`` of the point
 volume (read through its base, as a restore reads it) into a new qcow2 in the same file
 system, in the same run.  A running domain, a 4 GiB qcow2 disk holding 1 GiB; a base, then
@@ -31,11 +32,10 @@ MiB = 2**20
 GiB = 2**30
 DATA = GiB
 CHUNK = 64 * MiB
-#: A regression guard, not the issue's goal: measured 5.3 x the warm convert (10.8 s
-#: against 2.0 s; 2.7 x the first, colder convert), about what a base backup of the same
-#: data costs (11.5 s): rebase's data path is backup's (our NBD reads, hashing, writes),
-#: which is slower than qemu-img's copy (docs/generations.md §8)
-MAX_RATIO = 8.0
+# Measured (not asserted): 5.3 x the warm convert (10.8 s against 2.0 s; 2.7 x the first,
+# colder convert), about what a base backup of the same data costs (11.5 s): rebase's data
+# path is backup's (our NBD reads, hashing, writes), slower than qemu-img's copy
+# (docs/generations.md §8)
 
 
 def timed(argv: list[str]) -> float:
@@ -80,8 +80,7 @@ def test_rebase_costs_about_one_convert_of_the_point(make_domain: DomainFactory,
     log.info("4 GiB disk, %d MiB data: backup (base) %.1f s, backup (point, 64 MiB "
              "written) %.1f s", DATA // MiB, t_base, t_point)
     log.info("rebase %.2f s; qemu-img convert of the point %.2f s and %.2f s; ratio "
-             "%.2f (bound %.1f)", t_rebase, converts[0], converts[1], ratio, MAX_RATIO)
+             "%.2f", t_rebase, converts[0], converts[1], ratio)
     log.info("new base %.1f MiB allocated; the convert's copy %.1f MiB",
              allocated(new_base) / MiB, allocated(out) / MiB)
     assert allocated(new_base) <= 1.1 * allocated(out) + 4 * MiB
-    assert ratio <= MAX_RATIO, (t_rebase, converts)

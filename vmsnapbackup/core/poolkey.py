@@ -83,13 +83,20 @@ def _key(store: DomainStore) -> SealingKey | None:
 def _plain(store: DomainStore, path: Path, kind: str) -> _Named | Path:
     """What the table readers read: the file itself, or the opened envelope."""
     key = _key(store)
+    if key is None:
+        # a plain pool's table is read by the readers themselves, streamed or mapped:
+        # reading it whole here would cost its size in memory (issue 19's bound)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(64)
+        except FileNotFoundError:
+            raise CorruptFileError(path, "file is missing") from None
+        if is_sealed(head):
+            raise CorruptFileError(path, "sealed, but the pool is not encrypted")
+        return path
     data = read_bounded(path, MAX_SEALED_TABLE, kind, root=store.pool.root)
     if data is None:
         raise CorruptFileError(path, "file is missing")
-    if key is None:
-        if is_sealed(data):
-            raise CorruptFileError(path, "sealed, but the pool is not encrypted")
-        return _Named(data, os.fspath(path))
     if not is_sealed(data):
         raise CorruptFileError(path, "not sealed, but the pool is encrypted: refusing a "
                                "table in the clear where a sealed one belongs")
