@@ -39,6 +39,7 @@ def test_two_jobs_three_domains(make_domain: DomainFactory, tmp_path: Path,
     stopped = make_domain(disks=[DiskSpec("vda", "raw", 4 * MiB)], start=False,
                           name_prefix="vsb-test-jobB")
     failing = make_domain(disks=[DiskSpec("vda", "qcow2", 4 * MiB)], name_prefix="vsb-test-jobC")
+    running.write("vda", 2 * MiB, MiB, 0x5A)      # data the first backup must read
     pool = tmp_path / "pool"
     pool.mkdir()
     cfg = tmp_path / "vmsnapbackup.toml"
@@ -79,6 +80,8 @@ rpo = "2h"
     jobs: dict[str, Any] = {j["job"]: j for j in doc["jobs"]}
     alpha = {d["domain"]: d for d in jobs["alpha"]["domains"]}
     assert jobs["alpha"]["ok"] and set(alpha) == {running.name, stopped.name}
+    assert alpha[running.name]["backup"]["detail"]["bytes_read"] >= MiB
+    assert alpha[running.name]["backup"]["detail"]["bytes_written"] >= MiB
     for d in alpha.values():
         assert d["backup"]["detail"]["point"] == 1
         assert d["verify"]["ok"] and d["verify"]["detail"]["sample_percent"] is None  # first: full
@@ -105,6 +108,8 @@ rpo = "2h"
             > time.time() - 600
         assert samples[("vmsnapbackup_verify_last_ok", key)] == 1
         assert samples[("vmsnapbackup_prune_last_removed_points", key)] == 1
+        assert ("vmsnapbackup_backup_last_bytes_read", key) in samples
+        assert samples[("vmsnapbackup_stored_bytes", key)] > 0
     bkey = (("domain", failing.name), ("job", "beta"))
     assert samples[("vmsnapbackup_backup_failures_total", bkey)] == 1
     assert samples[("vmsnapbackup_backup_last_success", bkey)] == 0

@@ -65,7 +65,7 @@ def test_success_then_failure_of_one_domain(cfg: Path, tmp_path: Path) -> None:
     with recorded("backup", "web", str(tmp_path / "nopool"), "test:///default",
                   config=str(cfg)) as rec:
         rec.backup(SimpleNamespace(domain="web", point=4,  # type: ignore[arg-type]
-                                   disks=[SimpleNamespace(bytes_written=10)]))
+                                   bytes_written=10, bytes_read=30))
     with pytest.raises(LockedError):
         with recorded("backup", "web", str(tmp_path / "nopool"), "test:///default",
                       config=str(cfg)):
@@ -75,6 +75,7 @@ def test_success_then_failure_of_one_domain(cfg: Path, tmp_path: Path) -> None:
     assert s[("vmsnapbackup_backup_last_success", key)] == 0
     assert s[("vmsnapbackup_backup_failures_total", key)] == 1
     assert s[("vmsnapbackup_backup_last_bytes_written", key)] == 10   # of the last good one
+    assert s[("vmsnapbackup_backup_last_bytes_read", key)] == 30
     assert s[("vmsnapbackup_backup_last_success_timestamp_seconds", key)] > 0
     state = all_states(str(tmp_path / "state"))
     assert state[0]["domains"]["web"]["backup"]["error"].startswith("LockedError")

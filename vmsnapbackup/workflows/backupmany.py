@@ -68,7 +68,8 @@ class DomainBackup:
                 "started": self.started, "seconds": round(self.seconds, 3),
                 "error": self.error, "exit_code": self.exit_code,
                 "point": r.point if r else None, "generation": r.generation if r else None,
-                "bytes_written": sum(d.bytes_written for d in r.disks) if r else 0,
+                "bytes_written": r.bytes_written if r else 0,
+                "bytes_read": r.bytes_read if r else 0,
                 "result": r.to_dict() if r else None}
 
 

@@ -28,6 +28,8 @@ class DiskResult:
     seconds: dict[str, float]
     #: why every backup reads this disk in full (a raw image or a block device), or None
     full_read: str | None = None
+    #: bytes the pass read from the frozen image (the monitored I/O on the hypervisor)
+    bytes_read: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -47,6 +49,14 @@ class BackupResult:
     disks: list[DiskResult] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(d.bytes_read for d in self.disks)
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(d.bytes_written for d in self.disks)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -97,6 +107,7 @@ class DiskWork:
                     "unchanged": s.unchanged, "changed": s.changed,
                     "zero": s.zero} if s else {},
             bytes_written=s.bytes_written if s else 0,
+            bytes_read=s.bytes_read if s else 0,
             seconds={"read": round(s.seconds, 3) if s else 0.0,
                      "commit": round(self.commit_seconds, 3)},
             full_read=full_read_reason(self.disk))

@@ -103,6 +103,7 @@ def record_step(rec: dict[str, Any], phase: str, *, ok: bool, seconds: float,
     p["last_success"] = now
     if phase == "backup":
         p["bytes_written"] = detail.get("bytes_written", 0)
+        p["bytes_read"] = detail.get("bytes_read", 0)
         p["point"] = detail.get("point")
     elif phase == "prune":
         p["removed"] = len(detail.get("removed", []))
@@ -126,6 +127,8 @@ _DOMAIN_SERIES = (
      "backup", "seconds", "gauge"),
     ("backup_last_bytes_written", "Bytes the last successful backup wrote to the pool.",
      "backup", "bytes_written", "gauge"),
+    ("backup_last_bytes_read", "Bytes the last successful backup read from the domain's "
+     "disks (its I/O on the hypervisor).", "backup", "bytes_read", "gauge"),
     ("backup_last_success", "1 if the last backup attempt succeeded, else 0.",
      "backup", "ok", "gauge"),
     ("backup_failures_total", "Failed backup attempts since the state was created.",

@@ -102,7 +102,7 @@ class CommandRecord:
 
     def backup(self, result: BackupResult) -> None:
         self.done(result.domain, point=result.point,
-                  bytes_written=sum(d.bytes_written for d in result.disks))
+                  bytes_written=result.bytes_written, bytes_read=result.bytes_read)
 
     def prune(self, report: PruneReport) -> None:
         self.done(report.domain, removed=[p.number for p in report.removed])

@@ -122,7 +122,7 @@ def _backup(job: Job, domain: str, dry_run: bool) -> Step:
                                 threshold=job.threshold, retention=job.retention)
         r = backup(domain, job.pool, uri=job.uri, options=options)
         return {"point": r.point, "generation": r.generation, "consistency": r.consistency,
-                "bytes_written": sum(d.bytes_written for d in r.disks),
+                "bytes_written": r.bytes_written, "bytes_read": r.bytes_read,
                 "new_generation": r.new_generation, "skipped": [t for t, _ in r.skipped]}
     return _step("backup", domain, go)
 
