@@ -236,7 +236,7 @@ class Fake:
             script(self.conn)
         except (EOFError, ConnectionError, socket.timeout):
             pass  # the client hung up first: fine for a script
-        except BaseException as exc:  # noqa: BLE001 (re-raised by scripted_servers)
+        except BaseException as exc:
             self.failure = exc
 
     def client(self, **options: object) -> NbdClient:
