@@ -236,7 +236,7 @@ class Fake:
             script(self.conn)
         except (EOFError, ConnectionError, socket.timeout):
             pass  # the client hung up first: fine for a script
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 (re-raised by scripted_servers)
             self.failure = exc
 
     def client(self, **options: object) -> NbdClient:

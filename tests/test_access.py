@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from vmsnapbackup.adapters import bootdaemon, domaindefine
 from vmsnapbackup.errors import CorruptFileError, NotFoundError, UsageError
+from vmsnapbackup.adapters import bootdaemon, domaindefine
 from vmsnapbackup.workflows import boot as access
 from vmsnapbackup.workflows import bootnote
 from vmsnapbackup.workflows.access import BootDisk, boot_domain_xml

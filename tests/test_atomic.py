@@ -51,18 +51,20 @@ def test_atomic_write_replaces_existing_file(tmp_path: Path) -> None:
 
 def test_exception_in_body_leaves_no_file_and_no_temp(tmp_path: Path) -> None:
     target = tmp_path / "f"
-    with pytest.raises(RuntimeError), atomic.atomic_write(target) as f:
-        f.write(b"half")
-        raise RuntimeError("boom")
+    with pytest.raises(RuntimeError):
+        with atomic.atomic_write(target) as f:
+            f.write(b"half")
+            raise RuntimeError("boom")
     assert _names(tmp_path) == []
 
 
 def test_exception_in_body_keeps_old_content(tmp_path: Path) -> None:
     target = tmp_path / "f"
     target.write_bytes(b"old")
-    with pytest.raises(KeyboardInterrupt), atomic.atomic_write(target) as f:
-        f.write(b"new")
-        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        with atomic.atomic_write(target) as f:
+            f.write(b"new")
+            raise KeyboardInterrupt
     assert target.read_bytes() == b"old"
     assert _names(tmp_path) == ["f"]
 
@@ -71,8 +73,9 @@ def test_unrelated_oserror_in_body_is_not_mapped(tmp_path: Path) -> None:
     """An EACCES about some other file must not read as "pool is read-only"."""
     target = tmp_path / "f"
     other = tmp_path / "elsewhere"
-    with pytest.raises(PermissionError), atomic.atomic_write(target):
-        raise PermissionError(errno.EACCES, "Permission denied", str(other))
+    with pytest.raises(PermissionError):
+        with atomic.atomic_write(target):
+            raise PermissionError(errno.EACCES, "Permission denied", str(other))
     assert _names(tmp_path) == []
 
 
@@ -147,9 +150,10 @@ def tiny_tmpfs(size: str = "64k") -> Iterator[Path]:
 def test_enospc_maps_to_pool_full_and_cleans_temp() -> None:
     with tiny_tmpfs() as d:
         target = d / "big.bin"
-        with pytest.raises(PoolFullError) as ei, atomic.atomic_write(target) as f:
-            for _ in range(64):
-                f.write(b"\xab" * 8192)
+        with pytest.raises(PoolFullError) as ei:
+            with atomic.atomic_write(target) as f:
+                for _ in range(64):
+                    f.write(b"\xab" * 8192)
         assert str(target) in str(ei.value)
         assert isinstance(ei.value.__cause__, OSError)
         assert ei.value.__cause__.errno == errno.ENOSPC

@@ -513,7 +513,7 @@ def test_config_errors_name_the_file(conf: Path, text: str, match: str) -> None:
 # ---------------------------------------------------------------- install
 
 def test_packaged_shim_is_the_repository_copy() -> None:
-    assert (REPO / "hooks" / "qemu").read_text() == hookinstall.SHIM_SOURCE
+    assert hookinstall.SHIM_SOURCE == (REPO / "hooks" / "qemu").read_text()
     assert os.access(REPO / "hooks" / "qemu", os.X_OK)
 
 

@@ -200,9 +200,10 @@ def test_uuid_cannot_escape_directory() -> None:
 
 
 def test_context_manager_clears_own_record_even_on_error() -> None:
-    with pytest.raises(RuntimeError), inflight.inflight(make()) as rec:
-        assert inflight.read(UUID) == rec
-        raise RuntimeError("boom")
+    with pytest.raises(RuntimeError):
+        with inflight.inflight(make()) as rec:
+            assert inflight.read(UUID) == rec
+            raise RuntimeError("boom")
     assert inflight.read(UUID) is None
 
 
@@ -216,8 +217,9 @@ def test_context_manager_leaves_a_successor_alone(other_live_pid: int) -> None:
 
 def test_context_manager_refuses_when_busy(other_live_pid: int) -> None:
     inflight.register(make(pid=other_live_pid))
-    with pytest.raises(LockedError), inflight.inflight(make()):
-        pytest.fail("entered despite a live record")
+    with pytest.raises(LockedError):
+        with inflight.inflight(make()):
+            pytest.fail("entered despite a live record")
     assert inflight.read(UUID).pid == other_live_pid  # type: ignore[union-attr]
 
 

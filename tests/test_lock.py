@@ -125,8 +125,9 @@ def test_not_reentrant_in_one_process(tmp_path: Path) -> None:
 
 
 def test_lock_is_released_on_exception(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError), DomainLock(tmp_path / "lock", "backup"):
-        raise RuntimeError
+    with pytest.raises(RuntimeError):
+        with DomainLock(tmp_path / "lock", "backup"):
+            raise RuntimeError
     with DomainLock(tmp_path / "lock", "backup") as lk:
         assert lk.previous_holder is None
 

@@ -165,8 +165,9 @@ def test_domain_record_corruption(store: DomainStore) -> None:
 
 
 def test_lock_of_store_names_domain(store: DomainStore) -> None:
-    with store.lock("backup"), pytest.raises(LockedError, match=f"domain web1 \\({UUID}\\)"):
-        store.lock("prune").acquire()
+    with store.lock("backup"):
+        with pytest.raises(LockedError, match=f"domain web1 \\({UUID}\\)"):
+            store.lock("prune").acquire()
     assert store.lock_path.exists()
 
 
@@ -406,4 +407,4 @@ def test_leftovers(store: DomainStore) -> None:
     assert ("generations/000002/vda/base.qcow2.partial", "partial") in kinds
     # nothing of a sealed point is ever a leftover
     for x in store.leftovers():
-        assert "point-000002" not in str(x.path) and x.path.name != "base.qcow2"
+        assert "point-000002" not in str(x.path) and "base.qcow2" != x.path.name

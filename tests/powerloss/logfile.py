@@ -41,7 +41,7 @@ class LogWriter:
     def flush(self) -> None:
         self._f.flush()
 
-    def __enter__(self) -> LogWriter:
+    def __enter__(self) -> LogWriter:  # noqa: PYI034
         return self
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None,

@@ -50,7 +50,7 @@ class PowerLossMount:
         self.proc: subprocess.Popen[bytes] | None = None
         self.stderr_path = log.with_suffix(".stderr")
 
-    def __enter__(self) -> PowerLossMount:
+    def __enter__(self) -> PowerLossMount:  # noqa: PYI034
         self.backing.mkdir(parents=True, exist_ok=True)
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "powerloss.fusefs", str(self.backing), str(self.mountpoint),
