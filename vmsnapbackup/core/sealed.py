@@ -37,10 +37,13 @@ __all__ = [
     "ENVELOPE_HEADER_SIZE",
     "MAGIC",
     "SALT_SIZE",
+    "TAG_SIZE",
     "SealingKey",
     "check_key_strength",
+    "envelope_header",
     "is_sealed",
     "new_salt",
+    "read_header",
 ]
 
 MAGIC = b"VSBSEAL\0"
@@ -144,9 +147,7 @@ class SealingKey:
 
     def seal(self, plain: bytes, where: str) -> bytes:
         """The envelope of ``plain`` stored at pool path ``where`` (a fresh nonce)."""
-        nonce = os.urandom(NONCE_SIZE)
-        header = _HEADER.pack(MAGIC, ENVELOPE_VERSION, ALGORITHM_AES_256_GCM, 0,
-                              self.key_id, nonce)
+        header, nonce = envelope_header(self)
         return header + AESGCM(self.key).encrypt(nonce, plain, _aad(header, where))
 
     def open(self, data: bytes, where: str, path: PathArg) -> bytes:
@@ -155,21 +156,37 @@ class SealingKey:
         A wrong key is IntegrityError naming the key ids; anything else that does
         not open -- a changed byte, a file moved to another name -- CorruptFileError.
         """
-        if len(data) < ENVELOPE_HEADER_SIZE + TAG_SIZE or not is_sealed(data):
+        if len(data) < ENVELOPE_HEADER_SIZE + TAG_SIZE:
             raise CorruptFileError(path, "not a sealed record (too short or no VSBSEAL magic)")
         header = data[:ENVELOPE_HEADER_SIZE]
-        _magic, version, algorithm, _reserved, key_id, nonce = _HEADER.unpack(header)
-        if version != ENVELOPE_VERSION:
-            raise CorruptFileError(path, f"unknown envelope version {version}")
-        if algorithm != ALGORITHM_AES_256_GCM:
-            raise CorruptFileError(path, f"unknown envelope algorithm {algorithm}")
-        self.check_id(key_id, str(path))
+        nonce = read_header(header, self, path)
         try:
             return AESGCM(self.key).decrypt(nonce, data[ENVELOPE_HEADER_SIZE:],
                                             _aad(header, where))
         except InvalidTag:
             raise CorruptFileError(path, "authentication failed: the sealed record was "
                                    "changed or belongs to another file") from None
+
+
+def envelope_header(key: SealingKey) -> tuple[bytes, bytes]:
+    """A new envelope's header for ``key``, and its nonce (fresh for every file)."""
+    nonce = os.urandom(NONCE_SIZE)
+    return _HEADER.pack(MAGIC, ENVELOPE_VERSION, ALGORITHM_AES_256_GCM, 0, key.key_id,
+                        nonce), nonce
+
+
+def read_header(header: bytes, key: SealingKey, path: PathArg) -> bytes:
+    """The nonce of an envelope's ``header``, once its magic, version, algorithm and
+    key id are known good (a wrong key: IntegrityError; anything else: corrupt)."""
+    if len(header) != ENVELOPE_HEADER_SIZE or not is_sealed(header):
+        raise CorruptFileError(path, "not a sealed record (too short or no VSBSEAL magic)")
+    _magic, version, algorithm, _reserved, key_id, nonce = _HEADER.unpack(header)
+    if version != ENVELOPE_VERSION:
+        raise CorruptFileError(path, f"unknown envelope version {version}")
+    if algorithm != ALGORITHM_AES_256_GCM:
+        raise CorruptFileError(path, f"unknown envelope algorithm {algorithm}")
+    key.check_id(key_id, str(path))
+    return bytes(nonce)
 
 
 def _aad(header: bytes, where: str) -> bytes:
