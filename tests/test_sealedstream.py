@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from test_poolkey import UUID, _encrypted_pool
 
 from vmsnapbackup.adapters.keyfile import unlock_pool
