@@ -18,16 +18,11 @@ from typing import Dict
 import pytest
 from domains import QEMU_LOG_DIR, DiskModel, TestDomain
 from test_access import convert, daemon_gone, pool_state, qemu_io_read, read_all
+from test_pool_encrypt import _key
 
 from vmsnapbackup.cli import main
 from vmsnapbackup.errors import ExitCode
-from vmsnapbackup.workflows.access import (
-    BOOT_NOTE,
-    boot_point,
-    discard_boot,
-    mount_point,
-    resume_boot,
-)
+from vmsnapbackup.workflows import access
 from vmsnapbackup.workflows.backup import backup
 
 pytestmark = pytest.mark.integration
@@ -35,12 +30,6 @@ pytestmark = pytest.mark.integration
 KiB = 1024
 MiB = 1024 * KiB
 KEY_TEXT = b"correct horse battery staple, pool key 0001\n"
-
-
-def _key(path: Path, text: bytes) -> Path:
-    path.write_bytes(text)
-    path.chmod(0o600)
-    return path
 
 
 class EncryptedPoints:
@@ -83,7 +72,7 @@ def test_mount_of_an_encrypted_pool(points: EncryptedPoints,
     before = pool_state(points.pool)
     for point in (1, 2):
         for target in ("vda", "vdb"):
-            with mount_point(points.dom.name, points.pool, point, target,
+            with access.mount_point(points.dom.name, points.pool, point, target,
                              key_file=str(points.key)) as m:
                 assert m.size == len(points.expected[point][target])
                 assert read_all(m.uri) == points.expected[point][target], (point, target)
@@ -112,7 +101,7 @@ def test_boot_of_an_encrypted_pool(points: EncryptedPoints, make_domain, libvirt
         assert not (overlay_root / name).exists()
         assert name not in [d.name() for d in libvirt_conn.listAllDomains(0)]
 
-    result = boot_point(points.dom.name, points.pool, 2, name, overlay_dir=overlay_root,
+    result = access.boot_point(points.dom.name, points.pool, 2, name, overlay_dir=overlay_root,
                         key_file=str(points.key))
     resumed = None
     try:
@@ -120,7 +109,7 @@ def test_boot_of_an_encrypted_pool(points: EncryptedPoints, make_domain, libvirt
         # the daemon reads the key from its file: the path on its command line, not the key
         argv = _cmdline(result.daemon_pid)
         assert str(points.key).encode() in argv and KEY_TEXT.strip() not in argv
-        note = json.loads((overlay_root / name / BOOT_NOTE).read_text())
+        note = json.loads((overlay_root / name / access.BOOT_NOTE).read_text())
         assert note["version"] == 2 and note["key_file"] == str(points.key)
         assert KEY_TEXT.strip().decode() not in json.dumps(note)
         dom = libvirt_conn.lookupByName(name)
@@ -138,12 +127,12 @@ def test_boot_of_an_encrypted_pool(points: EncryptedPoints, make_domain, libvirt
             assert got == points.expected[2][target], target
         # after a host reboot: resume opens the chain again with the note's key file
         os.kill(result.daemon_pid, signal.SIGKILL)
-        resumed = resume_boot(name, overlay_dir=overlay_root)
+        resumed = access.resume_boot(name, overlay_dir=overlay_root)
         assert resumed.started and dom.isActive()
         assert qemu_io_read(dom, "virtio-disk0", 512 * KiB, 1 * MiB, 0x33).startswith(
             "read 1048576/1048576")
     finally:
-        gone = discard_boot(name, overlay_dir=overlay_root)
+        gone = access.discard_boot(name, overlay_dir=overlay_root)
     assert gone.domain_removed
     assert daemon_gone(result.daemon_pid)
     assert resumed is not None and daemon_gone(resumed.daemon_pid)
