@@ -10,6 +10,7 @@ import pytest
 from vmsnapbackup.errors import CorruptFileError, NotFoundError, UsageError
 from vmsnapbackup.adapters import bootdaemon, domaindefine
 from vmsnapbackup.workflows import boot as access
+from vmsnapbackup.workflows import bootnote
 from vmsnapbackup.workflows.access import BootDisk, boot_domain_xml
 
 SOCK = "/var/lib/libvirt/images/vmsnapbackup-boot/web1-r/nbd.sock"
@@ -163,27 +164,27 @@ def test_boot_note_is_checked_before_anything_is_removed(tmp_path: Path) -> None
     bdir = tmp_path / "web1-r"
     bdir.mkdir()
     with pytest.raises(NotFoundError):
-        access._read_note(bdir)
+        bootnote.read_note(bdir)
     note = {"format": "vmsnapbackup-boot", "version": 1,
             "disks": {"vda": {"overlay": "../../etc/passwd"}}}
     (bdir / access.BOOT_NOTE).write_text(json.dumps(note))
     with pytest.raises(CorruptFileError, match="outside"):
-        access._read_note(bdir)
+        bootnote.read_note(bdir)
     note["disks"] = {"vda": {"overlay": "vda.qcow2"}}
-    note["version"] = 2
+    note["version"] = 3
     (bdir / access.BOOT_NOTE).write_text(json.dumps(note))
     with pytest.raises(CorruptFileError, match="version"):
-        access._read_note(bdir)
+        bootnote.read_note(bdir)
     note["version"] = 1
     (bdir / access.BOOT_NOTE).write_text(json.dumps(note))
-    assert access._read_note(bdir)["disks"]["vda"]["overlay"] == "vda.qcow2"
+    assert bootnote.read_note(bdir)["disks"]["vda"]["overlay"] == "vda.qcow2"
 
 
 def test_daemon_command_line_serves_read_only(tmp_path: Path) -> None:
     note = {"disks": {"vda": {"volume": "/pool/a,b/point-000002.qcow2", "format": "qcow2",
                               "export": "vda"},
                       "vdb": {"volume": "/pool/base.raw", "format": "raw", "export": "vdb"}}}
-    argv = bootdaemon.daemon_args(str(tmp_path), access._served_images(note))
+    argv = bootdaemon.daemon_args(str(tmp_path), bootnote.served_images(note))
     text = " ".join(argv)
     assert "filename=/pool/a,,b/point-000002.qcow2,read-only=on" in text
     assert "driver=raw,node-name=vsbd1,file=vsbf1,read-only=on" in text

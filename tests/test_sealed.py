@@ -1,6 +1,7 @@
 """Sealed records (core/sealed.py, FORMAT §15.2): what opens, and what is refused."""
 from __future__ import annotations
 
+import base64
 import os
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from vmsnapbackup.core.sealed import (
     ENVELOPE_HEADER_SIZE,
     MAGIC,
     SealingKey,
+    check_key_material,
+    check_key_strength,
     is_sealed,
     new_salt,
 )
@@ -120,3 +123,23 @@ def test_compress_with_encrypt_is_refused_before_anything(tmp_path: Path,
     rc = main(["--pool", str(pool), "--connect", "test:///default", "backup", "no-such-domain",
                "--encrypt", "--key-file", str(key)])
     assert rc == ExitCode.NOT_FOUND and not pool.exists()
+
+
+@pytest.mark.parametrize("material", [
+    b"a" * 40 + b"\n",                         # one character
+    b"passwordpassword" * 3,                   # a word repeated
+    b"2024-01-01 2024-01-01 2024-01-01 x",     # a date repeated
+])
+def test_a_new_pool_refuses_a_key_that_is_plainly_not_random(material: bytes) -> None:
+    check_key_material(material, "k")            # an existing pool would still open
+    with pytest.raises(UsageError, match="does not look random"):
+        check_key_strength(material, "k")
+
+
+@pytest.mark.parametrize("material", [
+    base64.b64encode(bytes(range(7, 55))) + b"\n",   # like openssl rand -base64 48
+    bytes(range(16, 48)).hex().encode() + b"\n",     # like openssl rand -hex 32
+    b"correct horse battery staple, pool key 0001\n",
+])
+def test_a_new_pool_takes_a_random_or_long_key(material: bytes) -> None:
+    check_key_strength(material, "k")

@@ -13,6 +13,9 @@ after creating the exports and the NBD server and before accepting connections
 
 Its pid file, log and socket live in the boot directory; a pid is only trusted
 when that process's command line names this directory's socket (pid reuse).
+A point of an encrypted pool (FORMAT.md §15.2) is opened with the pool's key as a
+``secret`` object whose *file* the daemon reads: the command line (readable in
+/proc by every local user) names the key file, never holds the key.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from . import processes
 from .daemonlaunch import launch_daemon, qemu_opt
 from .exportnodes import format_node_args
 from .host import LOCAL, Host, HostProcess
-from .pinnedchain import PinnedImage
+from .pinnedchain import PinnedImage, secret_objects
 
 __all__ = ["LOGFILE", "PIDFILE", "SOCKET", "ServedImage", "daemon_args", "running_pid",
            "serve", "stop"]
@@ -69,6 +72,8 @@ def daemon_args(directory: str, images: Sequence[ServedImage]) -> list[str]:
     """The daemon's arguments: read-only nodes and exports, socket and pid file in
     ``directory``."""
     args: list[str] = []
+    for key in _keys(images):    # an encrypted pool's: QEMU reads the file, never argv
+        args += ["--object", key]
     for i, img in enumerate(images):
         args += ["--blockdev", (f"driver=file,node-name=vsbf{i},"
                  f"filename={qemu_opt(img.image)},read-only=on"),
@@ -80,6 +85,16 @@ def daemon_args(directory: str, images: Sequence[ServedImage]) -> list[str]:
                  f"name={qemu_opt(img.export)},writable=off")]
     args += ["--pidfile", os.path.join(directory, PIDFILE)]
     return args
+
+
+def _keys(images: Sequence[ServedImage]) -> list[str]:
+    """The ``secret`` object of the pool key the images are opened with (FORMAT
+    §15.2), none for a plain pool; one object, since a point comes from one pool."""
+    chains = [img.chain for img in images if img.chain is not None and img.chain.key_files()]
+    keys = {k for chain in chains for k in chain.key_files()}
+    if len(keys) > 1:
+        raise ExportError(f"a boot serves points of one pool, not of {len(keys)} key files")
+    return secret_objects(chains[0]) if chains else []
 
 
 def _needle(directory: str) -> str:

@@ -14,7 +14,7 @@ import stat
 from ..core.pool import Pool
 from ..core.poolkey import PoolKey
 from ..core.poolread import read_bounded
-from ..core.sealed import MAX_KEY_FILE, SealingKey, check_key_material
+from ..core.sealed import MAX_KEY_FILE, SealingKey, check_key_material, check_key_strength
 from ..errors import NotFoundError, UsageError
 
 __all__ = ["KeyFile", "unlock_pool"]
@@ -44,6 +44,10 @@ class KeyFile:
 
     def __repr__(self) -> str:             # the path only, never the bytes
         return f"KeyFile({self.path!r})"
+
+    def check_new(self) -> None:
+        """Refuse a key that looks guessable, before a new pool is encrypted with it."""
+        check_key_strength(self._material, self.path)
 
     def sealing_key(self, salt: bytes) -> SealingKey:
         """The key that seals the records of the pool with this ``salt``."""

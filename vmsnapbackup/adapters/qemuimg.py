@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import tenacity
+
 from ..errors import HypervisorError, PoolFullError, StorageError, UsageError
 from .host import LOCAL, Completed, Host
 
@@ -34,6 +36,11 @@ log = logging.getLogger(__name__)
 
 _PROGRESS_RE = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 _NO_SPACE = ("No space left on device", "Disk quota exceeded")
+#: QEMU's LUKS key-slot setup times PBKDF2 by the thread's *user* CPU time, which
+#: the kernel may report as unchanged on a busy (virtual) machine; QEMU then gives
+#: up with this message, though nothing is wrong: the create is simply run again
+_PBKDF_TIMING = "Unable to get accurate CPU usage"
+_CREATE_ATTEMPTS = 4
 _INFO_TIMEOUT = 60.0
 _CREATE_TIMEOUT = 300.0
 #: convert and commit of a large image take long; the deadline only catches a hang.
@@ -198,8 +205,13 @@ class QemuImg:
                     f"no space left for {path}: {err.strerror}") from err
             raise self._error(f"cannot create {path}: {err.strerror or err}") from err
         try:
-            self._run(args, f"qemu-img create {path}", _CREATE_TIMEOUT,
-                      full=PoolFullError if in_pool else StorageError, target=path)
+            # qemu-img create truncates the (still private) file it writes into, so a
+            # run again after the PBKDF timing refusal starts from scratch
+            tenacity.Retrying(
+                retry=tenacity.retry_if_exception(lambda e: _PBKDF_TIMING in str(e)),
+                stop=tenacity.stop_after_attempt(_CREATE_ATTEMPTS), reraise=True)(
+                self._run, args, f"qemu-img create {path}", _CREATE_TIMEOUT,
+                full=PoolFullError if in_pool else StorageError, target=path)
         except BaseException:
             self.host.unlink(path)
             raise

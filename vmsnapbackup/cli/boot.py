@@ -35,7 +35,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--overlay-dir", metavar="DIR",
                    help=f"where the NEW/ directory of overlays goes (default {DEFAULT_BOOT_ROOT})")
     p.add_argument("--key-file", metavar="FILE",
-                   help="the key file of an encrypted pool (docs/FORMAT.md §15.2)")
+                   help="the key file of an encrypted pool (docs/FORMAT.md §15.2); the boot's "
+                   "storage daemon reads it, and --resume reads it again")
     act = p.add_mutually_exclusive_group()
     act.add_argument("--discard", metavar="NEW",
                      help="destroy and undefine boot domain NEW and remove its overlays")
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         return 0
     if args.resume:
         result = resume_boot(args.resume, uri=ctx.uri, overlay_dir=args.overlay_dir,
-                             start=args.start)
+                             start=args.start, key_file=args.key_file)
         ctx.emit(result.to_dict(), _text(result))
         return 0
     if not args.domain or args.point is None or not args.name:

@@ -59,7 +59,7 @@ PoolCheck = Callable[[str, str], Optional[str]]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 _TOP_KEYS = {"state-dir", "metrics", "pools", "hosts", "jobs"}
-_POOL_KEYS = {"path", "libvirt-pool"}
+_POOL_KEYS = {"path", "libvirt-pool", "key-file"}
 _HOST_KEYS = {"uri"}
 _JOB_KEYS = {"domains", "running-only", "exclude", "disks", "pool", "host", "schedule",
              "randomized-delay", "cron", "rpo", "quiesce", "new-generation", "threshold",
@@ -174,6 +174,7 @@ def parse_config(text: str, path: str, *, check_calendar: CalendarCheck | None =
     state_dir = c.typed(doc, (), "state-dir", (str,), "a directory path") or DEFAULT_STATE_DIR
     metrics = c.typed(doc, (), "metrics", (str,), "a file path")
     pools: dict[str, str] = {}
+    pool_keys: dict[str, str] = {}
     for name, spec in c.table(doc, (), "pools").items():
         t = ("pools", name)
         if not isinstance(spec, dict):
@@ -190,6 +191,11 @@ def parse_config(text: str, path: str, *, check_calendar: CalendarCheck | None =
                 c.add(t, "path", f"must be an absolute path, not {value!r}")
                 continue
             pools[name] = value
+        key_file = c.typed(spec, t, "key-file", (str,), "a file path")
+        if key_file is not None and not key_file.startswith("/"):
+            c.add(t, "key-file", f"must be an absolute path, not {key_file!r}")
+        elif key_file is not None:
+            pool_keys[name] = key_file     # an encrypted pool (FORMAT §15.2)
     hosts: dict[str, str] = {}
     for name, spec in c.table(doc, (), "hosts").items():
         if not isinstance(spec, dict):
@@ -206,7 +212,7 @@ def parse_config(text: str, path: str, *, check_calendar: CalendarCheck | None =
     if not job_docs and not c.problems:
         c.add((), "jobs", "no jobs defined (add a [jobs.NAME] table)")
     for name, spec in job_docs.items():
-        job = _job(c, name, spec, pools, hosts, check_calendar)
+        job = _job(c, name, spec, pools, hosts, check_calendar, pool_keys)
         if job is not None:
             jobs[name] = job
     if check_pool is not None and not c.problems:
@@ -243,7 +249,8 @@ def parse_settings(text: str, path: str) -> Settings:
 
 
 def _job(c: _Checker, name: str, spec: Any, pools: Mapping[str, str],
-         hosts: Mapping[str, str], check_calendar: CalendarCheck | None) -> Job | None:
+         hosts: Mapping[str, str], check_calendar: CalendarCheck | None,
+         pool_keys: Mapping[str, str]) -> Job | None:
     t = ("jobs", name)
     before = len(c.problems)
     if not isinstance(spec, dict):
@@ -308,7 +315,8 @@ def _job(c: _Checker, name: str, spec: Any, pools: Mapping[str, str],
         randomized_delay=DEFAULT_RANDOMIZED_DELAY if delay is None else delay, cron=cron,
         rpo=rpo, quiesce=QUIESCE[quiesce_word], new_generation=new_gen,
         threshold=None if threshold is None else float(threshold),
-        parallelism=parallelism or 1, retention=retention, verify=verify)
+        parallelism=parallelism or 1, retention=retention, verify=verify,
+        key_file=pool_keys.get(pool_name or ""))
 
 
 def _retention(c: _Checker, job_table: tuple[str, ...], spec: dict[str, Any]

@@ -97,6 +97,9 @@ class Job:
     parallelism: int = 1
     retention: Policy | None = None      # None: no prune
     verify: VerifyPolicy | None = None
+    #: the key file of an encrypted pool (its ``[pools]`` table's ``key-file``): the
+    #: job's backups encrypt (a new pool is created encrypted) and its verify opens it
+    key_file: str | None = None
 
 
 @dataclass(frozen=True)

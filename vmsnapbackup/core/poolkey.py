@@ -16,19 +16,20 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import io
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, TypeVar, cast
 
-from ..errors import CorruptFileError, UsageError
-from .atomic import atomic_write_bytes
+from ..errors import CorruptFileError, UsageError, VmSnapBackupError
+from .atomic import atomic_write
 from .checktable import CheckTable, read_check_table, write_check_table
 from .difftable import DifferenceTable, read_difference_table, write_difference_table
-from .poolread import read_bounded
-from .sealed import SealingKey, is_sealed
-from .tablefile import file_checksum
+from .poolread import open_regular
+from .sealed import MAGIC, SealingKey, is_sealed
+from .sealedstream import CHUNK, OpenedTable, SealingWriter
+from .tablefile import CHECKSUM_SIZE, Destination, Source, file_checksum
 
 if TYPE_CHECKING:
     from .domainstore import DomainStore
@@ -46,9 +47,8 @@ __all__ = [
     "write_difference",
 ]
 
-#: the largest table file read into memory to be opened (a 4 TiB disk in 4 KiB blocks)
-MAX_SEALED_TABLE = 1 << 34
 _XML_SUFFIX = "#domain.xml"
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -63,14 +63,6 @@ class PoolKey:
         return f"PoolKey({self.sealing!r}, {self.key_file!r})"
 
 
-class _Named(io.BytesIO):
-    """Plain bytes of a sealed file, named like the file in the readers' messages."""
-
-    def __init__(self, data: bytes, name: str) -> None:
-        super().__init__(data)
-        self.name = name
-
-
 def _key(store: DomainStore) -> SealingKey | None:
     if store.pool.encryption is None:
         return None
@@ -80,74 +72,85 @@ def _key(store: DomainStore) -> SealingKey | None:
     return store.pool.key.sealing
 
 
-def _plain(store: DomainStore, path: Path, kind: str) -> _Named | Path:
-    """What the table readers read: the file itself, or the opened envelope."""
+def _read(store: DomainStore, path: Path, read: Callable[[Source], _T]) -> _T:
+    """``read`` of table ``path``: the file itself in a plain pool (where the readers'
+    magic check refuses a sealed file), else its envelope opened as a stream
+    (:mod:`.sealedstream`), so no more than one table is ever held in memory."""
     key = _key(store)
     if key is None:
-        # a plain pool's table is read by the readers themselves, streamed or mapped:
-        # reading it whole here would cost its size in memory (issue 19's bound)
+        return read(path)
+    try:
+        fobj = os.fdopen(open_regular(os.fspath(path)), "rb")
+    except FileNotFoundError:
+        raise CorruptFileError(path, "file is missing") from None
+    with fobj:
+        if not is_sealed(fobj.read(len(MAGIC))):
+            raise CorruptFileError(path, "not sealed, but the pool is encrypted: refusing a "
+                                   "table in the clear where a sealed one belongs")
+        fobj.seek(0)
+        opened = OpenedTable(fobj, key, store.relpath(path), os.fspath(path))
         try:
-            with open(path, "rb") as f:
-                head = f.read(64)
-        except FileNotFoundError:
-            raise CorruptFileError(path, "file is missing") from None
-        if is_sealed(head):
-            raise CorruptFileError(path, "sealed, but the pool is not encrypted")
-        return path
-    data = read_bounded(path, MAX_SEALED_TABLE, kind, root=store.pool.root)
-    if data is None:
-        raise CorruptFileError(path, "file is missing")
-    if not is_sealed(data):
-        raise CorruptFileError(path, "not sealed, but the pool is encrypted: refusing a "
-                               "table in the clear where a sealed one belongs")
-    return _Named(key.open(data, store.relpath(path), path), os.fspath(path))
+            result = read(cast(IO[bytes], opened))   # a binary file, in io's sense
+        except VmSnapBackupError:
+            opened.finish()     # a changed byte is an authentication failure, said so
+            raise
+        opened.finish()
+        return result
 
 
 def read_check(store: DomainStore, path: Path, *, expected_checksum: bytes | None = None,
                expected_body_digest: bytes | None = None) -> CheckTable:
     """:func:`.checktable.read_check_table` of a table of ``store``, sealed or not."""
-    return read_check_table(_plain(store, path, "check table"),
-                            expected_checksum=expected_checksum,
-                            expected_body_digest=expected_body_digest)
+    return _read(store, path, lambda src: read_check_table(
+        src, expected_checksum=expected_checksum, expected_body_digest=expected_body_digest))
 
 
 def read_difference(store: DomainStore, path: Path, *, table1: CheckTable,
                     expected_checksum: bytes | None = None) -> DifferenceTable:
     """:func:`.difftable.read_difference_table` of a table of ``store``, sealed or not."""
-    return read_difference_table(_plain(store, path, "difference table"), table1=table1,
-                                 expected_checksum=expected_checksum)
+    return _read(store, path, lambda src: read_difference_table(
+        src, table1=table1, expected_checksum=expected_checksum))
 
 
 def table_checksum(store: DomainStore, path: Path) -> bytes:
-    """The trailing checksum of the plain bytes of a table file (cheap when not sealed)."""
+    """The trailing checksum of the plain bytes of a table file (cheap when not sealed;
+    a sealed one is read through, as its tag covers the whole file)."""
     if store.pool.encryption is None:
         return file_checksum(path)
-    return file_checksum(_plain(store, path, "table"))
+
+    def tail(src: Source) -> bytes:
+        assert not isinstance(src, (str, os.PathLike))
+        last = b""
+        while chunk := src.read(CHUNK):
+            last = (last + chunk)[-CHECKSUM_SIZE:]
+        if len(last) != CHECKSUM_SIZE:
+            raise CorruptFileError(path, "too short to hold a checksum")
+        return last
+    return _read(store, path, tail)
 
 
-def _write(store: DomainStore, path: Path, emit: bytes, checksum: bytes) -> bytes:
+def _write(store: DomainStore, path: Path, write: Callable[[Destination, _T], bytes],
+           table: _T) -> bytes:
+    """``write`` of ``table`` to ``path`` (atomically); the plain file's checksum.  In an
+    encrypted pool the writer's bytes are sealed as they come (:mod:`.sealedstream`)."""
     key = _key(store)
-    assert key is not None
-    atomic_write_bytes(path, key.seal(emit, store.relpath(path)))
+    if key is None:
+        return write(path, table)
+    with atomic_write(path) as fobj:
+        sealer = SealingWriter(fobj, key, store.relpath(path))
+        checksum = write(cast(IO[bytes], sealer), table)
+        sealer.close_seal()
     return checksum
 
 
 def write_check(store: DomainStore, path: Path, table: CheckTable) -> bytes:
     """Write check table ``path`` of ``store`` (atomically); the plain file's checksum."""
-    if _key(store) is None:
-        return write_check_table(path, table)
-    buf = io.BytesIO()
-    checksum = write_check_table(buf, table)
-    return _write(store, path, buf.getvalue(), checksum)
+    return _write(store, path, write_check_table, table)
 
 
 def write_difference(store: DomainStore, path: Path, diff: DifferenceTable) -> bytes:
     """Write difference table ``path`` of ``store`` (atomically); the plain checksum."""
-    if _key(store) is None:
-        return write_difference_table(path, diff)
-    buf = io.BytesIO()
-    checksum = write_difference_table(buf, diff)
-    return _write(store, path, buf.getvalue(), checksum)
+    return _write(store, path, write_difference_table, diff)
 
 
 def seal_xml(store: DomainStore, point: int, xml: str) -> tuple[str, str | None]:

@@ -18,8 +18,11 @@ Pure: bytes in, bytes out; reading the key file is :mod:`..adapters.keyfile`.
 from __future__ import annotations
 
 import hmac
+import math
 import os
 import struct
+import zlib
+from collections import Counter
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -34,9 +37,13 @@ __all__ = [
     "ENVELOPE_HEADER_SIZE",
     "MAGIC",
     "SALT_SIZE",
+    "TAG_SIZE",
     "SealingKey",
+    "check_key_strength",
+    "envelope_header",
     "is_sealed",
     "new_salt",
+    "read_header",
 ]
 
 MAGIC = b"VSBSEAL\0"
@@ -54,6 +61,8 @@ _KEY_ID_INFO = b"vmsnapbackup-3 key id"
 #: key files are passphrases QEMU reads as UTF-8 text (FORMAT §15.2)
 MIN_KEY_FILE = 32
 MAX_KEY_FILE = 4096
+#: the least a new pool's key file must hold by :func:`check_key_strength`'s estimate
+MIN_KEY_BITS = 100
 
 
 def new_salt() -> bytes:
@@ -82,6 +91,30 @@ def check_key_material(material: bytes, where: str) -> None:
         raise UsageError(f"key file {where} is not UTF-8 text (QEMU takes LUKS passphrases "
                          "only as UTF-8); make one with `openssl rand -base64 48 > FILE`"
                          ) from None
+
+
+def check_key_strength(material: bytes, where: str) -> None:
+    """Refuse (UsageError) a key file for a *new* pool that is plainly not random.
+
+    Why: neither the HKDF of the sealed records nor LUKS at a 10 ms iter-time
+    (FORMAT §15.2) stretches the key, so the pool is exactly as strong as the file
+    is unpredictable.  The estimate -- the lesser of the Shannon entropy of the
+    file's byte counts times its length, and the bits of its deflated form -- cannot
+    prove randomness, but it stops the keys that are obviously guessable (one
+    character, a word repeated, a date repeated): ``openssl rand -base64 48`` gives
+    about 330 by it, ``openssl rand -hex 32`` about 250.  Existing pools are never
+    refused by it: their key is what it is.
+    """
+    text = material.rstrip(b"\n")
+    counts = Counter(text)
+    n = len(text)
+    shannon = -sum(c * math.log2(c / n) for c in counts.values()) if n else 0.0
+    deflated = 8 * max(0, len(zlib.compress(text, 9)) - len(zlib.compress(b"", 9)))
+    bits = max(0.0, min(shannon, float(deflated)))
+    if bits < MIN_KEY_BITS:
+        raise UsageError(f"key file {where} does not look random (about {bits:.0f} bits, "
+                         f"a new pool needs {MIN_KEY_BITS}); make one with "
+                         "`openssl rand -base64 48 > FILE`")
 
 
 @dataclass(frozen=True)
@@ -114,9 +147,7 @@ class SealingKey:
 
     def seal(self, plain: bytes, where: str) -> bytes:
         """The envelope of ``plain`` stored at pool path ``where`` (a fresh nonce)."""
-        nonce = os.urandom(NONCE_SIZE)
-        header = _HEADER.pack(MAGIC, ENVELOPE_VERSION, ALGORITHM_AES_256_GCM, 0,
-                              self.key_id, nonce)
+        header, nonce = envelope_header(self)
         return header + AESGCM(self.key).encrypt(nonce, plain, _aad(header, where))
 
     def open(self, data: bytes, where: str, path: PathArg) -> bytes:
@@ -125,21 +156,37 @@ class SealingKey:
         A wrong key is IntegrityError naming the key ids; anything else that does
         not open -- a changed byte, a file moved to another name -- CorruptFileError.
         """
-        if len(data) < ENVELOPE_HEADER_SIZE + TAG_SIZE or not is_sealed(data):
+        if len(data) < ENVELOPE_HEADER_SIZE + TAG_SIZE:
             raise CorruptFileError(path, "not a sealed record (too short or no VSBSEAL magic)")
         header = data[:ENVELOPE_HEADER_SIZE]
-        _magic, version, algorithm, _reserved, key_id, nonce = _HEADER.unpack(header)
-        if version != ENVELOPE_VERSION:
-            raise CorruptFileError(path, f"unknown envelope version {version}")
-        if algorithm != ALGORITHM_AES_256_GCM:
-            raise CorruptFileError(path, f"unknown envelope algorithm {algorithm}")
-        self.check_id(key_id, str(path))
+        nonce = read_header(header, self, path)
         try:
             return AESGCM(self.key).decrypt(nonce, data[ENVELOPE_HEADER_SIZE:],
                                             _aad(header, where))
         except InvalidTag:
             raise CorruptFileError(path, "authentication failed: the sealed record was "
                                    "changed or belongs to another file") from None
+
+
+def envelope_header(key: SealingKey) -> tuple[bytes, bytes]:
+    """A new envelope's header for ``key``, and its nonce (fresh for every file)."""
+    nonce = os.urandom(NONCE_SIZE)
+    return _HEADER.pack(MAGIC, ENVELOPE_VERSION, ALGORITHM_AES_256_GCM, 0, key.key_id,
+                        nonce), nonce
+
+
+def read_header(header: bytes, key: SealingKey, path: PathArg) -> bytes:
+    """The nonce of an envelope's ``header``, once its magic, version, algorithm and
+    key id are known good (a wrong key: IntegrityError; anything else: corrupt)."""
+    if len(header) != ENVELOPE_HEADER_SIZE or not is_sealed(header):
+        raise CorruptFileError(path, "not a sealed record (too short or no VSBSEAL magic)")
+    _magic, version, algorithm, _reserved, key_id, nonce = _HEADER.unpack(header)
+    if version != ENVELOPE_VERSION:
+        raise CorruptFileError(path, f"unknown envelope version {version}")
+    if algorithm != ALGORITHM_AES_256_GCM:
+        raise CorruptFileError(path, f"unknown envelope algorithm {algorithm}")
+    key.check_id(key_id, str(path))
+    return bytes(nonce)
 
 
 def _aad(header: bytes, where: str) -> bytes:

@@ -43,7 +43,9 @@ def open_backup_pool(pool_dir: str | os.PathLike[str], compression: str | None,
     encryption = None
     if encrypt and key_file is not None and not (root / POOL_HEADER).exists():
         salt = new_salt()
-        sealing = KeyFile(key_file).sealing_key(salt)
+        new_key = KeyFile(key_file)
+        new_key.check_new()
+        sealing = new_key.sealing_key(salt)
         encryption = PoolEncryption(salt=salt.hex(), key_id=sealing.key_id.hex())
     new_default = compression if compression != "none" else None
     pool = Pool.open(root, create=True, compression=new_default, encryption=encryption)

@@ -42,7 +42,6 @@ disks).  A prune never removes a point a boot holds open.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import urllib.parse
@@ -57,20 +56,23 @@ from ..adapters.host import LOCAL
 from ..adapters.hostfor import ssh_target_for
 from ..adapters.hypervisor import Hypervisor, connect
 from ..adapters.newdomain import DOMAIN_NAME_RE, new_domain_xml, set_disk_source
-from ..adapters.pinnedchain import PinnedImage, check_header
 from ..adapters.qemuimg import QemuImg
 from ..core import defaults
-from ..core.atomic import atomic_write_json, read_optional
 from ..core.defaults import DEFAULT_URI
 from ..core.manifest import utc_now
-from ..errors import (
-    CorruptFileError,
-    ExportError,
-    NotFoundError,
-    UsageError,
-    VmSnapBackupError,
+from ..core.poolkey import with_domain_xml
+from ..errors import ExportError, NotFoundError, UsageError, VmSnapBackupError
+from .bootnote import (
+    BOOT_FORMAT,
+    BOOT_NOTE,
+    note_files,
+    note_key_file,
+    note_version,
+    read_note,
+    served_images,
+    write_note,
 )
-from .pointread import PoolLike, open_pool, pinned_volume, reading
+from .pointread import PoolLike, open_pool, pinned_volume, pool_key_file, reading
 
 __all__ = ["BOOT_NOTE", "DEFAULT_BOOT_ROOT", "BootDisk", "BootResult", "DiscardResult",
            "boot_domain_xml", "boot_point", "discard_boot", "resume_boot"]
@@ -80,9 +82,6 @@ log = logging.getLogger(__name__)
 #: Where boot overlays go unless told otherwise: beside libvirt's own images, where
 #: QEMU can traverse (``/var/lib/libvirt/images`` is 0711 on Debian).
 DEFAULT_BOOT_ROOT = Path(defaults.DEFAULT_BOOT_ROOT)
-BOOT_NOTE = "vmsnapbackup-boot.json"
-BOOT_FORMAT = "vmsnapbackup-boot"
-BOOT_VERSION = 1
 _SUN_PATH_MAX = 107
 
 
@@ -141,60 +140,6 @@ def _boot_dir(name: str, overlay_dir: str | os.PathLike[str] | None,
     return root / name
 
 
-def _write_note(bdir: Path, note: dict[str, Any]) -> None:
-    atomic_write_json(bdir / BOOT_NOTE, note, 0o600)
-
-
-def _read_note(bdir: Path) -> dict[str, Any]:
-    path = bdir / BOOT_NOTE
-    data = read_optional(path)
-    if data is None:
-        raise NotFoundError(f"no boot made by vmsnapbackup in {bdir} (no {BOOT_NOTE})")
-    try:
-        note = json.loads(data)
-    except ValueError as err:
-        raise CorruptFileError(path, f"not JSON: {err}") from None
-    if not isinstance(note, dict) or note.get("format") != BOOT_FORMAT:
-        raise CorruptFileError(path, "not a vmsnapbackup boot note")
-    if not isinstance(note.get("version"), int) or note["version"] > BOOT_VERSION:
-        raise CorruptFileError(path, f"unknown boot note version {note.get('version')!r}")
-    for f in _note_files(note):
-        if "/" in f or f in ("", ".", ".."):
-            raise CorruptFileError(path, f"names a file outside its directory: {f!r}")
-    return note
-
-
-def _note_files(note: dict[str, Any]) -> list[str]:
-    """Every file the note says we created in the boot directory (plain names)."""
-    files = [str(d.get("overlay", "")) for d in dict(note.get("disks") or {}).values()]
-    return [*files, bootdaemon.SOCKET, bootdaemon.PIDFILE, bootdaemon.LOGFILE]
-
-
-def _chain(d: dict[str, Any]) -> PinnedImage | None:
-    """The pinned backing chain a note records for a disk (docs/DESIGN.md §8).  A
-    note written before chains were pinned has no ``base`` key: its volume is then
-    served as its header says, with a warning."""
-    if "base" not in d:
-        log.warning("boot note predates pinned backing chains: %s is served following "
-                    "the backing file its header names", d.get("volume"))
-        return None
-    base = None if d["base"] is None else PinnedImage(str(d["base"]), str(d["base_format"]))
-    return PinnedImage(str(d["volume"]), str(d["format"]), base)
-
-
-def _served_images(note: dict[str, Any]) -> list[bootdaemon.ServedImage]:
-    """The images the boot's daemon serves; every pinned chain's headers are checked
-    first (a tampered pool is refused, never served)."""
-    served = []
-    for _target, d in sorted(dict(note["disks"]).items()):
-        chain = _chain(d)
-        if chain is not None:
-            check_header(chain)
-        served.append(bootdaemon.ServedImage(export=str(d["export"]), image=str(d["volume"]),
-                                             fmt=str(d["format"]), chain=chain))
-    return served
-
-
 # --- the workflows -----------------------------------------------------------------------------
 
 @dataclass
@@ -238,22 +183,21 @@ def boot_point(domain: str, pool: PoolLike, point: int, name: str, *,
     """
     bdir = _boot_dir(name, overlay_dir, uri)
     store = open_pool(pool, uri, key_file).find_domain(domain)
-    if store.pool.encryption is not None:   # FORMAT §15.2: restore or mount it instead
-        raise UsageError("boot of an encrypted pool's point: not available yet (restore it)")
+    key = pool_key_file(store)    # an encrypted pool's: the daemon reads it (FORMAT §15.2)
     sock = bdir / bootdaemon.SOCKET
     if len(os.fsencode(str(sock))) > _SUN_PATH_MAX:
         raise UsageError(f"boot directory {bdir} is too long for a unix socket path")
     # readers lock until the daemon holds the volumes open (then prune sees them in use)
     with reading(store), connect(uri) as hv:
-        manifest = store.read_manifest(point)
+        manifest = with_domain_xml(store, store.read_manifest(point))
         volumes = {d.target: (d, pinned_volume(store, d)) for d in manifest.disks}
         if domaindefine.find(hv, name=name) is not None:
             raise UsageError(f"a domain named {name!r} already exists on {uri}")
         owner = domaindefine.qemu_owner(hv, manifest.domain.xml)
         _make_boot_dir(bdir)
         note: dict[str, Any] = {
-            "format": BOOT_FORMAT, "version": BOOT_VERSION, "name": name, "uuid": None,
-            "created": utc_now(), "uri": uri,
+            "format": BOOT_FORMAT, "version": note_version(key), "name": name, "uuid": None,
+            "created": utc_now(), "uri": uri, **({} if key is None else {"key_file": key}),
             "source": {"domain": store.name, "uuid": store.uuid, "point": point,
                        "pool": str(store.pool.root)},
             "disks": {t: {"overlay": f"{t}.qcow2", "export": t, "volume": v.path,
@@ -265,8 +209,8 @@ def boot_point(domain: str, pool: PoolLike, point: int, name: str, *,
         ref = None
         boot_disks: dict[str, BootDisk] = {}
         try:
-            _write_note(bdir, note)
-            pid = bootdaemon.serve(str(bdir), _served_images(note), owner)
+            write_note(bdir, note)
+            pid = bootdaemon.serve(str(bdir), served_images(note), owner)
             for t in sorted(volumes):
                 overlay = bdir / note["disks"][t]["overlay"]
                 _create_overlay(overlay, _unix_uri(t, str(sock)), owner)
@@ -274,7 +218,7 @@ def boot_point(domain: str, pool: PoolLike, point: int, name: str, *,
             xml = boot_domain_xml(manifest.domain.xml, name, boot_disks, network=network)
             ref = domaindefine.define(hv, xml, name)
             note["uuid"] = ref.uuid
-            _write_note(bdir, note)
+            write_note(bdir, note)
             if start:
                 domaindefine.start(hv, ref)
         except BaseException:
@@ -326,7 +270,7 @@ def _remove_boot(bdir: Path, note: dict[str, Any]) -> list[str]:
     """Stop the daemon, remove the files the note lists, the note, the directory."""
     bootdaemon.stop(str(bdir))
     removed = []
-    for f in [*_note_files(note), BOOT_NOTE]:
+    for f in [*note_files(note), BOOT_NOTE]:
         p = bdir / f
         info = LOCAL.stat(str(p), follow=False)
         if info is not None and (info.is_file or info.is_socket):
@@ -341,10 +285,13 @@ def _remove_boot(bdir: Path, note: dict[str, Any]) -> list[str]:
 
 def resume_boot(name: str, *, uri: str = DEFAULT_URI,
                 overlay_dir: str | os.PathLike[str] | None = None,
-                start: bool = True) -> BootResult:
-    """Serve a boot's point again (its daemon is gone after a host reboot) and start it."""
+                start: bool = True, key_file: str | None = None) -> BootResult:
+    """Serve a boot's point again (its daemon is gone after a host reboot) and start it.
+
+    A point of an encrypted pool is served with the key file the note records, or
+    ``key_file`` when it has moved; either is checked against the pool first."""
     bdir = _boot_dir(name, overlay_dir, uri)
-    note = _read_note(bdir)
+    note = _with_key(read_note(bdir), key_file, uri)
     with connect(uri) as hv:
         ref = domaindefine.find(hv, uuid=note.get("uuid"))
         if ref is None:
@@ -356,7 +303,7 @@ def resume_boot(name: str, *, uri: str = DEFAULT_URI,
                 if not os.path.isfile(d["volume"]):
                     raise NotFoundError(f"point volume {d['volume']} of boot {name} is gone")
             owner = domaindefine.qemu_owner(hv, domaindefine.domain_xml(hv, ref))
-            pid = bootdaemon.serve(str(bdir), _served_images(note), owner)
+            pid = bootdaemon.serve(str(bdir), served_images(note), owner)
         if start:
             domaindefine.start(hv, ref)
     src = dict(note.get("source") or {})
@@ -368,6 +315,19 @@ def resume_boot(name: str, *, uri: str = DEFAULT_URI,
                       socket=str(bdir / bootdaemon.SOCKET), daemon_pid=pid)
 
 
+def _with_key(note: dict[str, Any], key_file: str | None, uri: str) -> dict[str, Any]:
+    """``note`` with the key its pool opens with, checked (a wrong or lost key is one
+    line, before a daemon is started)."""
+    key = key_file or note_key_file(note)
+    if key is None:
+        return note
+    if note_key_file(note) is None:
+        raise UsageError(f"boot {note.get('name')} serves a plain pool's point: drop --key-file")
+    pool = open_pool(Path(str(dict(note.get("source") or {}).get("pool"))), uri, key)
+    assert pool.key is not None       # unlocked: an encrypted pool, and this its key
+    return {**note, "key_file": pool.key.key_file}
+
+
 def discard_boot(name: str, uri: str = DEFAULT_URI, *,
                  overlay_dir: str | os.PathLike[str] | None = None) -> DiscardResult:
     """Destroy and undefine boot domain ``name``, stop its daemon, remove its overlays.
@@ -377,7 +337,7 @@ def discard_boot(name: str, uri: str = DEFAULT_URI, *,
     line names this boot directory, the files the note lists.
     """
     bdir = _boot_dir(name, overlay_dir, uri)
-    note = _read_note(bdir)
+    note = read_note(bdir)
     removed_domain = False
     with connect(uri) as hv:
         ref = domaindefine.find(hv, uuid=note.get("uuid"))

@@ -119,7 +119,8 @@ def _backup(job: Job, domain: str, dry_run: bool) -> Step:
         # retention this job prunes with (as `backup --keep-...` without --threshold)
         options = BackupOptions(disks=job.disks, quiesce=job.quiesce,
                                 new_generation=job.new_generation == "always",
-                                threshold=job.threshold, retention=job.retention)
+                                threshold=job.threshold, retention=job.retention,
+                                encrypt=job.key_file is not None, key_file=job.key_file)
         r = backup(domain, job.pool, uri=job.uri, options=options)
         return {"point": r.point, "generation": r.generation, "consistency": r.consistency,
                 "bytes_written": r.bytes_written, "bytes_read": r.bytes_read,
@@ -154,7 +155,7 @@ def _verify(job: Job, domain: str, dry_run: bool, last_full: float | None,
         return Step(True, detail={"would": "verify", "sample_percent": sample})
 
     def go() -> dict[str, Any]:
-        r = verify(job.pool, domain=domain, sample=sample, uri=job.uri)
+        r = verify(job.pool, domain=domain, sample=sample, uri=job.uri, key_file=job.key_file)
         counts = r.counts()
         if not r.ok:
             raise _Damage(f"verify found damage: {counts}")
