@@ -56,6 +56,7 @@ def test_run_backs_up_encrypted_and_verifies_with_the_key(
     def backup(domain: str, pool: str, **kw: Any) -> Any:
         seen.setdefault("backup", []).append((pool, kw["options"]))
         return SimpleNamespace(point=1, generation=1, consistency="crash", disks=[],
+                               bytes_written=0, bytes_read=0,
                                skipped=[], new_generation=True)
 
     def verify(pool: str, **kw: Any) -> Any:

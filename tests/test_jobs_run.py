@@ -42,6 +42,7 @@ def host(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
         if domain == "bad":
             raise LockedError("domain bad is locked by pid 1")
         return SimpleNamespace(point=3, generation=1, consistency="crash", disks=[],
+                               bytes_written=0, bytes_read=0,
                                skipped=[], new_generation=False)
 
     def prune(domain: str, pool: str, **kw: Any) -> Any:
