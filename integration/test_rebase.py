@@ -126,6 +126,54 @@ def test_rebase_refusals(make_domain: DomainFactory, tmp_path: Path) -> None:
     assert store.generations() == [1] and not store.journal.exists()
 
 
+def _nothing_rebased(pool: Path, uuid: str) -> None:
+    store = Pool.open(pool).domain(uuid)
+    assert sorted(p.number for p in store.points()) == [1, 2]
+    assert store.generations() == [1] and not store.journal.exists()
+
+
+def test_rebase_pins_the_chain_and_checks_the_new_base(make_domain: DomainFactory,
+                                                       tmp_path: Path) -> None:
+    """The copy is QEMU's, so two things must still hold: a point whose header names
+    another backing file is refused (the pool is data, not instructions), and a new
+    base that does not read back as table N -- here the base volume's data damaged
+    under intact tables -- is refused after the copy, leaving nothing behind."""
+    dom = make_domain(disks=[DiskSpec("vda", "qcow2", 64 * MiB)], start=True)
+    model = DiskModel(dom)
+    model.write("vda", 0, 4 * MiB, 0x33)
+    pool = tmp_path / "pool"
+    backup(dom.name, pool)
+    model.write("vda", 8 * MiB, BLOCK, 0x44)
+    backup(dom.name, pool)
+    store = Pool.open(pool).domain(dom.uuid)
+    m2 = store.read_manifest(2).disk("vda")
+    point, base = store.resolve(m2.volume), store.resolve(m2.base or "")
+    decoy = tmp_path / "decoy.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(decoy), str(64 * MiB)],
+                   check=True)
+    subprocess.run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", str(decoy), "-F",
+                    "qcow2", str(point)], check=True)
+    redirected = run_cli(pool, "rebase", dom.name)
+    assert redirected.returncode == 5 and "Traceback" not in redirected.stderr, redirected
+    assert "backing file" in redirected.stderr, redirected.stderr
+    _nothing_rebased(pool, dom.uuid)
+    subprocess.run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", base.name, "-F",
+                    "qcow2", str(point)], check=True)
+    extents = json.loads(subprocess.run(
+        ["qemu-img", "map", "--output=json", "-f", "qcow2", str(base)], check=True,
+        capture_output=True, text=True).stdout)
+    (data,) = [e for e in extents if e["data"] and e["start"] == 0]
+    with open(base, "r+b") as f:          # the base's first block, under intact tables
+        f.seek(int(data["offset"]) + 100)
+        byte = f.read(1)
+        f.seek(int(data["offset"]) + 100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    damaged = run_cli(pool, "rebase", dom.name)
+    assert damaged.returncode == 5 and "Traceback" not in damaged.stderr, damaged
+    assert "does not read back as its table" in damaged.stderr, damaged.stderr
+    _nothing_rebased(pool, dom.uuid)
+
+
 def test_rebase_of_a_4_gib_disk_costs_one_read_and_one_write(make_domain: DomainFactory,
                                                              tmp_path: Path) -> None:
     """Issue 19's cost goal: one read of the point and one write of the new base.  The

@@ -7,6 +7,7 @@ here faults are injected where a pure pool shows the behaviour.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,37 @@ def test_the_checkpoint_carries_over_only_while_it_is_the_current_ones(
     run.store = _Gens(current, checkpoints)  # type: ignore[assignment]
     run.source = type("M", (), {"generation": source_gen})  # type: ignore[assignment]
     assert run._carried_checkpoint() == carried
+
+
+def test_the_new_base_is_fsynced_while_written_and_once_after(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = tmp_path / "base.qcow2.partial"
+    base.write_bytes(b"x")
+    calls: list[str] = []
+    synced = threading.Event()
+
+    def fsync(path: Path) -> None:
+        calls.append("body" if not done else "after")
+        synced.set()
+
+    done = False
+    monkeypatch.setattr(rb, "fsync_path", fsync)
+    with rb._written_back(base, interval=0.001):
+        assert synced.wait(30)        # the writeback runs beside the convert and check
+        done = True
+    assert calls[0] == "body" and calls[-1] == "after"
+
+
+def test_a_failed_writeback_fails_the_rebase(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    failed = threading.Event()
+
+    def fsync(path: Path) -> None:   # only the thread's first fsync fails
+        if not failed.is_set():
+            failed.set()
+            raise OSError(5, "injected: the disk failed under the new base")
+
+    monkeypatch.setattr(rb, "fsync_path", fsync)
+    with pytest.raises(OSError, match="injected"), \
+            rb._written_back(tmp_path / "base.qcow2.partial", interval=0.001):
+        assert failed.wait(30)
