@@ -97,11 +97,12 @@ def phases(marks: Path, t0: float, t1: float,
 
 
 def backup(cli_python: str, domain: str, pool: Path, work: Path, *flags: str,
-           offline: bool = False) -> Tuple[float, Dict[str, Optional[float]], Dict[str, Any]]:
+           offline: bool = False, env: Optional[Dict[str, str]] = None,
+           ) -> Tuple[float, Dict[str, Optional[float]], Dict[str, Any]]:
     """One ``vmsnapbackup backup DOMAIN --json``: wall seconds, phases, its JSON document."""
     marks = work / "marks.txt"
     wall, t0, t1, out = run_cli(cli_python, ["backup", domain, "--json", *flags], marks,
-                                env={"VMSNAPBACKUP_POOL": str(pool)})
+                                env={"VMSNAPBACKUP_POOL": str(pool), **(env or {})})
     split = phases(marks, t0, t1, OFFLINE_MARKS if offline else BACKUP_MARKS)
     marks.unlink()
     doc: Dict[str, Any] = json.loads(out)

@@ -6,7 +6,9 @@ backups N (``vmsnapbackup backup DOMAIN --json``, the CLI as a user runs it, pag
 dropped before each) are timed; the library's own INFO records give the phase
 split (:mod:`clitimeline`), and one extra run under
 ``strace -f -c`` counts the fsyncs and processes started.  Prints a table; writes no
-doc.  Run as root under the integration lock:
+doc.  ``--tree NAME=DIR`` (repeatable) times the package of other checkouts (``git
+archive COMMIT vmsnapbackup | tar -x -C DIR``) on the same domain, the trees
+alternating in a rotating order (A B, B A, ...).  Run as root under the integration lock:
 ``flock /tmp/vsb-integration.lock .venv/bin/python benchmarks/fixedcost_benchmark.py``.
 """
 from __future__ import annotations
@@ -50,7 +52,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--profile", help="one more run under cProfile, its stats here")
     parser.add_argument("--dir", default="/var/lib/vmsnapbackup-bench-fixed")
     parser.add_argument("--seed", type=int, default=20240601)
+    parser.add_argument("--tree", action="append", default=[], metavar="NAME=DIR",
+                        help="also time the vmsnapbackup package found in DIR")
     args = parser.parse_args(argv)
+    trees = [("this", str(ROOT))] + [tuple(t.split("=", 1)) for t in args.tree]
     import libvirt
     from domains import DiskSpec, DomainFactory
 
@@ -62,6 +67,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     rng = random.Random(args.seed)
     try:
         work = claim_dir(Path(args.dir))
+        os.chdir(work)      # so that PYTHONPATH, not the current directory, picks the tree
         pool = work / "pool"
         dom = factory(disks=[DiskSpec("vda", "qcow2", size)], start=False, name_prefix="vsb-fix")
         fill_image(dom.disks["vda"], random_extents(size, args.data_mib * MiB, args.seed),
@@ -69,22 +75,26 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not args.shutoff:
             dom.start()
         backup(PYTHON, dom.name, pool, work, "--new-generation", offline=args.shutoff)
-        walls: List[float] = []
-        splits: List[Dict[str, Optional[float]]] = []
+        walls: Dict[str, List[float]] = {name: [] for name, _ in trees}
+        splits: Dict[str, List[Dict[str, Optional[float]]]] = {name: [] for name, _ in trees}
         for rep in range(args.reps):
-            if not args.shutoff:
-                change_blocks(dom, size, 0.01, rng)
-            drop_caches()
-            wall, split, _doc = backup(PYTHON, dom.name, pool, work, offline=args.shutoff)
-            walls.append(wall)
-            splits.append(split)
-            log(f"backup N {rep + 1}: {wall:.3f} s {split}")
-        print(f"backup N of a {'shut-off' if args.shutoff else 'running'} 1 GiB domain "
-              f"({args.data_mib} MiB data), median of {args.reps}: {median(walls):.3f} s "
-              f"(runs {[round(w, 3) for w in walls]})")
-        for name in splits[0]:
-            values = [v for v in (s[name] for s in splits) if v is not None]
-            print(f"  {name:45s} {median(values):.3f}" if values else f"  {name:45s} ?")
+            shift = rep % len(trees)
+            for name, tree in trees[shift:] + trees[:shift]:
+                if not args.shutoff:
+                    change_blocks(dom, size, 0.01, rng)
+                drop_caches()
+                wall, split, _doc = backup(PYTHON, dom.name, pool, work, offline=args.shutoff,
+                                           env={"PYTHONPATH": tree})
+                walls[name].append(wall)
+                splits[name].append(split)
+                log(f"backup N {rep + 1} ({name}): {wall:.3f} s {split}")
+        for name, _tree in trees:
+            print(f"[{name}] backup N of a {'shut-off' if args.shutoff else 'running'} 1 GiB "
+                  f"domain ({args.data_mib} MiB data), median of {args.reps}: "
+                  f"{median(walls[name]):.3f} s (runs {[round(w, 3) for w in walls[name]]})")
+            for step in splits[name][0]:
+                values = [v for v in (s[step] for s in splits[name]) if v is not None]
+                print(f"  {step:45s} {median(values):.3f}" if values else f"  {step:45s} ?")
         if args.profile:
             if not args.shutoff:
                 change_blocks(dom, size, 0.01, rng)

@@ -7,14 +7,18 @@ Checked through ``sys.modules`` in a fresh interpreter, never by timing.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import List
 
+import poolfake
 import pytest
 
 from vmsnapbackup.cli import _command_names
 from vmsnapbackup.core import defaults
+from vmsnapbackup.core.pool import Pool
 
 #: Modules the start-up path must not load.
 HEAVY = ("numpy", "libvirt", "xxhash", "qemu", "subprocess", "vmsnapbackup.workflows",
@@ -59,3 +63,32 @@ def test_the_backup_defaults_in_the_help_are_the_librarys() -> None:
 
     assert defaults.DEFAULT_THRESHOLD == DEFAULT_THRESHOLD
     assert defaults.DEFAULT_BLOCK_SIZE == DEFAULT_BLOCK_SIZE
+
+
+#: What ``list`` of a directory pool needs no more than ``--help`` does: manifests are
+#: JSON (their checksum is XXH3, so xxhash stays allowed), no table, no hypervisor.
+LIST_HEAVY = ("numpy", "libvirt", "qemu", "asyncio", "subprocess", "cryptography",
+              "vmsnapbackup.core.checktable", "vmsnapbackup.core.poolkey")
+
+
+def test_list_of_a_pool_loads_neither_tables_nor_the_hypervisor(tmp_path: Path) -> None:
+    """``list`` runs against a pool with a domain and two points (issue 16: it
+    starts in under 0.1 s, so it must not pay for numpy or libvirt-python)."""
+    pool = Pool.create(tmp_path / "pool")
+    store = pool.domain("3f2a4b6c-1d2e-4f30-8a9b-0c1d2e3f4a5b", name="web1", create=True)
+    for n in (1, 2):
+        poolfake.fake_backup(store, _put, new_generation=(n == 1))
+    probe = ("import sys\nfrom vmsnapbackup.cli import main\n"
+             f"rc = main(['--pool', {str(pool.root)!r}, 'list'])\n"
+             "assert rc == 0, rc\n"
+             f"print(__import__('json').dumps([m for m in {LIST_HEAVY!r} if m in sys.modules]))")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True)
+    assert "web1" in proc.stdout
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+def _put(p: Path, size: int) -> None:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(os.urandom(size))
+    os.chmod(p, 0o600)

@@ -8,8 +8,9 @@ its name and its contents are ours, a pid only signalled when its command line
 names that directory (pid reuse).
 
 Restore, verify and mount keep no journal: what their killed runs leave is
-found by :func:`sweep_orphan_runtime_dirs`, which every new daemon runs over
-its siblings.
+found by :func:`sweep_orphan_runtime_dirs`, which the first daemon a process
+starts under a runtime base runs over its siblings (:func:`sweep_once`): once per
+command, not once per daemon, as over ssh each sweep is a round trip or more.
 """
 from __future__ import annotations
 
@@ -22,9 +23,12 @@ from . import processes
 from .daemonprocess import PID_FILE, RUNTIME_DIR_PREFIX, RUNTIME_FILES
 from .host import LOCAL, Host
 
-__all__ = ["remove_runtime_dir", "stop_leftover_daemon", "sweep_orphan_runtime_dirs"]
+__all__ = ["remove_runtime_dir", "stop_leftover_daemon", "sweep_once", "sweep_orphan_runtime_dirs"]
 
 log = logging.getLogger(__name__)
+
+#: ``(host name, runtime base)`` pairs this process has swept already.
+_SWEPT: set[tuple[str, str]] = set()
 
 
 def remove_runtime_dir(path: str, host: Host = LOCAL) -> None:
@@ -132,3 +136,14 @@ def sweep_orphan_runtime_dirs(base: str, host: Host = LOCAL) -> list[str]:
         log.info("removed %s, left by a storage daemon that is gone", path)
         removed.append(path)
     return removed
+
+
+def sweep_once(base: str, host: Host = LOCAL) -> list[str]:
+    """:func:`sweep_orphan_runtime_dirs` the first time this process asks for
+    ``base`` on ``host``; nothing after that.  What a command killed while we run
+    leaves is the next command's to sweep (or ``repair``'s)."""
+    key = (host.name, os.path.normpath(base))
+    if key in _SWEPT:
+        return []
+    _SWEPT.add(key)
+    return sweep_orphan_runtime_dirs(base, host)

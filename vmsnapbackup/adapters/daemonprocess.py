@@ -50,6 +50,7 @@ from .daemonlaunch import (
     launch_daemon,
     qemu_opt,
     sanitize_tag,
+    wait_exit,
 )
 from .daemonqmp import DaemonQMP, NoGreetingError, image_lock_message, translate_refusal
 from .host import LOCAL, Host, HostProcess
@@ -170,9 +171,9 @@ class DaemonProcess:
             raise errors.ExportError(
                 f"cannot create a runtime directory under {base}: {err.strerror}") from err
         self._runtime_dir = path
-        from .daemonleftover import sweep_orphan_runtime_dirs
+        from .daemonleftover import sweep_once
 
-        sweep_orphan_runtime_dirs(base, self.host)   # what killed commands left here
+        sweep_once(base, self.host)   # what killed commands left here, once per command
         longest = max(len(os.fsencode(self._path(n))) for n in (QMP_SOCKET, NBD_SOCKET))
         if longest > SUN_PATH_MAX:
             raise errors.UsageError(
@@ -247,7 +248,7 @@ class DaemonProcess:
             tenacity.Retrying(
                 retry=tenacity.retry_if_exception_type(_NotYet),
                 stop=tenacity.stop_before_delay(max(deadline - time.monotonic(), 0.0)),
-                wait=tenacity.wait_exponential(multiplier=0.005, max=0.2),
+                wait=tenacity.wait_exponential(multiplier=0.005, max=0.02),
                 reraise=True,
             )(bound)
         except _NotYet:
@@ -304,7 +305,7 @@ class DaemonProcess:
                 self._qmp.close(self._stop_timeout)
             self._qmp = None
         if self._proc is not None:
-            rc = self._proc.wait(self._stop_timeout)
+            rc = wait_exit(self.host, self._proc, self._stop_timeout)
             if rc is None:
                 log.warning("[%s] storage daemon pid %s did not quit within %g s; killing it",
                             self.tag, self._proc.pid, self._stop_timeout)

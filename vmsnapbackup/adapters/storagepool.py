@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import libvirt
-
 from ..errors import HypervisorError, NotFoundError, UnsupportedDiskError, UsageError
-from .libvirterrors import open_connection, translated
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +28,12 @@ def resolve_pool(spec: str, uri: str) -> tuple[Path, str | None]:
         raise UsageError("the pool is empty: give --pool PATH or set VMSNAPBACKUP_POOL")
     if looks_like_path(spec):
         return Path(os.path.expanduser(spec)).absolute(), None
+    import xml.etree.ElementTree as ET
+
+    import libvirt  # only for a pool name: ``list`` of a directory never loads it
+
+    from .libvirterrors import open_connection, translated
+
     conn = open_connection(uri)
     try:
         try:
@@ -66,6 +68,8 @@ def refresh_pool(name: str | None, uri: str) -> None:
     """Ask libvirt to rescan the storage pool; a failure is only worth a warning."""
     if not name:
         return
+    from .libvirterrors import open_connection, translated
+
     try:
         conn = open_connection(uri)
         try:

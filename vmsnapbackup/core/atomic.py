@@ -20,7 +20,6 @@ import errno
 import json
 import logging
 import os
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, NoReturn, Union
@@ -66,7 +65,7 @@ def temp_path_for(path: PathLike) -> Path:
     """The temp name §10 prescribes: hidden, in the same directory (same filesystem, so
     the rename is atomic), and unique per process and attempt."""
     p = Path(path)
-    return p.with_name(f".{p.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    return p.with_name(f".{p.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
 
 
 def is_temp_name(name: str) -> bool:

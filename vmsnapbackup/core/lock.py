@@ -19,7 +19,6 @@ import fcntl
 import json
 import logging
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -146,13 +145,13 @@ class DomainLock:
             if previous is not None:
                 self.previous_holder = previous
                 where = (f" on host {previous.host}"
-                         if previous.host and previous.host != socket.gethostname() else "")
+                         if previous.host and previous.host != os.uname().nodename else "")
                 log.warning("%s: took over lock left by dead process %s%s (%s since %s); "
                             "its work may need repair",
                             self.what, previous.pid if previous.pid is not None else "?",
                             where, previous.operation or "unknown operation",
                             previous.since or "?")
-            self._write_note(LockHolder(os.getpid(), socket.gethostname(), self.operation,
+            self._write_note(LockHolder(os.getpid(), os.uname().nodename, self.operation,
                                         utc_now()).to_line())
             if self.operation in EXCLUDES_READERS:
                 self._readers_fd = exclusive_readers_fd(self.path.parent, self.what)

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import (
     CorruptFileError,
@@ -48,7 +49,6 @@ from .names import (
     point_volume_name,
     table_name,
 )
-from .poolkey import PoolKey
 from .poolread import (
     MAX_SMALL_RECORD,
     read_bounded,
@@ -56,6 +56,9 @@ from .poolread import (
 from .removal import Leftover
 from .removal import listdir as _listdir
 from .timefmt import utc_now
+
+if TYPE_CHECKING:  # numpy and cryptography: listing a pool needs neither
+    from .poolkey import PoolKey
 
 __all__ = [
     "DOMAINS_DIR",
