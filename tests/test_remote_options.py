@@ -33,15 +33,21 @@ def test_tls_dir_and_ports_from_the_cli(tmp_path: Path) -> None:
         data_path_from(None, "4000-4001")
 
 
-@pytest.mark.parametrize("kw", [{"define": "copy", "to": "out"}, {"pool_volume": "default"}])
-def test_restore_define_onto_a_remote_hypervisor_is_refused(kw: dict[str, str],
-                                                            tmp_path: Path) -> None:
+@pytest.mark.parametrize("kw, message", [
+    ({"define": "copy", "to": "out"}, r"needs --pool-volume POOLNAME"),
+    ({"pool_volume": "/var/lib/libvirt/images"}, r"names a libvirt storage pool of the "
+                                                 r"hypervisor, not a path"),
+])
+def test_remote_restore_refuses_what_cannot_reach_the_hypervisor(
+        kw: dict[str, str], message: str, tmp_path: Path) -> None:
+    """``--define`` of images left on this server, or a path for the hypervisor's
+    storage pool: refused before the pool is opened or ssh dialled."""
     if "to" in kw:
         kw = {**kw, "to": str(tmp_path / kw["to"])}
-    with pytest.raises(UsageError, match=r"own hypervisor, not qemu\+ssh://"):
+    with pytest.raises(UsageError, match=message):
         restore("dom", tmp_path / "pool", uri="qemu+ssh://root@hv.example/system",
                 **kw)  # type: ignore[arg-type]
-    assert not (tmp_path / "out").exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 REMOTE = "qemu+ssh://root@hv.example/system"
