@@ -1,10 +1,10 @@
-"""Reading a pool with ``-c qemu+ssh://...``: verify, mount, boot, restore, repair --all.
+"""Reading a pool with ``-c qemu+ssh://...``: verify, mount, restore --to, repair --all.
 
 What ``-c`` means for commands that only read the pool (docs/DESIGN.md §10):
 ``verify`` needs no hypervisor and ``mount`` serves its export on the backup
-server, so both work whatever ``-c`` names; ``boot`` and ``restore --to DIR
---define`` would need the pool's blocks on the remote hypervisor and are
-refused with one line (exit 2).  ``repair --all`` finds a stale
+server, so both work whatever ``-c`` names; ``restore --to DIR --define``
+would define a domain there on images here and is refused with one line
+(exit 2).  ``repair --all`` finds a stale
 in-flight record a dead backup server left *on the hypervisor*.  The CLI runs
 blind (:mod:`remotecli`): the hypervisor's directories are empty tmpfs.
 """
@@ -41,8 +41,9 @@ def _one_line_refusal(run_stderr: str) -> None:
     assert "qemu+ssh://" in lines[0], lines
 
 
-def test_verify_mount_work_boot_restore_refuse(sshd: SshdServer, running_domain: TestDomain,
-                                               tmp_path: Path) -> None:
+def test_verify_mount_work_restore_define_here_refused(sshd: SshdServer,
+                                                      running_domain: TestDomain,
+                                                      tmp_path: Path) -> None:
     dom = running_domain
     dom.write("vda", 0, 256 * KiB, 0x3C)
     dom.write("vdb", 8 * MiB, 128 * KiB, 0x5E)
@@ -80,14 +81,9 @@ def test_verify_mount_work_boot_restore_refuse(sshd: SshdServer, running_domain:
     assert proc.returncode == 0, err
     assert not sock.exists()
 
-    # boot and restore --define/--pool-volume: refused with one line, nothing made
-    name = f"{dom.name}-boot"
-    run = blind_cli(["-c", uri, "--pool", str(pool), "boot", dom.name, "--point", "1",
-                     "--name", name])
-    assert run.returncode == ExitCode.USAGE
-    _one_line_refusal(run.stderr)
-    assert not os.path.exists(f"/var/lib/libvirt/images/vmsnapbackup-boot/{name}")
-    # --define of images left on this server (test_remote_restore: into the hypervisor's pool)
+    # restore --to DIR --define: refused with one line, nothing made (test_remote_restore
+    # and test_remote_boot: restore into the hypervisor's pool, boot there)
+    name = f"{dom.name}-copy"
     run = blind_cli(["-c", uri, "--pool", str(pool), "restore", dom.name, "--to",
                      str(tmp_path / "r"), "--define", name])
     assert run.returncode == ExitCode.USAGE
