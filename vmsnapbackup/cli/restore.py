@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from ..core.defaults import RESTORE_FORMATS
 from ..errors import UsageError
-from .common import Context, add_json_option, size_text
+from .common import Context, add_data_path_options, add_json_option, size_text
 
 if TYPE_CHECKING:
     from ..workflows.restore import RestoreResult
@@ -45,13 +45,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "pool's saved XML (only for a pool nobody else can write)")
     p.add_argument("--key-file", metavar="FILE",
                    help="the key file of an encrypted pool (docs/FORMAT.md §15.2)")
-    p.add_argument("--tls-dir", nargs="?", const="", metavar="DIR",
-                   help="--pool-volume on a remote hypervisor (qemu+ssh): send the images "
-                   "over NBD with TLS and client certificates from DIR (default "
-                   "/etc/pki/qemu) instead of through the ssh connection")
-    p.add_argument("--nbd-ports", metavar="FIRST-LAST",
-                   help="with --tls-dir: the TCP ports the hypervisor may serve on "
-                   "(default 10809-10872)")
+    add_data_path_options(p, "with --pool-volume, send the images")
     add_json_option(p)
     p.set_defaults(run=run)
 

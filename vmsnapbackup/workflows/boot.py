@@ -62,7 +62,6 @@ from ..adapters.qemuimg import QemuImg
 from ..core import defaults
 from ..core.atomic import atomic_write_json, read_optional
 from ..core.defaults import DEFAULT_URI
-from ..core.manifest import utc_now
 from ..errors import (
     CorruptFileError,
     ExportError,
@@ -70,6 +69,7 @@ from ..errors import (
     UsageError,
     VmSnapBackupError,
 )
+from .bootnote import BOOT_FORMAT, BOOT_VERSION, new_note
 from .pointread import PoolLike, open_pool, pinned_volume, reading
 
 __all__ = ["BOOT_NOTE", "DEFAULT_BOOT_ROOT", "BootDisk", "BootResult", "DiscardResult",
@@ -81,8 +81,6 @@ log = logging.getLogger(__name__)
 #: QEMU can traverse (``/var/lib/libvirt/images`` is 0711 on Debian).
 DEFAULT_BOOT_ROOT = Path(defaults.DEFAULT_BOOT_ROOT)
 BOOT_NOTE = "vmsnapbackup-boot.json"
-BOOT_FORMAT = "vmsnapbackup-boot"
-BOOT_VERSION = 1
 _SUN_PATH_MAX = 107
 
 
@@ -251,17 +249,7 @@ def boot_point(domain: str, pool: PoolLike, point: int, name: str, *,
             raise UsageError(f"a domain named {name!r} already exists on {uri}")
         owner = domaindefine.qemu_owner(hv, manifest.domain.xml)
         _make_boot_dir(bdir)
-        note: dict[str, Any] = {
-            "format": BOOT_FORMAT, "version": BOOT_VERSION, "name": name, "uuid": None,
-            "created": utc_now(), "uri": uri,
-            "source": {"domain": store.name, "uuid": store.uuid, "point": point,
-                       "pool": str(store.pool.root)},
-            "disks": {t: {"overlay": f"{t}.qcow2", "export": t, "volume": v.path,
-                          "format": d.volume_format, "virtual_size": d.virtual_size,
-                          "base": v.backing.path if v.backing else None,
-                          "base_format": v.backing.fmt if v.backing else None}
-                      for t, (d, v) in sorted(volumes.items())},
-        }
+        note = new_note(name, uri, store, point, volumes)
         ref = None
         boot_disks: dict[str, BootDisk] = {}
         try:

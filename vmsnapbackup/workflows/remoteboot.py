@@ -41,13 +41,10 @@ from ..adapters.qemuimg import QemuImg
 from ..core import defaults
 from ..core.atomic import make_private_dir
 from ..core.inflight import runtime_root
-from ..core.manifest import utc_now
 from ..errors import CorruptFileError, ExportError, NotFoundError, UsageError, VmSnapBackupError
 from . import boot
 from .boot import (
-    BOOT_FORMAT,
     BOOT_NOTE,
-    BOOT_VERSION,
     BootDisk,
     BootResult,
     DiscardResult,
@@ -55,6 +52,7 @@ from .boot import (
     _unix_uri,
     boot_domain_xml,
 )
+from .bootnote import BOOT_FORMAT, new_note
 from .pointread import PoolLike, open_pool, pinned_volume, reading
 
 __all__ = ["boot_point", "boot_remote", "discard_boot", "discard_remote", "resume_boot",
@@ -193,17 +191,7 @@ def boot_remote(domain: str, pool: PoolLike, point: int, name: str, *, uri: str,
         except FileExistsError:
             raise UsageError(f"{host.name}:{p.there} already exists (discard that boot "
                              f"first: vmsnapbackup -c URI boot --discard {name})") from None
-        note: dict[str, Any] = {
-            "format": BOOT_FORMAT, "version": BOOT_VERSION, "name": name, "uuid": None,
-            "created": utc_now(), "uri": uri, "served_from": p.here,
-            "source": {"domain": store.name, "uuid": store.uuid, "point": point,
-                       "pool": str(store.pool.root)},
-            "disks": {t: {"overlay": f"{t}.qcow2", "export": t, "volume": v.path,
-                          "format": d.volume_format, "virtual_size": d.virtual_size,
-                          "base": v.backing.path if v.backing else None,
-                          "base_format": v.backing.fmt if v.backing else None}
-                      for t, (d, v) in sorted(volumes.items())},
-        }
+        note = new_note(name, uri, store, point, volumes, served_from=p.here)
         return _boot(p, hv, host, note, manifest.domain.xml, owner, start, network)
 
 
