@@ -4,6 +4,9 @@ Why a private sshd: the remote path must be proven through the same client,
 keys and forwarding a real deployment uses, without touching the machine's own
 ssh service or configuration.  It listens on a free port of its own with a
 generated host key and accepts only a generated client key for root.
+
+The remote tests share it as the module-scoped fixture ``sshd``: a test module
+names this file in ``pytest_plugins``.
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 SSHD = "/usr/sbin/sshd"
 _DEADLINE = 20.0
@@ -83,3 +88,10 @@ def running_sshd(workdir: Path) -> Iterator[SshdServer]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshdServer]:
+    """One private sshd per test module (see :func:`running_sshd`)."""
+    with running_sshd(tmp_path_factory.mktemp("sshd")) as server:
+        yield server

@@ -1,10 +1,10 @@
-"""Reading a pool with ``-c qemu+ssh://...``: verify, mount, boot, restore, repair --all.
+"""Reading a pool with ``-c qemu+ssh://...``: verify, mount, restore --to, repair --all.
 
 What ``-c`` means for commands that only read the pool (docs/DESIGN.md §10):
 ``verify`` needs no hypervisor and ``mount`` serves its export on the backup
-server, so both work whatever ``-c`` names; ``boot`` and ``restore
---define/--pool-volume`` would need the pool's blocks on the remote hypervisor
-and are refused with one line (exit 2).  ``repair --all`` finds a stale
+server, so both work whatever ``-c`` names; ``restore --to DIR --define``
+would define a domain there on images here and is refused with one line
+(exit 2).  ``repair --all`` finds a stale
 in-flight record a dead backup server left *on the hypervisor*.  The CLI runs
 blind (:mod:`remotecli`): the hypervisor's directories are empty tmpfs.
 """
@@ -16,27 +16,23 @@ import signal
 import subprocess
 import sys
 import uuid as uuidlib
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from domains import TestDomain
 from remotecli import RUNTIME_DIR, blind_cli, blind_popen
-from sshd import SshdServer, running_sshd
 
 from vmsnapbackup.core.inflight import InflightRecord
 from vmsnapbackup.errors import ExitCode
 
+if TYPE_CHECKING:
+    from sshd import SshdServer
+
+pytest_plugins = ("sshd",)   # the shared private sshd fixture: imported by pytest
+
 KiB, MiB = 1024, 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshdServer]:
-    with running_sshd(tmp_path_factory.mktemp("sshd")) as server:
-        yield server
 
 
 def _one_line_refusal(run_stderr: str) -> None:
@@ -45,8 +41,9 @@ def _one_line_refusal(run_stderr: str) -> None:
     assert "qemu+ssh://" in lines[0], lines
 
 
-def test_verify_mount_work_boot_restore_refuse(sshd: SshdServer, running_domain: TestDomain,
-                                               tmp_path: Path) -> None:
+def test_verify_mount_work_restore_define_here_refused(sshd: SshdServer,
+                                                      running_domain: TestDomain,
+                                                      tmp_path: Path) -> None:
     dom = running_domain
     dom.write("vda", 0, 256 * KiB, 0x3C)
     dom.write("vdb", 8 * MiB, 128 * KiB, 0x5E)
@@ -84,17 +81,13 @@ def test_verify_mount_work_boot_restore_refuse(sshd: SshdServer, running_domain:
     assert proc.returncode == 0, err
     assert not sock.exists()
 
-    # boot and restore --define/--pool-volume: refused with one line, nothing made
-    name = f"{dom.name}-boot"
-    run = blind_cli(["-c", uri, "--pool", str(pool), "boot", dom.name, "--point", "1",
-                     "--name", name])
+    # restore --to DIR --define: refused with one line, nothing made (test_remote_restore
+    # and test_remote_boot: restore into the hypervisor's pool, boot there)
+    name = f"{dom.name}-copy"
+    run = blind_cli(["-c", uri, "--pool", str(pool), "restore", dom.name, "--to",
+                     str(tmp_path / "r"), "--define", name])
     assert run.returncode == ExitCode.USAGE
     _one_line_refusal(run.stderr)
-    assert not os.path.exists(f"/var/lib/libvirt/images/vmsnapbackup-boot/{name}")
-    for how in (["--to", str(tmp_path / "r"), "--define", name], ["--pool-volume", "default"]):
-        run = blind_cli(["-c", uri, "--pool", str(pool), "restore", dom.name, *how])
-        assert run.returncode == ExitCode.USAGE
-        _one_line_refusal(run.stderr)
     assert not (tmp_path / "r").exists()
     assert subprocess.run(["virsh", "-q", "domstate", name], capture_output=True,
                           check=False).returncode != 0

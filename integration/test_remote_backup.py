@@ -14,8 +14,8 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -23,16 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from domains import TestDomain
 from remotecli import RUNTIME_DIR, blind_cli
-from sshd import SshdServer, running_sshd
 from test_mount_tls import make_certs
 
+if TYPE_CHECKING:
+    from sshd import SshdServer
+
+pytest_plugins = ("sshd",)   # the shared private sshd fixture: imported by pytest
+
 KiB, MiB = 1024, 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshdServer]:
-    with running_sshd(tmp_path_factory.mktemp("sshd")) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

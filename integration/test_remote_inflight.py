@@ -12,14 +12,13 @@ import signal
 import sys
 import time
 import uuid as uuidlib
-from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sshd import SshdServer, running_sshd
 
 from vmsnapbackup.adapters.hostfor import ssh_target_for
 from vmsnapbackup.adapters.hostinflight import inflight_on
@@ -27,11 +26,10 @@ from vmsnapbackup.adapters.sshhost import SshHost
 from vmsnapbackup.core import inflight
 from vmsnapbackup.errors import LockedError
 
+if TYPE_CHECKING:
+    from sshd import SshdServer
 
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshdServer]:
-    with running_sshd(tmp_path_factory.mktemp("sshd")) as server:
-        yield server
+pytest_plugins = ("sshd",)   # the shared private sshd fixture: imported by pytest
 
 
 def _host(sshd: SshdServer) -> SshHost:

@@ -13,28 +13,24 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from domains import DiskSpec, DomainFactory, TestDomain
-from sshd import SshdServer, running_sshd
 from test_many_domains import _foreign_excludes
 from test_remote_backup import _leftovers
 
 from vmsnapbackup.core.defaults import DEFAULT_URI
 from vmsnapbackup.errors import ExitCode
 
+if TYPE_CHECKING:
+    from sshd import SshdServer
+
+pytest_plugins = ("sshd",)   # the shared private sshd fixture: imported by pytest
+
 KiB, MiB = 1024, 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshdServer]:
-    with running_sshd(tmp_path_factory.mktemp("sshd")) as server:
-        yield server
 
 
 def _cli(*argv: str) -> subprocess.CompletedProcess[str]:

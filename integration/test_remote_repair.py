@@ -19,8 +19,8 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -28,19 +28,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from domains import DiskSpec, DomainFactory, TestDomain
 from remotecli import blind_cli, blind_popen, ssh_master_of
-from sshd import SshdServer, running_sshd
 from test_remote_backup import _leftovers
 
 from vmsnapbackup.adapters import processes
 from vmsnapbackup.errors import ExitCode
 
+if TYPE_CHECKING:
+    from sshd import SshdServer
+
+pytest_plugins = ("sshd",)   # the shared private sshd fixture: imported by pytest
+
 MiB = 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshdServer]:
-    with running_sshd(tmp_path_factory.mktemp("sshd")) as server:
-        yield server
 
 
 def _journal_step(pool: Path) -> str | None:

@@ -17,19 +17,12 @@ started by a backup running now).
 """
 from __future__ import annotations
 
-import logging
 import os
 
-from .. import errors
 from ..core.inflight import runtime_root
-from . import processes
-from .daemonleftover import remove_runtime_dir
-from .daemonprocess import PID_FILE, RUNTIME_DIR_PREFIX
-from .host import LOCAL
+from .daemonleftover import sweep_orphan_runtime_dirs
 
 __all__ = ["WRITERS", "sweep_dead_writers", "writers_base"]
-
-log = logging.getLogger(__name__)
 
 WRITERS = "writers"
 
@@ -40,37 +33,9 @@ def writers_base() -> str:
     return os.path.join(str(runtime_root()), WRITERS)
 
 
-def _pid_of(path: str) -> int | None:
-    data = LOCAL.read_file(os.path.join(path, PID_FILE), limit=64)
-    try:
-        return int((data or b"").strip()) if data else None
-    except ValueError:
-        return None
-
-
 def sweep_dead_writers(base: str | None = None) -> list[str]:
     """Remove the runtime directories under ``base`` (default :func:`writers_base`) whose
-    daemon is dead; returns them.  Never raises for one directory: a sweep is cleanup."""
-    base = base or writers_base()
-    try:
-        names = sorted(LOCAL.listdir(base))
-    except FileNotFoundError:
-        return []
-    removed = []
-    for name in names:
-        if not name.startswith(RUNTIME_DIR_PREFIX):
-            continue
-        path = os.path.join(base, name)
-        pid = _pid_of(path)
-        if pid is None:
-            continue   # not started yet, or died before: left for an operator's eye
-        if processes.is_alive(pid) and processes.started_with(pid, os.path.join(path, "")):
-            continue
-        try:
-            remove_runtime_dir(path)
-        except (OSError, errors.VmSnapBackupError) as err:
-            log.warning("could not remove a dead writer's runtime directory %s: %s", path, err)
-            continue
-        log.info("removed %s, left by a pool-writing daemon that is gone", path)
-        removed.append(path)
-    return removed
+    daemon is dead; returns them.  The judgement -- a pid file naming no live storage
+    daemon of that directory -- is the one every new daemon applies to its siblings
+    (:func:`.daemonleftover.sweep_orphan_runtime_dirs`); never raises for one directory."""
+    return sorted(sweep_orphan_runtime_dirs(base or writers_base()))

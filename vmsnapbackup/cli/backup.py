@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from ..core.defaults import DEFAULT_BLOCK_SIZE
 from ..errors import UsageError
-from .common import Context, add_json_option, size_text
+from .common import Context, add_data_path_options, add_json_option, size_text
 from .run import add_standalone_metrics_options
 
 if TYPE_CHECKING:
@@ -78,13 +78,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help="neither create a libvirt checkpoint nor use one, and delete ours from "
                    "the domain (for virtnbdbackup beside us): read every data block "
                    "(default: the domain's 'vmsnapbackup checkpoints on|off' setting, on)")
-    p.add_argument("--tls-dir", nargs="?", const="", metavar="DIR",
-                   help="remote hypervisor (qemu+ssh): read its disks over NBD with TLS and "
-                   "client certificates from DIR (QEMU's file names; default /etc/pki/qemu) "
-                   "instead of through the ssh connection")
-    p.add_argument("--nbd-ports", metavar="FIRST-LAST",
-                   help="with --tls-dir: the TCP ports the hypervisor may serve on "
-                   "(default 10809-10872)")
+    add_data_path_options(p, "read its disks")
     p.add_argument("--compress", choices=("zstd", "none"), default=None,
                    help="write compressed qcow2 volumes (zstd), or plain ones (none); default: "
                    "the pool's default, which a backup that creates the pool records")

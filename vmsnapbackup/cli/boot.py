@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
-    from ..workflows.access import boot_point, discard_boot, resume_boot
+    from ..workflows.remoteboot import boot_point, discard_boot, resume_boot
 
     if (args.discard or args.resume) and (args.domain or args.point is not None or args.name):
         raise UsageError("--discard/--resume take only the boot domain's name")

@@ -75,6 +75,18 @@ def add_json_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON document for scripts")
 
 
+def add_data_path_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--tls-dir [DIR]`` and ``--nbd-ports`` of a command whose blocks cross between the
+    backup server and a remote hypervisor (qemu+ssh); ``what`` says which blocks."""
+    parser.add_argument("--tls-dir", nargs="?", const="", metavar="DIR",
+                        help=f"remote hypervisor (qemu+ssh): {what} over NBD with TLS and "
+                        "client certificates from DIR (QEMU's file names; default "
+                        "/etc/pki/qemu) instead of through the ssh connection")
+    parser.add_argument("--nbd-ports", metavar="FIRST-LAST",
+                        help="with --tls-dir: the TCP ports the hypervisor may serve on "
+                        "(default 10809-10872)")
+
+
 def setup_logging(verbose: bool, debug: bool, quiet: bool = False) -> None:
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from ..core.defaults import RESTORE_FORMATS
 from ..errors import UsageError
-from .common import Context, add_json_option, size_text
+from .common import Context, add_data_path_options, add_json_option, size_text
 
 if TYPE_CHECKING:
     from ..workflows.restore import RestoreResult
@@ -45,6 +45,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "pool's saved XML (only for a pool nobody else can write)")
     p.add_argument("--key-file", metavar="FILE",
                    help="the key file of an encrypted pool (docs/FORMAT.md §15.2)")
+    add_data_path_options(p, "with --pool-volume, send the images")
     add_json_option(p)
     p.set_defaults(run=run)
 
@@ -63,13 +64,15 @@ def parse_point(text: str) -> int | None:
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
+    from ..workflows.backupdaemons import data_path_from
     from ..workflows.restore import restore
 
     result = restore(
         args.domain, ctx.pool, point=parse_point(args.point), disks=args.disks,
         to=args.to, fmt=args.fmt, force=args.force, define=args.define,
         pool_volume=args.pool_volume, trust_pool_xml=args.trust_pool_xml, uri=ctx.uri,
-        progress=None if ctx.json else ctx.progress(), key_file=args.key_file)
+        progress=None if ctx.json else ctx.progress(), key_file=args.key_file,
+        data_path=data_path_from(args.tls_dir, args.nbd_ports))
     ctx.emit(result.to_dict(), format_result(result))
     return 0
 

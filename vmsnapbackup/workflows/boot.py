@@ -59,15 +59,13 @@ from ..adapters.newdomain import DOMAIN_NAME_RE, new_domain_xml, set_disk_source
 from ..adapters.qemuimg import QemuImg
 from ..core import defaults
 from ..core.defaults import DEFAULT_URI
-from ..core.manifest import utc_now
 from ..core.poolkey import with_domain_xml
 from ..errors import ExportError, NotFoundError, UsageError, VmSnapBackupError
 from .bootnote import (
-    BOOT_FORMAT,
     BOOT_NOTE,
+    new_note,
     note_files,
     note_key_file,
-    note_version,
     read_note,
     served_images,
     write_note,
@@ -195,17 +193,7 @@ def boot_point(domain: str, pool: PoolLike, point: int, name: str, *,
             raise UsageError(f"a domain named {name!r} already exists on {uri}")
         owner = domaindefine.qemu_owner(hv, manifest.domain.xml)
         _make_boot_dir(bdir)
-        note: dict[str, Any] = {
-            "format": BOOT_FORMAT, "version": note_version(key), "name": name, "uuid": None,
-            "created": utc_now(), "uri": uri, **({} if key is None else {"key_file": key}),
-            "source": {"domain": store.name, "uuid": store.uuid, "point": point,
-                       "pool": str(store.pool.root)},
-            "disks": {t: {"overlay": f"{t}.qcow2", "export": t, "volume": v.path,
-                          "format": d.volume_format, "virtual_size": d.virtual_size,
-                          "base": v.backing.path if v.backing else None,
-                          "base_format": v.backing.fmt if v.backing else None}
-                      for t, (d, v) in sorted(volumes.items())},
-        }
+        note = new_note(name, uri, store, point, volumes, key_file=key)
         ref = None
         boot_disks: dict[str, BootDisk] = {}
         try:

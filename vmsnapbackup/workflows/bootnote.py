@@ -5,7 +5,9 @@ Why apart from :mod:`.boot`: the note is the one record that outlives the ``boot
 command -- :func:`~.boot.resume_boot` serves the point again from it after a host
 reboot, :func:`~.boot.discard_boot` removes exactly the files it lists -- so reading
 it is strict (a note naming a file outside its directory is refused before anything
-is removed), and what it holds is decided here.
+is removed), and what it holds is decided here.  Two kinds of boot write it -- on
+this machine (:mod:`.boot`) and on a remote hypervisor (:mod:`.remoteboot`) -- and
+both read it back through :func:`parse_note`.
 
 A boot of an encrypted pool's point (FORMAT.md §15.2) records the key file's
 *path*, never its bytes: the daemon reads the key from that file itself, as a
@@ -16,16 +18,20 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ..adapters import bootdaemon
 from ..adapters.pinnedchain import PinnedImage, check_header
 from ..core.atomic import atomic_write_json, read_optional
+from ..core.domainstore import DomainStore
+from ..core.manifest import PointDisk, utc_now
 from ..errors import CorruptFileError, NotFoundError
 
-__all__ = ["BOOT_FORMAT", "BOOT_NOTE", "BOOT_VERSION", "note_files", "note_key_file",
-           "note_version", "read_note", "served_images", "write_note"]
+__all__ = ["BOOT_FORMAT", "BOOT_NOTE", "BOOT_VERSION", "new_note", "note_files",
+           "note_key_file", "note_version", "parse_note", "read_note", "served_images",
+           "write_note"]
 
 log = logging.getLogger(__name__)
 
@@ -40,22 +46,47 @@ def note_version(key_file: str | None) -> int:
     return 1 if key_file is None else 2
 
 
+def new_note(name: str, uri: str, store: DomainStore, point: int,
+             volumes: Mapping[str, tuple[PointDisk, PinnedImage]], *,
+             key_file: str | None = None, **extra: Any) -> dict[str, Any]:
+    """The note of boot ``name`` of ``point`` before its domain is defined (``uuid``
+    None); ``volumes`` maps each target to its manifest entry and pinned volume."""
+    return {
+        "format": BOOT_FORMAT, "version": note_version(key_file), "name": name,
+        "uuid": None, "created": utc_now(), "uri": uri, **extra,
+        **({} if key_file is None else {"key_file": key_file}),
+        "source": {"domain": store.name, "uuid": store.uuid, "point": point,
+                   "pool": str(store.pool.root)},
+        "disks": {t: {"overlay": f"{t}.qcow2", "export": t, "volume": v.path,
+                      "format": d.volume_format, "virtual_size": d.virtual_size,
+                      "base": v.backing.path if v.backing else None,
+                      "base_format": v.backing.fmt if v.backing else None}
+                  for t, (d, v) in sorted(volumes.items())},
+    }
+
+
 def write_note(bdir: Path, note: dict[str, Any]) -> None:
     atomic_write_json(bdir / BOOT_NOTE, note, 0o600)
 
 
 def read_note(bdir: Path) -> dict[str, Any]:
-    """The note of boot directory ``bdir``, checked (CorruptFileError when it is not ours,
-    too new, or names a file outside ``bdir``)."""
+    """The note of boot directory ``bdir``, checked by :func:`parse_note`."""
     path = bdir / BOOT_NOTE
     data = read_optional(path)
     if data is None:
         raise NotFoundError(f"no boot made by vmsnapbackup in {bdir} (no {BOOT_NOTE})")
+    return parse_note(str(path), data)
+
+
+def parse_note(path: str, data: bytes) -> dict[str, Any]:
+    """A note's bytes, checked (CorruptFileError when it is not ours, too new, or names
+    a file outside its directory): ``--discard`` removes what it lists."""
     try:
         note = json.loads(data)
     except ValueError as err:
         raise CorruptFileError(path, f"not JSON: {err}") from None
-    if not isinstance(note, dict) or note.get("format") != BOOT_FORMAT:
+    if not isinstance(note, dict) or note.get("format") != BOOT_FORMAT \
+            or not isinstance(note.get("disks"), dict):
         raise CorruptFileError(path, "not a vmsnapbackup boot note")
     if not isinstance(note.get("version"), int) or note["version"] > BOOT_VERSION:
         raise CorruptFileError(path, f"unknown boot note version {note.get('version')!r}")

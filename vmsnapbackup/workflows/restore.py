@@ -14,7 +14,9 @@ convert`` then read back) is :mod:`.restoreimage`'s to say; which files may be
 replaced, and the domain ``define`` makes, :mod:`.restoretarget`'s.
 
 Every image is 0600 from its creation: a disk's contents are as private as the
-pool's.
+pool's.  Over ``qemu+ssh`` the images of ``--pool-volume`` (and so of
+``--define``) are written on the hypervisor, through a storage daemon there
+(:mod:`.restoreremote`).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from ..adapters.host import LOCAL
 from ..adapters.hostfor import ssh_target_for
 from ..adapters.newdomain import DOMAIN_NAME_RE
 from ..adapters.pinnedchain import check_header
+from ..adapters.sourceexport import DataPath
 from ..core.defaults import DEFAULT_URI
 from ..core.manifest import PointManifest
 from ..core.poolkey import with_domain_xml
@@ -49,6 +52,7 @@ from .pointread import (
     select_point,
 )
 from .restoreimage import DiskPlan, RestoredDisk, restore_disk
+from .restoreremote import RemoteRestore, remote_volume, restore_remote_disks
 from .restoresweep import sweep_stale_temps
 from .restoretarget import (
     RESTORE_FORMATS,
@@ -141,6 +145,7 @@ def restore(
     progress: ProgressCallback | None = None,
     runtime_base: str | None = None,
     key_file: str | os.PathLike[str] | None = None,
+    data_path: DataPath | None = None,
 ) -> RestoreResult:
     """Restore the disks of point ``point`` (newest when None) of ``domain``.
 
@@ -152,6 +157,10 @@ def restore(
     ``define`` leaves out of the pool's saved XML what reaches into the host
     (passthrough, ``qemu:commandline``; docs/DESIGN.md §8) unless ``trust_pool_xml``.
     ``key_file`` is the key of an encrypted pool (FORMAT §15.2).
+
+    Over ``qemu+ssh`` a ``pool_volume`` is the hypervisor's storage pool and the
+    images are written there (:mod:`.restoreremote`; ``data_path``: NBD over TLS
+    instead of ssh forwarding); ``to`` is a directory on this server.
     """
     started = time.monotonic()
     if fmt not in RESTORE_FORMATS:
@@ -161,9 +170,7 @@ def restore(
                          "(--pool-volume)")
     if define is not None and not DOMAIN_NAME_RE.fullmatch(define):
         raise UsageError(f"not a usable domain name: {define!r}")
-    if (define is not None or pool_volume is not None) and ssh_target_for(uri) is not None:
-        raise UsageError(f"restore --define/--pool-volume writes only to the backup server's "
-                         f"own hypervisor, not {uri}: restore --to DIR, copy, define there")
+    on_hypervisor = _check_remote(uri, define, pool_volume)
     store = open_pool(pool, uri, key_file).find_domain(domain)
     # no prune removes what this restore reads, from the manifest to the last volume
     with reading(store):
@@ -187,7 +194,7 @@ def restore(
                 assert to is not None
                 directory = Path(os.path.abspath(os.fspath(to)))
                 prefix = None
-            if directory.exists() and not directory.is_dir():
+            if not on_hypervisor and directory.exists() and not directory.is_dir():
                 raise UsageError(f"{directory} is not a directory")
 
             plans = []
@@ -196,26 +203,28 @@ def restore(
                 volume = pinned_volume(store, d)   # missing volumes: refuse before writing
                 check_header(volume)   # so is a header naming another backing file
                 name = image_name(d.target, fmt, prefix)
-                final = storagepool.contained_volume(directory, name) if pool_volume \
-                    else directory / name
+                if on_hypervisor:
+                    final = Path(remote_volume(lv.hv.host, os.fspath(directory), name))
+                elif pool_volume:
+                    final = storagepool.contained_volume(directory, name)
+                else:
+                    final = directory / name
                 plans.append(DiskPlan(d, tables, volume, final))
-            check_targets({p.disk.target: p.final for p in plans}, force, lv)
+            if not on_hypervisor:   # remote_volume refused every existing file
+                check_targets({p.disk.target: p.final for p in plans}, force, lv)
             if define is not None and lv.domain_exists(define):
                 raise UsageError(f"domain '{define}' already exists; choose another name")
+            if not on_hypervisor:
+                _prepare_directory(directory)
 
-            if not directory.exists():
-                try:
-                    LOCAL.mkdir(os.fspath(directory), 0o755, parents=True)
-                except OSError as err:
-                    raise StorageError(f"cannot create {directory}: {err.strerror}") from err
-
-            sweep_stale_temps(directory)   # what a killed restore left there
-            restored = []
+            tag = f"restore-{store.name}"
             # a signal unwinds through restore_disk, which removes its temp file
-            with interruptible("restore"), \
-                    read_daemon(f"restore-{store.name}", runtime_base) as daemon:
-                for plan in plans:
-                    restored.append(restore_disk(plan, fmt, daemon, progress))
+            with interruptible("restore"), read_daemon(tag, runtime_base) as daemon:
+                if on_hypervisor:
+                    remote = RemoteRestore(lv.hv.host, data_path or DataPath())
+                    restored = restore_remote_disks(plans, fmt, daemon, remote, tag, progress)
+                else:
+                    restored = [restore_disk(plan, fmt, daemon, progress) for plan in plans]
             if storage_pool is not None:
                 storagepool.refresh_pool(storage_pool, uri)
 
@@ -234,6 +243,33 @@ def restore(
             return result
         finally:
             lv.close()
+
+
+def _check_remote(uri: str, define: str | None, pool_volume: str | None) -> bool:
+    """Whether the images go to a remote hypervisor (``--pool-volume`` over qemu+ssh);
+    refuses what cannot work there: a path for ``--pool-volume`` (it names the
+    hypervisor's libvirt storage pool), ``--define`` of images left on this server."""
+    if ssh_target_for(uri) is None:
+        return False
+    if pool_volume is None:
+        if define is not None:
+            raise UsageError(f"restore --define on {uri} needs --pool-volume POOLNAME: the "
+                             "images must be on the hypervisor the new domain runs on")
+        return False
+    if storagepool.looks_like_path(pool_volume):
+        raise UsageError(f"--pool-volume on {uri} names a libvirt storage pool of the "
+                         f"hypervisor, not a path: {pool_volume!r}")
+    return True
+
+
+def _prepare_directory(directory: Path) -> None:
+    """Create the local target directory and remove what a killed restore left there."""
+    if not directory.exists():
+        try:
+            LOCAL.mkdir(os.fspath(directory), 0o755, parents=True)
+        except OSError as err:
+            raise StorageError(f"cannot create {directory}: {err.strerror}") from err
+    sweep_stale_temps(directory)
 
 
 def _mismatch_error(result: RestoreResult) -> VerifyMismatchError:

@@ -51,7 +51,7 @@ from .imagewrite import RawImageWriter
 from .pointread import BlockMismatch, PointTables, compare_tables, hash_image, with_phase
 from .restoretarget import unverified_name
 
-__all__ = ["DiskPlan", "RestoredDisk", "restore_disk"]
+__all__ = ["DiskPlan", "RestoredDisk", "restore_disk", "temp_name"]
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class _Timing:
     check: float = 0.0
 
 
-def _temp_name(final: Path) -> Path:
+def temp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.restore-{os.getpid()}-{secrets.token_hex(4)}")
 
 
@@ -126,7 +126,7 @@ def restore_disk(plan: DiskPlan, fmt: str, daemon: StorageDaemon,
                  progress: ProgressCallback | None) -> RestoredDisk:
     """Write one disk into a temp file, prove it against table N, then name it."""
     d = plan.disk
-    tmp = _temp_name(plan.final)
+    tmp = temp_name(plan.final)
     t0 = time.monotonic()
     timing = _Timing()
     kept = False

@@ -24,7 +24,7 @@ __all__ = ["TEMP_NAME", "sweep_stale_temps"]
 
 log = logging.getLogger(__name__)
 
-#: The temp name :func:`.restoreimage._temp_name` gives, with its writer's PID.
+#: The temp name :func:`.restoreimage.temp_name` gives, with its writer's PID.
 TEMP_NAME = re.compile(r"^\..+\.restore-(?P<pid>[0-9]+)-[0-9a-f]{8}$")
 
 

@@ -122,6 +122,7 @@ class LazyHypervisor:
     def close(self) -> None:
         if self._hv is not None:
             self._hv.close()
+            self._hv.close_host()   # a remote hypervisor's ssh master
             self._hv = None
 
     def used_paths(self) -> dict[str, list[str]]:
