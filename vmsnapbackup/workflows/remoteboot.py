@@ -283,10 +283,12 @@ def boot_point(domain: str, pool: PoolLike, point: int, name: str, *,
 
 def resume_boot(name: str, *, uri: str = defaults.DEFAULT_URI,
                 overlay_dir: str | os.PathLike[str] | None = None,
-                start: bool = True) -> BootResult:
+                start: bool = True, key_file: str | None = None) -> BootResult:
     """:func:`.boot.resume_boot`, or :func:`resume_remote` for a ``qemu+ssh`` URI."""
-    run = resume_remote if ssh_target_for(uri) is not None else boot.resume_boot
-    return run(name, uri=uri, overlay_dir=overlay_dir, start=start)
+    if ssh_target_for(uri) is not None:   # a remote boot is never of an encrypted pool
+        return resume_remote(name, uri=uri, overlay_dir=overlay_dir, start=start)
+    return boot.resume_boot(name, uri=uri, overlay_dir=overlay_dir, start=start,
+                            key_file=key_file)
 
 
 def discard_boot(name: str, uri: str = defaults.DEFAULT_URI, *,
