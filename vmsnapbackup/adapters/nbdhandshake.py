@@ -255,7 +255,9 @@ class NbdHandshake(NbdTransport):
 
     def _checked_block_sizes(self, minimum: int, preferred: int,
                              maximum: int) -> p.BlockSizes:
-        if not _is_power_of_two(minimum) or minimum > 64 * 1024:
+        # the spec caps the minimum at 64 KiB, but QEMU announces a compressed qcow2's
+        # cluster (up to 2 MiB) through its compress filter, and we write whole ones
+        if not _is_power_of_two(minimum) or minimum > 2 * 1024 * 1024:
             raise self._fail(f"invalid minimum block size {minimum}")
         if not _is_power_of_two(preferred) or preferred < minimum:
             raise self._fail(f"invalid preferred block size {preferred}")
