@@ -21,7 +21,7 @@ from .host import CHILD_UMASK, Completed, FileInfo, Host, HostProcess
 
 __all__ = ["LOCAL", "LocalHost"]
 
-def _tied_to_us(args: list[str]) -> list[str]:
+def _tied_to_us(args: list[str], verb: str = "start") -> list[str]:
     """``args`` run under ``setpriv --pdeathsig KILL``: the kernel kills the child when
     the thread that started it dies, so a SIGKILLed backup leaves no daemon behind.
 
@@ -35,10 +35,10 @@ def _tied_to_us(args: list[str]) -> list[str]:
     runtime directory then names it for ``repair``.
     """
     if shutil.which(args[0]) is None:  # as Popen would say, not after setpriv's exec fails
-        raise HypervisorError(f"cannot start {args[0]}: no such executable")
+        raise HypervisorError(f"cannot {verb} {args[0]}: no such executable")
     setpriv = shutil.which("setpriv")
     if setpriv is None:
-        raise HypervisorError("cannot start " + args[0] + ": setpriv (util-linux) is not "
+        raise HypervisorError(f"cannot {verb} " + args[0] + ": setpriv (util-linux) is not "
                               "installed; it ties our child processes to our lifetime")
     return [setpriv, "--pdeathsig", "KILL", "--", *args]
 
@@ -72,12 +72,17 @@ class LocalHost:
     # -- processes --------------------------------------------------------------------
     def run(self, argv: Sequence[str], *, timeout: float | None,
             on_stdout: Callable[[bytes], None] | None = None) -> Completed:
+        # Every child is tied to us: a SIGKILLed command (a rebase's qemu-img convert,
+        # a backup's qemu-img commit) must not leave a child writing into the pool
+        # after we are gone.  Safe for all: run() blocks the forking thread until the
+        # child exits, so the death signal (which follows that thread) never fires early.
         args = [os.fspath(a) for a in argv]
         with tempfile.TemporaryFile() as errf:
             try:
                 proc = subprocess.Popen(
-                    args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errf,
-                    close_fds=True, start_new_session=True, umask=CHILD_UMASK)
+                    _tied_to_us(args, "run"), stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=errf, close_fds=True,
+                    start_new_session=True, umask=CHILD_UMASK)
             except OSError as err:
                 raise HypervisorError(f"cannot run {args[0]}: {err.strerror or err}") from err
             out = b""

@@ -28,6 +28,7 @@ from .host import LOCAL, Completed, Host
 
 __all__ = [
     "ImageInfo",
+    "MapExtent",
     "QemuImg",
     "relative_backing_path",
 ]
@@ -45,6 +46,19 @@ _INFO_TIMEOUT = 60.0
 _CREATE_TIMEOUT = 300.0
 #: convert and commit of a large image take long; the deadline only catches a hang.
 _LONG_TIMEOUT: float | None = None
+
+
+@dataclass(frozen=True)
+class MapExtent:
+    """One extent of ``qemu-img map``: ``offset`` is where its bytes are in the file
+    (None: not stored plainly there, e.g. compressed or a hole)."""
+
+    start: int
+    length: int
+    data: bool
+    zero: bool
+    offset: int | None
+    depth: int
 
 
 def relative_backing_path(image: str, backing: str) -> str:
@@ -215,6 +229,21 @@ class QemuImg:
         except BaseException:
             self.host.unlink(path)
             raise
+
+    # ------------------------------------------------------------------------- map
+    def map(self, path: str, fmt: str) -> list[MapExtent]:
+        """``qemu-img map --output=json`` of ``path``: where each guest range lives in
+        the file.  Only for images we created ourselves (a rebase's new base), never
+        for pool input: the answer is trusted as offsets into ``path``."""
+        done = self._run(["map", "--output=json", "-f", fmt, path], f"qemu-img map {path}",
+                         _INFO_TIMEOUT)
+        try:
+            return [MapExtent(int(e["start"]), int(e["length"]), bool(e["data"]),
+                              bool(e["zero"]), int(e["offset"]) if "offset" in e else None,
+                              int(e.get("depth", 0)))
+                    for e in json.loads(done.stdout)]
+        except (ValueError, KeyError, TypeError) as err:
+            raise self._error(f"qemu-img map {path}: unexpected output") from err
 
     # --------------------------------------------------------------------- convert
     def convert(self, src: str, src_fmt: str | None, dst: str, dst_fmt: str, *,

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters.host import LOCAL
-from ..adapters.nbdclient import NbdClient
 from ..adapters.pinnedchain import PinnedImage, check_header, json_filename
 from ..adapters.qemuimg import QemuImg
 from ..adapters.storagedaemon import StorageDaemon
@@ -54,7 +53,7 @@ from ..errors import (
     VmSnapBackupError,
 )
 from ..progress import ProgressCallback, ProgressEvent, emit
-from .diskpass import PassStats, run_disk_pass
+from .diskpass import PassStats
 from .interrupt import interruptible
 from .pointread import (
     PoolLike,
@@ -63,8 +62,8 @@ from .pointread import (
     pinned_volume,
     read_point_tables,
     select_point,
-    with_phase,
 )
+from .rebasecheck import hash_new_base
 
 __all__ = ["RebaseResult", "rebase"]
 
@@ -225,8 +224,9 @@ class _RebaseRun:
         ``json:`` tree of :mod:`.pointread`'s :func:`pinned_volume`: the header's backing
         name is never followed) into a base created 0600 and empty, so zero regions are
         not written at all.  One read of the point, one write of the base.  The new base
-        is then hashed through a read-only export *without* O_DIRECT, while what the
-        convert wrote is still in the page cache, and compared block by block with
+        is then hashed while what the convert wrote is still in the page cache (read
+        straight from the file at ``qemu-img map``'s offsets, :mod:`.rebasecheck`; an
+        export for anything but a plain qcow2) and compared block by block with
         table N; only then is it fsynced (the kernel has been writing it back
         meanwhile).  Our own copy (read, hash, write through a writable export) cost
         about 2.5x this (docs/generations.md §8).
@@ -239,7 +239,7 @@ class _RebaseRun:
         _create_base(partial, d)
         with _written_back(partial):
             _convert_point(volume, partial, d, self.progress)
-            table, stats = _hash_new_base(daemon, partial, d, self.progress)
+            table, stats = hash_new_base(daemon, partial, d, self.progress)
         stats.seconds = time.monotonic() - t0
         mismatch = compare_tables(self.tables[d.target], table)
         if not mismatch.ok:
@@ -331,29 +331,6 @@ def _convert_point(volume: PinnedImage, partial: Path, d: PointDisk,
     img.convert(json_filename(volume), None, os.fspath(partial), BASE_FORMAT,
                 target_is_zero=True, progress=percent if progress is not None else None)
     emit(progress, ProgressEvent(d.target, "rebase", size, size, finished=True))
-
-
-def _hash_new_base(daemon: StorageDaemon, partial: Path, d: PointDisk,
-                   progress: ProgressCallback | None) -> tuple[CheckTable, PassStats]:
-    """The check table of the new base as a guest reads it (page cache, not O_DIRECT).
-
-    The stats count what the base holds: every block it serves as data was written
-    by the convert, holes were not."""
-    export = daemon.export_pinned(PinnedImage(os.fspath(partial), BASE_FORMAT),
-                                  name=f"new-{d.target}")
-    assert export.socket_path is not None   # the daemon's private socket
-    try:
-        with NbdClient.open_unix(export.socket_path, export.name) as client:
-            if client.size != d.virtual_size:
-                raise VerifyMismatchError(
-                    f"disk {d.target}: the new base is {client.size} bytes, the point's "
-                    f"disk {d.virtual_size}; nothing was rebased")
-            table, stats = run_disk_pass(client, None, d.block_size, None, disk=d.target,
-                                         progress=with_phase(progress, "check"))
-    finally:
-        daemon.remove_export(export, force=True)
-    stats.changed, stats.bytes_written = stats.read, stats.bytes_read
-    return table, stats
 
 
 def _create_base(partial: Path, d: PointDisk) -> None:
